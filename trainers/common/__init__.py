@@ -1,0 +1,1 @@
+"""What every trainer shares: the Run contract, config parsing, data access, seeding."""

@@ -1,0 +1,50 @@
+"""Run a trainer standalone: ``python -m trainers.NAME key=value ... [--out DIR]``.
+
+No Ray, no MLflow: a :class:`~trainers.common.run.LocalRun` writes ``metrics.jsonl`` and
+``checkpoint.pt`` under ``--out``; running the same command again resumes from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from trainers.common.config import build_config, config_fields, parse_text
+from trainers.common.run import LocalRun
+
+__all__ = ["main"]
+
+
+def main(name: str, config_cls: type, train: Callable[[Any, Any], None], argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m trainers.{name}",
+        description=f"Run the {name} trainer without Ray or MLflow.",
+        epilog="options (key=value): " + ", ".join(
+            f"{f.name}={f.default!r}" for f in dataclasses.fields(config_cls)),
+    )
+    parser.add_argument("options", nargs="*", metavar="key=value")
+    parser.add_argument("--out", default=None, help="output directory (default runs/NAME-TIME)")
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    for item in args.options:
+        key, sep, text = item.partition("=")
+        if not sep:
+            print(f"error: {item!r}: expected key=value; options: {', '.join(config_fields(config_cls))}", file=sys.stderr)
+            return 2
+        values[key] = parse_text(text)
+    config, problems = build_config(config_cls, values)
+    if problems:
+        for p in problems:
+            print(f"error: {p.field or name}: {p.message}", file=sys.stderr)
+        return 2
+    out = args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = LocalRun(out, echo=True)
+    print(f"{name}: {config}\nwriting to {out}", flush=True)
+    try:
+        train(config, run)
+    finally:
+        run.close()
+    return 0
