@@ -1,0 +1,311 @@
+"""``hpsweep``: validate | run | status | results | report | ui | schema, and against a Ray
+cluster submit | logs | stop | render rayjob (see :mod:`hpsweep.cluster`).
+
+User errors (a bad sweep file, an unreachable server, a bad flag) print their message and exit
+with 2, without a traceback; ``--debug`` shows it. Ray is imported only by ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+from rich.console import Console
+
+from hpsweep import __version__
+from hpsweep.errors import UserError
+
+__all__ = ["main", "build_parser"]
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def _add_tracking(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite under .hpsweep/)")
+
+
+def _load(path: str):
+    from hpsweep.spec import load_spec
+
+    return load_spec(path)
+
+
+# --- commands -------------------------------------------------------------------------------
+
+def cmd_validate(args) -> int:
+    from hpsweep.plan import plan
+    from hpsweep.spec import SpecError
+
+    bad = 0
+    for path in args.sweeps:
+        try:
+            spec = _load(path)
+        except SpecError as exc:
+            bad += 1
+            err_console.print(str(exc), markup=False)
+            continue
+        cells = plan(spec)
+        what = f"{len(cells)} cells" if cells else f"{spec.search.samples} optuna samples"
+        console.print(f"ok: {path}: {spec.name!r}, trainer {spec.trainer}, {what}", markup=False)
+    return 2 if bad else 0
+
+
+def cmd_run(args) -> int:
+    from hpsweep.tracking import resolve_tracking_uri
+
+    spec = _load(args.sweep)  # every problem reported before Ray starts
+    spec_text = Path(args.sweep).read_text(encoding="utf-8")
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    _check_tracking(tracking_uri)
+    storage = args.storage or os.environ.get("HPSWEEP_STORAGE")
+    _check_storage(storage, args.s3_endpoint)
+    from hpsweep.engine import run_sweep
+
+    address = args.address or os.environ.get("HPSWEEP_RAY_ADDRESS")
+    outcome = run_sweep(spec, spec_text, tracking_uri=tracking_uri, storage_uri=storage,
+                        address=address, s3_endpoint=args.s3_endpoint,
+                        live=False if args.no_live else None, console=console)
+    console.print(f"\n{outcome.finished} cells finished, {outcome.failed} failed, "
+                  f"{outcome.skipped} already done, {outcome.interrupted} interrupted "
+                  f"in {outcome.wall_s:.1f}s")
+    if outcome.interrupted:
+        console.print(f"interrupted: run the same command again to resume the "
+                      f"{outcome.interrupted} unfinished cells (finished ones are not re-run)")
+    _print_results(spec, tracking_uri, group_by=None, limit=15)
+    _print_ui_hint(tracking_uri, outcome.experiment_id)
+    return outcome.exit_code
+
+
+def cmd_status(args) -> int:
+    if args.address:
+        from hpsweep.cluster import job_status
+
+        return job_status(args.address, args.sweep)
+    if not args.sweep:
+        raise UserError("status: give a sweep file (or --address URL [JOB] for cluster jobs)")
+    from hpsweep.plan import plan
+    from hpsweep.runs import completeness, load_sweep
+    from hpsweep.results import status_table
+    from hpsweep.tracking import resolve_tracking_uri
+
+    spec = _load(args.sweep)
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    _check_tracking(tracking_uri)
+    runs = load_sweep(tracking_uri, spec.name)
+    matrix = completeness(plan(spec), runs)
+    console.print(status_table(matrix, f"{spec.name}: completeness", limit=args.limit))
+    counts = matrix.counts
+    console.print("  ".join(f"{k} {v}" for k, v in counts.items()) + f"  (of {matrix.total} cells)")
+    if matrix.orphans:
+        console.print(f"{len(matrix.orphans)} runs belong to cells this file no longer produces")
+    return 0
+
+
+def cmd_results(args) -> int:
+    from hpsweep.tracking import resolve_tracking_uri
+
+    spec = _load(args.sweep)
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    _check_tracking(tracking_uri)
+    group_by = [g.strip() for g in args.group_by.split(",")] if args.group_by else None
+    if group_by:
+        unknown = [g for g in group_by if g not in spec.swept_names()]
+        if unknown:
+            raise UserError(f"--group-by: {', '.join(unknown)} not swept in {args.sweep}; "
+                            f"swept: {', '.join(spec.swept_names())}")
+    _print_results(spec, tracking_uri, group_by, limit=args.limit, metric=args.metric, as_json=args.json)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from hpsweep.report import build_report
+    from hpsweep.tracking import resolve_tracking_uri
+
+    spec = _load(args.sweep)
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    _check_tracking(tracking_uri)
+    out = Path(args.out or f".hpsweep/reports/{spec.name}")
+    html, md = build_report(tracking_uri, spec, out)
+    console.print(f"report: {html}\n        {md}")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from hpsweep.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if uri.startswith("http"):
+        console.print(f"the tracking server is already a UI: open {uri}")
+        return 0
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    console.print(f"MLflow UI on http://{args.host}:{args.port}  (Ctrl-C to stop)")
+    return subprocess.call(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+
+
+def cmd_schema(args) -> int:
+    from hpsweep.spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+def _print_results(spec, tracking_uri: str, group_by, limit: int = 0, metric: str | None = None,
+                   as_json: bool = False) -> None:
+    from hpsweep.plan import plan
+    from hpsweep.results import aggregate, results_table
+    from hpsweep.runs import load_sweep
+
+    metric = metric or spec.metric.name
+    planned = plan(spec)
+    runs = load_sweep(tracking_uri, spec.name)
+    if not planned:  # optuna: the cells are whatever ran
+        planned = [_RunCell(r) for r in runs.cells.values()]
+    groups = aggregate(runs, planned, metric, spec.metric.mode, group_by)
+    if as_json:
+        print(json.dumps(groups, default=str, indent=1))
+        return
+    console.print(results_table(groups, metric, spec.metric.mode, f"{spec.name}: results", limit=limit))
+
+
+class _RunCell:
+    def __init__(self, run) -> None:
+        self.id, self.params, self.seed = run.cell_id, run.params, run.seed
+
+
+def _print_ui_hint(tracking_uri: str, experiment_id: str) -> None:
+    if tracking_uri.startswith("http"):
+        console.print(f"browse the runs: {tracking_uri.rstrip('/')}/#/experiments/{experiment_id}")
+    else:
+        console.print(f"browse the runs: hpsweep ui   (then http://127.0.0.1:5000/#/experiments/{experiment_id})")
+
+
+def _check_tracking(uri: str) -> None:
+    """Fail fast, before Ray starts, when a tracking server is not there."""
+    if not uri.startswith("http"):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).read()
+    except (urllib.error.URLError, OSError) as exc:
+        raise UserError(f"--tracking-uri {uri}: no MLflow server answers there ({exc}); "
+                        "start one with `mlflow server` or leave the flag out for local SQLite") from None
+
+
+def _check_storage(uri: str | None, endpoint: str | None) -> None:
+    if not uri or not uri.startswith("s3://"):
+        return
+    from hpsweep.storage import open_storage
+
+    storage = open_storage(uri, endpoint)
+    bucket = storage.root.split("/", 1)[0]
+    try:
+        info = storage.fs.get_file_info(bucket)
+    except OSError as exc:
+        raise UserError(f"--storage {uri}: cannot reach the bucket ({exc}); check AWS_ENDPOINT_URL "
+                        "and your AWS credentials") from None
+    import pyarrow.fs as pafs
+
+    if info.type == pafs.FileType.NotFound:
+        raise UserError(f"--storage {uri}: bucket {bucket!r} does not exist; create it first")
+
+
+# --- the parser -----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpsweep", description="Run hyperparameter sweeps with Ray Tune, tracked in MLflow.")
+    parser.add_argument("--version", action="version", version=f"hpsweep {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("validate", help="check sweep files; nothing is run")
+    p.add_argument("sweeps", nargs="+", metavar="SWEEP.yaml")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("run", help="run a sweep's unfinished cells (locally, or on --address)")
+    p.add_argument("sweep", metavar="SWEEP.yaml")
+    _add_tracking(p)
+    p.add_argument("--storage", default=None,
+                   help="checkpoints and Tune state: a directory or s3://bucket/prefix "
+                        "(default: $HPSWEEP_STORAGE, else .hpsweep/storage)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: in-process Ray)")
+    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
+    p.add_argument("--no-live", action="store_true", help="print a line per trial instead of a live table")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="the completeness matrix of a sweep; or cluster jobs with --address")
+    p.add_argument("sweep", nargs="?", metavar="SWEEP.yaml|JOB")
+    _add_tracking(p)
+    p.add_argument("--address", default=None, help="Ray dashboard address: show job status instead")
+    p.add_argument("--limit", type=int, default=60, help="rows shown (0: all)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("results", help="the sweep metric over seeds: mean, std, n")
+    p.add_argument("sweep", metavar="SWEEP.yaml")
+    _add_tracking(p)
+    p.add_argument("--group-by", default=None, metavar="P1,P2", help="aggregate over the other parameters too")
+    p.add_argument("--metric", default=None, help="another reported metric than the sweep's")
+    p.add_argument("--limit", type=int, default=0, help="rows shown (0: all)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("report", help="HTML + Markdown report: tables, figures, the paper's claims")
+    p.add_argument("sweep", metavar="SWEEP.yaml")
+    _add_tracking(p)
+    p.add_argument("--out", default=None, help="output directory (default .hpsweep/reports/NAME)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("ui", help="open the MLflow UI on the local tracking store")
+    _add_tracking(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of sweep files")
+    p.set_defaults(func=cmd_schema)
+
+    try:
+        from hpsweep import cluster
+    except ImportError:  # pragma: no cover - the module ships with the package
+        cluster = None
+    if cluster is not None:
+        cluster.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        if args.debug:
+            traceback.print_exc()
+        err_console.print(str(exc), markup=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except Exception as exc:  # a bug or an environment problem: one line, --debug for more
+        if args.debug:
+            raise
+        err_console.print(f"error: {type(exc).__name__}: {exc}\n(run with --debug for the traceback)",
+                          markup=False)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

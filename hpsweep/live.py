@@ -1,0 +1,117 @@
+"""The live view of a running sweep: a table of trials that redraws in place on a terminal,
+and one line per finished trial elsewhere (CI logs, pipes)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+__all__ = ["LiveTable"]
+
+_SHOWN_RECENT = 8
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+class LiveTable:
+    """Fed by the engine's Tune callback: ``started``, ``result``, ``done``."""
+
+    def __init__(self, spec, pending: list, console: Console | None = None, enabled: bool | None = None,
+                 total: int = 0, skipped: int = 0) -> None:
+        self.spec = spec
+        self.console = console or Console(stderr=False)
+        self.enabled = self.console.is_terminal if enabled is None else enabled
+        self.labels = {c.id: c.label() for c in pending}
+        self.total, self.skipped = total, skipped
+        self.rows: dict[str, dict] = {}           # trial id -> row
+        self.counts = {"done": 0, "failed": 0}
+        self.started_at = time.time()
+        self._live: Live | None = None
+        self._last_draw = 0.0
+
+    # -- context: the Live display only while Tune runs
+    def __enter__(self) -> "LiveTable":
+        self.note(f"sweep {self.spec.name!r}: {self.total} cells, {self.skipped} already finished, "
+                  f"{self.total - self.skipped} to run")
+        if self.enabled:
+            self._live = Live(self._render(), console=self.console, refresh_per_second=2, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            self._live.update(self._render())
+            self._live.__exit__(*exc)
+            self._live = None
+
+    def note(self, message: str) -> None:
+        self.console.print(message)
+
+    # -- events
+    def started(self, trial_id: str, config: dict) -> None:
+        cell = config.get("cell")
+        label = self.labels.get(cell) or " ".join(f"{k}={_fmt(v)}" for k, v in config.items())
+        self.rows[trial_id] = {"label": label, "status": "running", "step": None, "metric": None,
+                               "start": time.time(), "end": None}
+        self._redraw()
+
+    def result(self, trial_id: str, result: dict) -> None:
+        row = self.rows.get(trial_id)
+        if row is None:
+            return
+        row["step"] = result.get("step")
+        value = result.get(self.spec.metric.name)
+        if value is not None:
+            row["metric"] = value
+        self._redraw()
+
+    def done(self, trial_id: str, status: str, error: str = "") -> None:
+        row = self.rows.setdefault(trial_id, {"label": trial_id, "step": None, "metric": None,
+                                              "start": time.time()})
+        row["status"], row["end"] = status, time.time()
+        self.counts[status] = self.counts.get(status, 0) + 1
+        if not self.enabled:
+            finished = self.skipped + self.counts["done"] + self.counts["failed"]
+            metric = f"{self.spec.metric.name}={_fmt(row['metric'])}" if row["metric"] is not None else ""
+            why = f"  ({error.strip().splitlines()[-1][:120]})" if error.strip() else ""
+            self.console.print(f"[{finished}/{self.total}] {status:<6} {row['label']}  {metric}"
+                               f"  {row['end'] - row['start']:.1f}s{why}", highlight=False)
+        self._redraw(force=True)
+
+    # -- drawing
+    def _redraw(self, force: bool = False) -> None:
+        if self._live is None:
+            return
+        now = time.time()
+        if force or now - self._last_draw > 0.25:
+            self._last_draw = now
+            self._live.update(self._render())
+
+    def _render(self):
+        running = [r for r in self.rows.values() if r["status"] == "running"]
+        recent = sorted((r for r in self.rows.values() if r["status"] != "running"),
+                        key=lambda r: r["end"] or 0)[-_SHOWN_RECENT:]
+        table = Table(title=f"{self.spec.name}: {self.spec.metric.name} ({self.spec.metric.mode})",
+                      expand=False)
+        for col in ("cell", "status", "step", self.spec.metric.name, "time"):
+            table.add_column(col, justify="right" if col in ("step", "time") else "left")
+        now = time.time()
+        for row in recent + running:
+            style = {"done": "green", "failed": "red", "running": "yellow"}.get(row["status"], "")
+            elapsed = (row["end"] or now) - row["start"]
+            table.add_row(row["label"], Text(row["status"], style=style), _fmt(row["step"] or ""),
+                          _fmt(row["metric"]) if row["metric"] is not None else "", f"{elapsed:.1f}s")
+        done = self.skipped + self.counts["done"]
+        summary = Text(f"done {done}/{self.total}  running {len(running)}  failed {self.counts['failed']}"
+                       f"  pending {self.total - done - len(running) - self.counts['failed']}"
+                       f"  elapsed {now - self.started_at:.0f}s")
+        return Group(table, summary)

@@ -1,0 +1,518 @@
+"""The sweep YAML, typed and strict.
+
+``load_spec(path)`` returns a frozen :class:`SweepSpec` or raises one :class:`SpecError`
+listing every problem found, each as ``FILE:LINE: field.path: problem (did you mean ...)``.
+The trainer's own ``Config`` dataclass checks the trainer options of every cell, and the
+trainer's declared metrics check the sweep's metric, so a typo is caught before anything
+is launched. The format is documented in ``sweeps/README.md``; ``hpsweep schema`` prints
+the JSON Schema of the models below.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      field_validator, model_validator)
+
+from hpsweep.errors import UserError
+from hpsweep.protocol import Claim, Selection
+from hpsweep.yamlload import LoadedYaml, YamlProblem, load_yaml_text
+
+__all__ = ["SpecError", "SweepSpec", "load_spec", "load_spec_text", "Problem", "json_schema",
+           "SAMPLED_KINDS", "GRID_KINDS"]
+
+Scalar = Union[bool, int, float, str, None]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- parameter domains ---------------------------------------------------------------------
+
+class Grid(Model):
+    """Grid values, run in the order given."""
+    grid: list[Scalar] = Field(min_length=1)
+
+    def values(self) -> list:
+        return list(self.grid)
+
+
+class Pow10(Model):
+    """A grid of powers of ten: ``{pow10: [-2.5, -3]}`` is ``[10**-2.5, 10**-3]``."""
+    pow10: list[float] = Field(min_length=1)
+
+    def values(self) -> list:
+        return [10.0 ** e for e in self.pow10]
+
+
+class Range(Model):
+    """An integer grid: ``[lo, hi]`` or ``[lo, hi, step]``, both ends included."""
+    range: list[int] = Field(min_length=2, max_length=3)
+
+    @field_validator("range")
+    @classmethod
+    def _ordered(cls, v: list[int]) -> list[int]:
+        lo, hi, step = (v + [1])[:3]
+        if step <= 0:
+            raise ValueError(f"step must be > 0, got step={step}")
+        if lo > hi:
+            raise ValueError(f"low must be <= high, got low={lo} high={hi}")
+        return v
+
+    def values(self) -> list:
+        lo, hi, step = (self.range + [1])[:3]
+        return list(range(lo, hi + 1, step))
+
+
+class Choice(Model):
+    """Sampled uniformly from the values (random and optuna searches)."""
+    choice: list[Scalar] = Field(min_length=1)
+
+
+class Uniform(Model):
+    uniform: list[float] = Field(min_length=2, max_length=2)
+
+    @field_validator("uniform")
+    @classmethod
+    def _ordered(cls, v: list[float]) -> list[float]:
+        if not v[0] < v[1]:
+            raise ValueError(f"low must be < high, got low={v[0]} high={v[1]}")
+        return v
+
+
+class LogUniform(Model):
+    loguniform: list[float] = Field(min_length=2, max_length=2)
+
+    @field_validator("loguniform")
+    @classmethod
+    def _ordered(cls, v: list[float]) -> list[float]:
+        if v[0] <= 0:
+            raise ValueError(f"low must be > 0 for a log scale, got low={v[0]}")
+        if not v[0] < v[1]:
+            raise ValueError(f"low must be < high, got low={v[0]} high={v[1]}")
+        return v
+
+
+class RandInt(Model):
+    randint: list[int] = Field(min_length=2, max_length=2)
+
+    @field_validator("randint")
+    @classmethod
+    def _ordered(cls, v: list[int]) -> list[int]:
+        if v[0] > v[1]:
+            raise ValueError(f"low must be <= high, got low={v[0]} high={v[1]}")
+        return v
+
+
+class Fixed(Model):
+    """A bare scalar in a variant: one fixed value."""
+    value: Scalar
+
+
+GRID_KINDS = {"grid": Grid, "pow10": Pow10, "range": Range}
+SAMPLED_KINDS = {"choice": Choice, "uniform": Uniform, "loguniform": LogUniform, "randint": RandInt}
+_KINDS = {**GRID_KINDS, **SAMPLED_KINDS}
+
+
+def _param_tag(v: Any) -> str | None:
+    if isinstance(v, BaseModel):
+        return next(k for k, cls in {**_KINDS, "value": Fixed}.items() if isinstance(v, cls))
+    if isinstance(v, dict):
+        keys = [k for k in v if k in _KINDS]
+        return keys[0] if len(keys) == 1 and len(v) == 1 else None
+    return None
+
+
+def _variant_tag(v: Any) -> str | None:
+    if isinstance(v, dict) and list(v) == ["value"]:
+        return "value"
+    if isinstance(v, (dict, BaseModel)):
+        return _param_tag(v)
+    return "value"
+
+
+_ONE_OF = "one of " + ", ".join(_KINDS)
+Domain = Annotated[
+    Union[tuple(Annotated[cls, Tag(name)] for name, cls in _KINDS.items())],
+    Discriminator(_param_tag, custom_error_type="domain",
+                  custom_error_message=f"must be a mapping with exactly one key: {_ONE_OF}"),
+]
+VariantValue = Annotated[
+    Union[tuple(Annotated[cls, Tag(name)] for name, cls in _KINDS.items())
+          + (Annotated[Fixed, Tag("value")],)],
+    Discriminator(_variant_tag, custom_error_type="domain",
+                  custom_error_message=f"must be a scalar or a mapping with exactly one key: {_ONE_OF}"),
+]
+
+
+def _wrap_fixed(v: Any) -> Any:
+    return v if isinstance(v, (dict, BaseModel)) else {"value": v}
+
+
+# --- the rest of the sweep -----------------------------------------------------------------
+
+class Metric(Model):
+    name: str = Field(min_length=1)
+    mode: Literal["min", "max"]
+
+
+class Search(Model):
+    algorithm: Literal["grid", "random", "optuna"] = "grid"
+    samples: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _samples(self) -> "Search":
+        if self.algorithm == "grid" and self.samples is not None:
+            raise ValueError("samples is for random and optuna searches; a grid runs every cell "
+                             "(repeat it with seeds instead)")
+        if self.algorithm != "grid" and self.samples is None:
+            raise ValueError(f"algorithm {self.algorithm!r} needs samples: N")
+        return self
+
+
+class Fifo(Model):
+    type: Literal["fifo"]
+
+
+class Asha(Model):
+    type: Literal["asha"]
+    time_attr: str = "training_iteration"
+    max_t: int = Field(default=100, ge=1)
+    grace_period: int = Field(default=1, ge=1)
+    reduction_factor: float = Field(default=3.0, gt=1)
+
+    @model_validator(mode="after")
+    def _grace(self) -> "Asha":
+        if self.grace_period > self.max_t:
+            raise ValueError(f"grace_period must be <= max_t, got grace_period={self.grace_period} "
+                             f"max_t={self.max_t}")
+        return self
+
+
+Scheduler = Annotated[Union[Fifo, Asha], Field(discriminator="type")]
+
+
+class Resources(Model):
+    cpus: float = Field(default=1.0, gt=0)
+    gpus: float = Field(default=0.0, ge=0)
+
+    @field_validator("gpus")
+    @classmethod
+    def _whole_above_one(cls, v: float) -> float:
+        if v > 1 and not float(v).is_integer():
+            raise ValueError(f"more than one GPU must be a whole number, got gpus={v}")
+        return v
+
+
+class Checkpointing(Model):
+    every: int = Field(default=1, ge=1)
+
+
+class SweepSpec(Model):
+    """A validated sweep. Build it with :func:`load_spec`, not directly."""
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    description: str = ""
+    trainer: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    parameters: dict[str, Domain] = Field(default_factory=dict)
+    variants: list[dict[str, VariantValue]] = Field(default_factory=list)
+    exclude: list[dict[str, Any]] = Field(default_factory=list)
+    seeds: int | list[int] = 1
+    metric: Metric
+    search: Search = Search()
+    scheduler: Scheduler = Fifo(type="fifo")
+    resources: Resources = Resources()
+    max_concurrent: int = Field(default=0, ge=0)
+    retries: int = Field(default=1, ge=0)
+    checkpoint: Checkpointing = Checkpointing()
+    selection: Selection | None = None
+    claims: list[Claim] = Field(default_factory=list)
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _fixed_values(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{k: _wrap_fixed(x) for k, x in item.items()} if isinstance(item, dict) else item
+                    for item in v]
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: int | list[int]) -> int | list[int]:
+        if isinstance(v, int):
+            if v < 1:
+                raise ValueError(f"a seed count must be >= 1, got seeds={v}")
+        else:
+            if not v:
+                raise ValueError("the seed list is empty; give a count (seeds: 3) or seeds")
+            if any(s < 0 for s in v):
+                raise ValueError(f"seeds must be >= 0, got {v}")
+            if len(set(v)) != len(v):
+                raise ValueError(f"seeds must be distinct, got {v}")
+        return v
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+    def spec_hash(self) -> str:
+        """A hash of the whole spec (what to run, not where): tags the sweep's parent run."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def swept_names(self) -> list[str]:
+        """Every parameter name the sweep varies, in declaration order."""
+        names = list(self.parameters)
+        for variant in self.variants:
+            names += [k for k in variant if k not in names]
+        return names
+
+
+# --- errors --------------------------------------------------------------------------------
+
+class Problem(typing.NamedTuple):
+    line: int | None
+    path: str
+    message: str
+
+
+class SpecError(UserError):
+    """Every problem of one sweep file, one per line."""
+
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        self.source = source
+        self.problems = sorted(problems, key=lambda p: (p.line or 0, p.path))
+        super().__init__("\n".join(self.format(p) for p in self.problems))
+
+    def format(self, p: Problem) -> str:
+        where = f"{self.source}:{p.line}" if p.line else self.source
+        return f"{where}: {p.path}: {p.message}" if p.path else f"{where}: {p.message}"
+
+
+_TAGS = set(_KINDS) | {"value", "fifo", "asha"}
+
+
+def _field_names(model: Any, loc: tuple) -> list[str]:
+    """The field names of the model found at ``loc`` below SweepSpec, for 'did you mean'."""
+    current: Any = SweepSpec
+    for part in loc:
+        if part in ("fifo", "asha"):
+            current = {"fifo": Fifo, "asha": Asha}[part]
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            if isinstance(part, str) and part in current.model_fields:
+                current = current.model_fields[part].annotation
+                continue
+            return []
+        current = _unwrap(current, part)
+        if current is None:
+            return []
+    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+
+
+def _unwrap(tp: Any, part: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Annotated:
+        return _unwrap(args[0], part)
+    if origin in (list, dict):
+        inner = args[-1]
+        return _unwrap(inner, None) if part is not None and typing.get_origin(inner) in (Union, Annotated) \
+            else inner
+    if origin is Union:
+        for arg in args:
+            found = arg if isinstance(arg, type) and issubclass(arg, BaseModel) else None
+            if typing.get_origin(arg) is Annotated:
+                inner, *meta = typing.get_args(arg)
+                if any(isinstance(m, Tag) and m.tag == part for m in meta):
+                    return inner
+            if found is not None and part is None:
+                return found
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        return models[0] if len(models) == 1 else tp
+    return tp if part is None else None
+
+
+def _message(err: dict, raw_loc: tuple) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        names = _field_names(SweepSpec, raw_loc[:-1])
+        close = difflib.get_close_matches(str(raw_loc[-1]), names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else (
+            f" (known keys: {', '.join(names)})" if names else "")
+        return f"unknown key{hint}"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "too_short" and raw_loc and raw_loc[-1] in _KINDS:
+        return f"{raw_loc[-1]} needs at least one value, got an empty list"
+    if kind == "union_tag_invalid" and raw_loc and raw_loc[-1] == "scheduler":
+        return "type must be 'fifo' or 'asha'"
+    msg = err["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    if "got" not in msg and "input" in err and kind != "domain" \
+            and not isinstance(err["input"], (dict, list)):
+        msg += f", got {err['input']!r}"
+    return msg
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    out = []
+    for i, part in enumerate(loc):
+        if part in _TAGS and i > 0 and not (isinstance(loc[i - 1], str) and loc[i - 1] in ("config",)):
+            # A discriminator tag pydantic inserts into the location: not a key of the file,
+            # except where the tag is the user's own key ({pow10: [...]}).
+            if i + 1 < len(loc) and loc[i + 1] == part:
+                continue
+            if part in ("fifo", "asha", "value"):
+                continue
+        out.append(part)
+    return tuple(out)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read, parse and validate a sweep file; raise :class:`SpecError` with every problem."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(source, [Problem(None, "", "no such file")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(source, [Problem(None, "", f"cannot read the file: {exc}")]) from None
+    return load_spec_text(text, source)
+
+
+def load_spec_text(text: str, source: str = "<sweep>") -> SweepSpec:
+    """Like :func:`load_spec` for YAML text; ``source`` names it in messages."""
+    loaded = load_yaml_text(text)
+    problems = [Problem(p.line, p.path, p.message) for p in loaded.problems]
+    if problems and loaded.data is None:
+        raise SpecError(source, problems)
+    data = loaded.data
+    if data is None:
+        raise SpecError(source, [Problem(None, "", "the file is empty; a sweep needs at least name, "
+                                                   "trainer and metric (see sweeps/README.md)")])
+    if not isinstance(data, dict):
+        raise SpecError(source, [Problem(loaded.line_of(()), "",
+                                         f"a sweep file must be a mapping of keys, got a {type(data).__name__}")])
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = _clean_loc(tuple(err["loc"]))
+            problems.append(Problem(loaded.line_of(loc), ".".join(map(str, loc)),
+                                    _message(err, tuple(err["loc"]))))
+        raise SpecError(source, problems) from None
+    problems += _check_against_trainer(spec, loaded)
+    if problems:
+        raise SpecError(source, problems)
+    return spec
+
+
+def _check_against_trainer(spec: SweepSpec, loaded: LoadedYaml) -> list[Problem]:
+    """Checks that need the trainer: its options, its metrics, every cell's config."""
+    from trainers import UnknownTrainer, load_trainer
+    from trainers.common.config import build_config, config_fields
+
+    problems: list[Problem] = []
+
+    def add(path: tuple, message: str) -> None:
+        problems.append(Problem(loaded.line_of(path), ".".join(map(str, path)), message))
+
+    try:
+        info = load_trainer(spec.trainer)
+    except UnknownTrainer as exc:
+        add(("trainer",), str(exc))
+        return problems
+    fields = config_fields(info.Config)
+    for key in spec.config:
+        if key == "seed":
+            add(("config", key), "the seed is set per cell by `seeds`, not in config")
+    swept: dict[str, tuple] = {name: ("parameters", name) for name in spec.parameters}
+    for i, variant in enumerate(spec.variants):
+        for name in variant:
+            swept.setdefault(name, ("variants", i, name))
+            if name in spec.parameters:
+                add(("variants", i, name), f"{name!r} is already swept under parameters")
+    for name, where in swept.items():
+        if name == "seed":
+            add(where, "seeds are their own axis: use `seeds`, not a parameter")
+        elif name not in fields:
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            add(where, f"not an option of trainer {spec.trainer!r}{hint}")
+        if name in spec.config:
+            add(where, f"{name!r} is both fixed under config and swept; keep one")
+    for i, rule in enumerate(spec.exclude):
+        for name in rule:
+            if name not in swept:
+                add(("exclude", i, name), "exclude names a parameter that is not swept")
+    if not info.reports(spec.metric.name):
+        add(("metric", "name"), f"trainer {spec.trainer!r} does not report {spec.metric.name!r}; "
+                                f"it reports: {', '.join(info.metrics)}")
+    sampled = [n for n, d in _all_domains(spec) if type(d) in SAMPLED_KINDS.values()]
+    if spec.search.algorithm == "grid" and sampled:
+        for name in dict.fromkeys(sampled):
+            add(swept[name], "a sampled domain needs search.algorithm random or optuna "
+                             "(or use grid / pow10 / range values)")
+    if spec.search.algorithm == "optuna":
+        if len(spec.seed_list) != 1:
+            add(("seeds",), "optuna tunes one seed at a time: give seeds: 1 (or a one-seed list), "
+                            "then rerun the best configurations with more seeds as a grid")
+        if spec.variants or spec.exclude:
+            add(("variants",) if spec.variants else ("exclude",),
+                "variants and exclude describe grids; optuna searches one space")
+    # The fixed options alone, then every distinct cell through the trainer's own Config.
+    _, fixed_problems = build_config(info.Config, {**spec.config, "seed": spec.seed_list[0]})
+    bad_fixed = {p.field for p in fixed_problems if p.field}
+    for p in fixed_problems:
+        if p.field:
+            add(("config", p.field), p.message)
+    if problems:
+        return problems
+    from hpsweep.plan import trial_configs
+
+    seen: set[str] = set()
+    for values in trial_configs(spec):
+        _, config_problems = build_config(info.Config, {**spec.config, **values, "seed": spec.seed_list[0]})
+        for p in config_problems:
+            if p.field in bad_fixed:
+                continue
+            if p.field in values:
+                path, message = swept[p.field], p.message
+            else:  # an invariant of the whole config: blame the swept values it names
+                named = [n for n in values if n in p.message] or list(values)
+                path = swept[named[0]] if named else ("config",)
+                shown = ", ".join(f"{n}={values[n]!r}" for n in named)
+                message = f"{p.message} (in the cell with {shown})" if shown else p.message
+            key = f"{path}:{message}"
+            if key not in seen:
+                seen.add(key)
+                add(path, message)
+    return problems
+
+
+def _all_domains(spec: SweepSpec):
+    for name, domain in spec.parameters.items():
+        yield name, domain
+    for variant in spec.variants:
+        yield from variant.items()
+
+
+def json_schema() -> dict:
+    """The JSON Schema of the sweep YAML, for editors (``hpsweep schema``)."""
+    schema = SweepSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "hpsweep sweep file"
+    return schema

@@ -1,0 +1,96 @@
+"""Where checkpoints and Tune's experiment state live: a local directory or ``s3://``.
+
+Both go through a pyarrow filesystem, the same kind Ray Tune uses, so the sweep's own
+checkpoints and Tune's state sit side by side under one root:
+
+    <root>/<sweep>/cells/<cell id>/checkpoint.pt    the trainer's latest checkpoint
+    <root>/<sweep>/tune/                            Ray Tune's experiment state
+
+Checkpoints are keyed by cell id, not by Tune's trial id, so a cell that died resumes from
+its checkpoint in this invocation (a retry) or a later one (a rerun of the spec, even with
+seeds added). S3 settings come from the standard AWS environment: credentials from the
+environment or ``~/.aws``, ``AWS_ENDPOINT_URL`` (or ``--s3-endpoint``) for MinIO and other
+S3-compatible stores. Nothing about credentials is ever logged or written to MLflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+__all__ = ["Storage", "open_storage", "DEFAULT_STORAGE"]
+
+DEFAULT_STORAGE = ".hpsweep/storage"
+
+
+@dataclasses.dataclass
+class Storage:
+    uri: str                        # what the user gave, for messages
+    root: str                       # the path inside ``fs`` (no scheme: what Tune wants)
+    fs: pafs.FileSystem
+    endpoint: str | None = None     # S3 endpoint override, passed on to workers
+
+    @property
+    def is_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def read_bytes(self, *parts: str) -> bytes | None:
+        """The object's bytes, or None if it does not exist."""
+        try:
+            with self.fs.open_input_stream(self.path(*parts)) as f:
+                return f.read()
+        except (FileNotFoundError, OSError) as exc:
+            if isinstance(exc, FileNotFoundError) or "not found" in str(exc).lower() \
+                    or "does not exist" in str(exc).lower() or "NoSuchKey" in str(exc):
+                return None
+            raise
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        """Write atomically: readers see the old object or the new one, never half of one."""
+        target = self.path(*parts)
+        if self.is_s3:  # an S3 PUT replaces the object atomically
+            with self.fs.open_output_stream(target) as f:
+                f.write(data)
+            return
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, target)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def spec(self) -> dict:
+        """What a worker needs to reopen this storage (no credentials: workers read their own)."""
+        return {"uri": self.uri, "endpoint": self.endpoint}
+
+
+def open_storage(uri: str | None = None, endpoint: str | None = None) -> Storage:
+    """Open ``uri`` (default ``.hpsweep/storage``); ``s3://bucket/prefix`` uses pyarrow's S3."""
+    uri = uri or os.environ.get("HPSWEEP_STORAGE") or DEFAULT_STORAGE
+    if uri.startswith("s3://"):
+        endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        kwargs: dict = {}
+        if endpoint:
+            kwargs["endpoint_override"] = endpoint
+            if endpoint.startswith("http://"):
+                kwargs["scheme"] = "http"
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            kwargs["region"] = region
+        fs = pafs.S3FileSystem(**kwargs)
+        root = uri[len("s3://"):].rstrip("/")
+        return Storage(uri=uri, root=root, fs=fs, endpoint=endpoint)
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    path = Path(uri).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return Storage(uri=str(path), root=str(path), fs=pafs.LocalFileSystem())
