@@ -70,10 +70,13 @@ class _TuneRun:
         self.every = every
         self.device = device
         self._saves = 0
+        self._held: bytes | None = None
 
     def report(self, step: int, **metrics: float) -> None:
         values = {k: float(v) for k, v in metrics.items()}
-        self.tracker.log(step, values)
+        # The checkpoint saved before this report goes out with it (see CellTracker).
+        self.tracker.log(step, values, checkpoint=self._held)
+        self._held = None
         tune.report({**values, "step": int(step)})
 
     def save_checkpoint(self, state: dict) -> None:
@@ -81,7 +84,7 @@ class _TuneRun:
 
         self._saves += 1
         if self._saves % self.every == 0:
-            self.storage.write_bytes(dump_state(state), self.sweep, "cells", self.cell.id, "checkpoint.pt")
+            self._held = dump_state(state)  # serialised now: the trainer goes on mutating state
 
     def load_checkpoint(self) -> dict | None:
         from trainers.common.run import load_state
@@ -119,12 +122,14 @@ def _trial(tune_config: dict, context: dict) -> None:
     device = torch.device("cuda") if gpus and torch.cuda.is_available() else torch.device("cpu")
     torch.set_num_threads(max(1, int(context["cpus"])))
     runtime = ray.get_runtime_context()
+    storage = open_storage(**context["storage"])
+    checkpoint_path = (context["sweep"], "cells", cell.id, "checkpoint.pt")
     tracker = CellTracker(context["tracking_uri"], context["experiment_id"], context["parent_run_id"],
                           context["sweep"], cell, extra_tags={
                               TAG["node_ip"]: ray.util.get_node_ip_address(),
                               TAG["node_id"]: runtime.get_node_id(),
-                              "hpsweep.trial_id": tune.get_context().get_trial_id() or ""})
-    storage = open_storage(**context["storage"])
+                              "hpsweep.trial_id": tune.get_context().get_trial_id() or ""},
+                          write_checkpoint=lambda data: storage.write_bytes(data, *checkpoint_path))
     run = _TuneRun(cell, storage, context["sweep"], tracker, context["every"], device)
     try:
         info.train(trainer_config, run)
@@ -173,7 +178,10 @@ def _init_ray(address: str | None, env: dict[str, str]) -> None:
         ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING",
                  log_to_driver=False)
     else:
-        # In-process Ray for one machine: loopback address, no dashboard.
+        # In-process Ray for one machine: loopback address, no dashboard, and token
+        # authentication on (Ray's own default, said explicitly to keep its warning quiet):
+        # Ray binds some ports on every interface, and the token is what guards them.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=runtime_env,
                  logging_level="WARNING", log_to_driver=False, configure_logging=True)
 

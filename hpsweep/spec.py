@@ -132,7 +132,7 @@ def _param_tag(v: Any) -> str | None:
 
 def _variant_tag(v: Any) -> str | None:
     if isinstance(v, dict) and list(v) == ["value"]:
-        return "value"
+        return None if isinstance(v["value"], (list, dict)) else "value"
     if isinstance(v, (dict, BaseModel)):
         return _param_tag(v)
     return "value"
@@ -241,6 +241,13 @@ class SweepSpec(Model):
         if isinstance(v, list):
             return [{k: _wrap_fixed(x) for k, x in item.items()} if isinstance(item, dict) else item
                     for item in v]
+        return v
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds_shape(cls, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, (int, list)):
+            raise ValueError(f"must be a count (seeds: 3) or a list of seeds ([0, 1, 2]), got {v!r}")
         return v
 
     @field_validator("seeds")

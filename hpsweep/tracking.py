@@ -155,14 +155,24 @@ class SweepTracker:
 
 
 class CellTracker:
-    """The worker's side: one cell's run, reused across attempts, with batched metrics."""
+    """The worker's side: one cell's run, reused across attempts; metrics and checkpoints
+    sent from a background thread so that the trainer never waits on the network.
+
+    Checkpoints ride with the metrics: a checkpoint is queued only with the report that
+    follows it, and the thread sends the metrics before it writes the checkpoint, so a
+    checkpoint in storage never runs ahead of the metrics in MLflow (a resumed cell leaves
+    no gap in its history).
+    """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_name: str,
-                 cell: Any, extra_tags: dict[str, str] | None = None) -> None:
+                 cell: Any, extra_tags: dict[str, str] | None = None, write_checkpoint=None) -> None:
         self.client = _client(tracking_uri)
         self.cell = cell
+        self._write_checkpoint = write_checkpoint
         self._buffer: list[Any] = []
+        self._checkpoint: bytes | None = None
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
         self._error: BaseException | None = None
@@ -203,20 +213,27 @@ class CellTracker:
             self.client.log_batch(run.info.run_id, params=params[i:i + 100])
         return run.info.run_id
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Buffer one report; the background thread sends it. Costs microseconds."""
+    def log(self, step: int, metrics: dict[str, float], checkpoint: bytes | None = None) -> None:
+        """Buffer one report (and the checkpoint saved just before it). Costs microseconds."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         rows = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
         with self._lock:
             self._buffer.extend(rows)
+            if checkpoint is not None:
+                self._checkpoint = checkpoint  # an older one not yet written is superseded
 
     def flush(self) -> None:
-        with self._lock:
-            rows, self._buffer = self._buffer, []
-        for i in range(0, len(rows), _BATCH):
-            self.client.log_batch(self.run_id, metrics=rows[i:i + _BATCH])
+        """Send the buffered metrics, then write the checkpoint that came with them."""
+        with self._send_lock:
+            with self._lock:
+                rows, self._buffer = self._buffer, []
+                checkpoint, self._checkpoint = self._checkpoint, None
+            for i in range(0, len(rows), _BATCH):
+                self.client.log_batch(self.run_id, metrics=rows[i:i + _BATCH])
+            if checkpoint is not None and self._write_checkpoint is not None:
+                self._write_checkpoint(checkpoint)
 
     def _loop(self) -> None:
         while not self._stop:
@@ -232,12 +249,17 @@ class CellTracker:
 
     def finish(self, status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
         """Send what is buffered, then set the run's final status (synchronously)."""
+        from mlflow.entities import RunTag
+
         self._stop = True
         self._wake.set()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=60)
+        if status == "FINISHED":
+            with self._lock:  # a finished cell is never resumed: its last checkpoint is moot
+                self._checkpoint = None
         self.flush()
-        for key, value in (tags or {}).items():
-            self.client.set_tag(self.run_id, key, value)
+        if tags:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.set_terminated(self.run_id, status=status)
         if self._error is not None and status == "FINISHED":
             raise RuntimeError(f"metrics of cell {self.cell.id} could not be logged: {self._error}")

@@ -1,0 +1,431 @@
+"""Sweeps on a Ray cluster through the Ray Jobs API: ``submit``, ``logs``, ``stop``, ``status``.
+
+A submitted sweep is one Ray job whose entrypoint is ``hpsweep run SWEEP.yaml --address auto``:
+the same command a laptop runs, executed on the head node, with Ray Tune spreading the trials
+over the cluster's workers by their resources. The sweep file travels in the job's runtime
+environment (the working directory), or, where the cluster runs containers (``--image``), in
+an environment variable written to a file by the entrypoint.
+
+Tracking URI, storage and S3 endpoint are what the cluster's nodes see: given as flags, they
+reach the job as flags and environment variables; left out, the nodes' own environment decides
+(the compose stack and infra/k8s set it). Credentials never travel with a job: the nodes have
+their own (Kubernetes Secrets, instance roles).
+
+Authentication: Ray 2.60 clusters use token authentication. The token is read, in order, from
+``RAY_AUTH_TOKEN``, the file named by ``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token``, and sent
+as a bearer token; ``RAY_AUTH_MODE=disabled`` sends none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import functools
+import os
+import re
+import secrets
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from hpsweep.errors import UserError
+
+__all__ = [
+    "register",
+    "job_status",
+    "submit",
+    "build_submission",
+    "resolve_address",
+    "auth_headers",
+    "ADDRESS_ENV_VARS",
+]
+
+#: where ``--address`` comes from when it is not given, first found wins
+ADDRESS_ENV_VARS = ("HPSWEEP_RAY_ADDRESS", "RAY_ADDRESS")
+
+#: never shipped in a working directory: environments, caches, local results
+WORKING_DIR_EXCLUDES = [
+    ".git", ".venv", "venv", ".hpsweep", "runs", "mlruns", "mlartifacts",
+    "**/__pycache__", "*.pyc", ".pytest_cache", "*.egg-info", "build", "out",
+]
+
+_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def resolve_address(address: str | None) -> str:
+    """The Jobs API address: the flag, else ``HPSWEEP_RAY_ADDRESS``, else ``RAY_ADDRESS``."""
+    if address:
+        return address.rstrip("/")
+    for name in ADDRESS_ENV_VARS:
+        if os.environ.get(name):
+            return os.environ[name].rstrip("/")
+    raise UserError(
+        "no cluster address: pass --address http://HEAD:8265 "
+        "(or set HPSWEEP_RAY_ADDRESS / RAY_ADDRESS)"
+    )
+
+
+def auth_headers() -> dict[str, str]:
+    """The bearer-token header for a cluster with token authentication, or ``{}``.
+
+    Ray's client only sends a token when ``RAY_AUTH_MODE=token`` is set in the submitting shell;
+    sending the token whenever one is available lets ``hpsweep submit`` work with just the token
+    file, as ``ray start`` does.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        try:
+            token = path.read_text().strip()
+        except OSError:
+            token = ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _client(address: str):
+    """A ``JobSubmissionClient``; connection and authentication problems become UserErrors."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address, headers=auth_headers())
+    except AuthenticationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(
+            f"{address}: {first}; put the cluster's token in ~/.ray/auth_token, "
+            "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN"
+        ) from None
+    except (ConnectionError, OSError) as exc:
+        raise UserError(
+            f"cannot reach the Ray Jobs API at {address}: {exc} "
+            "(is the cluster up, and the dashboard port 8265 forwarded?)"
+        ) from None
+    except ValueError as exc:  # an address Ray cannot parse
+        raise UserError(f"bad cluster address {address!r}: {exc}") from None
+
+
+def _unknown_job(exc: Exception, job_id: str, address: str) -> UserError | None:
+    text = str(exc)
+    if "404" in text or "does not exist" in text or "not found" in text.lower():
+        return UserError(f"no job {job_id!r} on {address} (`hpsweep status --address {address}` lists them)")
+    return None
+
+
+def _call(address: str, job_id: str, fn: Callable[[], Any]) -> Any:
+    """Run a client call; an unknown job id or a lost connection becomes a UserError."""
+    try:
+        return fn()
+    except RuntimeError as exc:
+        err = _unknown_job(exc, job_id, address)
+        if err is not None:
+            raise err from None
+        raise
+    except ConnectionError as exc:
+        raise UserError(f"lost the Ray Jobs API at {address}: {exc}") from None
+
+
+def _reports_user_errors(fn: Callable[..., int]) -> Callable[..., int]:
+    """Print a UserError as one line on stderr and return its exit code (2)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            print(f"hpsweep: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+
+    return wrapper
+
+
+def _no_credentials(flag: str, uri: str | None) -> None:
+    if uri and urlsplit(uri).password:
+        raise UserError(
+            f"{flag} {uri.split('@')[-1]!r} carries a password; give credentials to the cluster "
+            "through its environment (Kubernetes Secrets, MLFLOW_TRACKING_PASSWORD), never the job"
+        )
+
+
+# --- submit ----------------------------------------------------------------------------------
+
+
+def _submission_id(name: str) -> str:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "-", name)[:40]
+    return f"hpsweep-{safe}-{stamp}-{secrets.token_hex(2)}"
+
+
+def build_submission(
+    sweep: Path,
+    *,
+    tracking_uri: str | None = None,
+    storage: str | None = None,
+    s3_endpoint: str | None = None,
+    image: str | None = None,
+    working_dir: Path | None = None,
+    pip: list[str] | None = None,
+    entrypoint_num_cpus: float | None = None,
+) -> dict[str, Any]:
+    """Validate ``sweep`` and build ``JobSubmissionClient.submit_job``'s keyword arguments.
+
+    Raises :class:`UserError` (``SpecError`` for a bad sweep file) before anything is sent.
+    """
+    from hpsweep.spec import load_spec  # lazily: ``hpsweep logs`` needs no spec machinery
+
+    sweep = Path(sweep)
+    if not sweep.is_file():
+        raise UserError(f"{sweep}: no such sweep file")
+    spec = load_spec(sweep)  # raises SpecError listing every problem
+    _no_credentials("--tracking-uri", tracking_uri)
+    _no_credentials("--storage", storage)
+
+    # only what the flags say: the submitting shell's own settings (a laptop's localhost
+    # tracking URI) mean nothing on the cluster, whose nodes carry their own environment
+    env_vars: dict[str, str] = {}
+    if tracking_uri:
+        env_vars["MLFLOW_TRACKING_URI"] = tracking_uri
+    if storage:
+        env_vars["HPSWEEP_STORAGE"] = storage
+    if s3_endpoint:
+        for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL"):
+            env_vars[name] = s3_endpoint
+    env_vars.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    env_vars.setdefault("PYTHONUNBUFFERED", "1")
+    # `hpsweep run` gives its trials a runtime_env of its own (ray.init); Ray refuses a driver
+    # runtime_env that repeats a key of the job's unless told to merge them, the driver's winning
+    env_vars["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+
+    flags = ["--address", "auto"]
+    if tracking_uri:
+        flags += ["--tracking-uri", tracking_uri]
+    if storage:
+        flags += ["--storage", storage]
+    if s3_endpoint:
+        flags += ["--s3-endpoint", s3_endpoint]
+
+    runtime_env: dict[str, Any] = {"env_vars": env_vars}
+    if image:
+        # Ray runs image_uri jobs with env_vars only: the sweep travels as text, and the
+        # entrypoint writes it to a file inside the container before running it
+        if pip or working_dir:
+            raise UserError("--image runs the code inside the image: drop --pip and --working-dir")
+        runtime_env["image_uri"] = image
+        env_vars["HPSWEEP_SWEEP_YAML"] = sweep.read_text()
+        target = f"/tmp/hpsweep-{sweep.name}"
+        run = shlex.join(["hpsweep", "run", target, *flags])
+        script = f'printf %s "$HPSWEEP_SWEEP_YAML" > {target} && exec {run}'
+        entrypoint = f"sh -c {shlex.quote(script)}"
+    else:
+        root = (working_dir or Path.cwd()).resolve()
+        if not root.is_dir():
+            raise UserError(f"--working-dir {root}: not a directory")
+        try:
+            relative = sweep.resolve().relative_to(root)
+        except ValueError:
+            raise UserError(
+                f"{sweep}: the sweep file must be inside the working directory {root} "
+                "that is shipped to the cluster (pass --working-dir)"
+            ) from None
+        runtime_env.update(working_dir=str(root), excludes=list(WORKING_DIR_EXCLUDES))
+        if pip:
+            runtime_env["pip"] = list(pip)
+        entrypoint = shlex.join(["hpsweep", "run", relative.as_posix(), *flags])
+
+    submission = dict(
+        entrypoint=entrypoint,
+        submission_id=_submission_id(spec.name),
+        runtime_env=runtime_env,
+        metadata={"hpsweep.sweep": spec.name, "hpsweep.file": sweep.name},
+    )
+    if entrypoint_num_cpus is not None:
+        submission["entrypoint_num_cpus"] = entrypoint_num_cpus
+    return submission
+
+
+@_reports_user_errors
+def submit(args: argparse.Namespace) -> int:
+    """``hpsweep submit``: validate the sweep, submit it as a Ray job, print the job id."""
+    address = resolve_address(args.address)
+    submission = build_submission(
+        Path(args.sweep),
+        tracking_uri=args.tracking_uri,
+        storage=args.storage,
+        s3_endpoint=args.s3_endpoint,
+        image=args.image,
+        working_dir=Path(args.working_dir) if args.working_dir else None,
+        pip=args.pip,
+    )
+    client = _client(address)
+    try:
+        job_id = client.submit_job(**submission)
+    except RuntimeError as exc:  # the Jobs API refused it (e.g. a runtime_env it cannot build)
+        raise UserError(f"{address} refused the job: {exc}") from None
+    print(job_id)
+    print(
+        f"hpsweep: submitted {submission['metadata']['hpsweep.sweep']} to {address}; "
+        f"follow it with `hpsweep logs {job_id} --follow --address {address}`",
+        file=sys.stderr,
+    )
+    if args.follow:
+        return _follow(client, address, job_id)
+    return 0
+
+
+# --- logs, stop, status ----------------------------------------------------------------------
+
+
+def _follow(client: Any, address: str, job_id: str) -> int:
+    """Stream the job's logs until it ends; exit 0 if it succeeded, 1 otherwise."""
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    _call(address, job_id, lambda: client.get_job_status(job_id))  # unknown id: a clean error
+    try:
+        asyncio.run(tail())
+    except KeyboardInterrupt:
+        return 130
+    status = _wait_terminal(client, address, job_id, timeout=30)
+    print(f"hpsweep: job {job_id} {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _wait_terminal(client: Any, address: str, job_id: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = str(_call(address, job_id, lambda: client.get_job_status(job_id)).value)
+        if status in _TERMINAL or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
+@_reports_user_errors
+def logs(args: argparse.Namespace) -> int:
+    """``hpsweep logs JOB [--follow]``: print (or stream) a job's driver log."""
+    address = resolve_address(args.address)
+    client = _client(address)
+    if args.follow:
+        return _follow(client, address, args.job)
+    sys.stdout.write(_call(address, args.job, lambda: client.get_job_logs(args.job)))
+    return 0
+
+
+@_reports_user_errors
+def stop(args: argparse.Namespace) -> int:
+    """``hpsweep stop JOB``: ask Ray to stop the job and wait until it has stopped."""
+    address = resolve_address(args.address)
+    client = _client(address)
+    _call(address, args.job, lambda: client.stop_job(args.job))
+    status = _wait_terminal(client, address, args.job, timeout=args.timeout)
+    print(f"{args.job} {status}")
+    return 0 if status in _TERMINAL else 1
+
+
+def _fmt_time(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return _dt.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+@_reports_user_errors
+def job_status(address: str | None, job_id: str | None) -> int:
+    """Print the cluster's submitted jobs as a table, or one job's status; return the exit code."""
+    address = resolve_address(address)
+    client = _client(address)
+    if job_id is None:
+        jobs = [j for j in _call(address, "", client.list_jobs) if j.submission_id]
+        jobs.sort(key=lambda j: j.start_time or 0)
+        rows = [
+            [
+                j.submission_id,
+                str(j.status.value),
+                (j.metadata or {}).get("hpsweep.sweep", "-"),
+                _fmt_time(j.start_time),
+                _fmt_time(j.end_time),
+            ]
+            for j in jobs
+        ]
+        if not rows:
+            print(f"no jobs on {address}")
+        else:
+            print(_table(rows, ["JOB", "STATUS", "SWEEP", "STARTED", "ENDED"]))
+        return 0
+    info = _call(address, job_id, lambda: client.get_job_info(job_id))
+    print(f"job:        {job_id}")
+    print(f"status:     {info.status.value}")
+    print(f"sweep:      {(info.metadata or {}).get('hpsweep.sweep', '-')}")
+    print(f"entrypoint: {info.entrypoint}")
+    print(f"started:    {_fmt_time(info.start_time)}")
+    print(f"ended:      {_fmt_time(info.end_time)}")
+    if info.message:
+        print(f"message:    {info.message}")
+    return 0
+
+
+# --- argparse ----------------------------------------------------------------------------------
+
+
+def _add_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray Jobs API, e.g. http://HEAD:8265 (default: $HPSWEEP_RAY_ADDRESS or $RAY_ADDRESS)",
+    )
+
+
+def register(subparsers: Any) -> None:
+    """Add ``submit``, ``logs``, ``stop`` and ``render`` to the CLI's argparse subparsers."""
+    from hpsweep import render as _render
+
+    p = subparsers.add_parser(
+        "submit",
+        help="submit a sweep to a Ray cluster as a Ray job",
+        description="Validate SWEEP.yaml here, then run `hpsweep run SWEEP.yaml --address auto` "
+        "on the cluster through the Ray Jobs API. Prints the job id.",
+    )
+    p.add_argument("sweep", metavar="SWEEP.yaml")
+    _add_address(p)
+    p.add_argument("--tracking-uri", help="MLflow tracking server as the cluster reaches it "
+                   "(default: the cluster nodes' own $MLFLOW_TRACKING_URI)")
+    p.add_argument("--storage", help="checkpoint storage, e.g. s3://bucket/prefix "
+                   "(default: the cluster nodes' own $HPSWEEP_STORAGE)")
+    p.add_argument("--s3-endpoint", help="S3 endpoint as the cluster reaches it, for MinIO "
+                   "(default: the cluster nodes' own $AWS_ENDPOINT_URL)")
+    p.add_argument("--image", help="run the job inside this container image "
+                   "(clusters that run containers); the sweep file travels with the job")
+    p.add_argument("--working-dir", help="directory shipped to the cluster (default: the "
+                   "current one); must contain the sweep file")
+    p.add_argument("--pip", nargs="+", metavar="REQ", help="extra pip requirements for the job")
+    p.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
+    p.set_defaults(func=submit)
+
+    p = subparsers.add_parser("logs", help="print a cluster job's log")
+    p.add_argument("job", metavar="JOB")
+    _add_address(p)
+    p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+    p.set_defaults(func=logs)
+
+    p = subparsers.add_parser("stop", help="stop a cluster job")
+    p.add_argument("job", metavar="JOB")
+    _add_address(p)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for it to stop")
+    p.set_defaults(func=stop)
+
+    _render.register(subparsers)

@@ -1,0 +1,398 @@
+"""A sweep's selection protocol and claims: the YAML models, and applying them to results.
+
+``selection`` says how the paper picked what it reports: within each group (``group_by``), the
+value of the ``over`` parameters with the best mean ``select_by`` over replicates; then the
+``report`` metrics of that configuration as mean +- std (n). Replicates are the cells that share
+the group and ``over`` values: the seeds, and any swept parameter named in neither list (e.g. the
+data splits of MbPA's permuted MNIST). ``select_on`` / ``report_on`` / ``report_exclude``
+restrict which cells choose and which report (tune on split 0, report on the others).
+
+``claims`` are the paper's qualitative statements, each judged from the measured spread:
+
+- ``less`` / ``greater``: left's mean below / above right's;
+- ``within``: ``|mean(left) - mean(right)| <= margin``;
+- ``order``: the sides in ``order`` increase (or decrease) along the list.
+
+The rule: for each compared pair, the Welch (unequal variance) ``1 - 2*alpha`` confidence
+interval of ``d = mean(left) - mean(right)`` over the per-replicate final values (alpha 0.05 by
+default: a one-sided 5 % test). ``less`` is reproduced when the whole interval lies below
+``-margin`` (margin 0 by default), not reproduced when it lies at or above 0, else
+inconclusive; ``greater`` mirrors it; ``within`` is reproduced when the interval lies inside
+``[-margin, margin]`` (two one-sided tests), not reproduced when it lies wholly outside, else
+inconclusive. A side with fewer than ``min_n`` finished replicates (or no matching cells) makes
+the claim inconclusive. With ``pair_by``, the comparison is made within each value of those
+parameters (SnAp-1 against RTRL on the same network) and the claim is reproduced only if every
+pair is, not reproduced if any pair is not.
+
+Each side's sample is the replicates of ONE configuration: among the done cells matching the
+side's filter (restricted to the configurations the selection protocol chose, when there is
+one), the configuration with the best mean selection metric (``select_by``, else the sweep's
+metric) -- tuned on validation, never on the claim's own (test) metric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Iterable, Literal, Sequence, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "Selection", "Claim", "Obs", "Stat", "GroupChoice", "Verdict",
+    "observations", "matches", "stat", "apply_selection", "rank_configs", "judge_claims",
+    "pick_configuration",
+]
+
+Scalar = Union[bool, int, float, str]
+Match = dict[str, Union[Scalar, list[Scalar]]]
+
+
+class Selection(BaseModel):
+    """The paper's selection protocol (the ``selection:`` block of a sweep YAML)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    group_by: list[str] = Field(default_factory=list, description="one result per group")
+    select_by: str = Field(description="metric whose mean over replicates picks the configuration")
+    mode: Literal["min", "max"] | None = Field(None, description="default: the sweep metric's mode")
+    over: list[str] = Field(min_length=1, description="parameters chosen within each group")
+    report: list[str] = Field(default_factory=list, description="metrics reported, mean +- std (n)")
+    select_on: Match = Field(default_factory=dict, description="only these cells choose")
+    report_on: Match = Field(default_factory=dict, description="only these cells report")
+    report_exclude: Match = Field(default_factory=dict, description="these cells never report")
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "Selection":
+        both = sorted(set(self.group_by) & set(self.over))
+        if both:
+            raise ValueError(f"group_by and over must not share parameters, both name {both}")
+        return self
+
+
+class Claim(BaseModel):
+    """One qualitative claim of the paper (an entry of the ``claims:`` list)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    text: str
+    kind: Literal["less", "greater", "within", "order"]
+    metric: str
+    left: Match | None = None
+    right: Match | None = None
+    order: list[Match] | None = Field(None, description="kind=order: the sides, in order")
+    direction: Literal["increasing", "decreasing"] = "increasing"
+    margin: float = Field(0.0, ge=0.0)
+    pair_by: list[str] = Field(default_factory=list, description="compare within these values")
+    alpha: float = Field(0.05, gt=0.0, lt=0.5)
+    min_n: int = Field(2, ge=2, description="fewer finished replicates a side: inconclusive")
+    source: str | None = Field(None, description="where the paper says it (table, figure)")
+
+    @model_validator(mode="after")
+    def _sides(self) -> "Claim":
+        if self.kind == "order":
+            if not self.order or len(self.order) < 2:
+                raise ValueError("kind 'order' needs `order`: a list of at least two sides")
+            if self.left is not None or self.right is not None:
+                raise ValueError("kind 'order' takes `order`, not `left`/`right`")
+        else:
+            if self.left is None or self.right is None:
+                raise ValueError(f"kind {self.kind!r} needs both `left` and `right`")
+            if self.order is not None:
+                raise ValueError(f"kind {self.kind!r} takes `left`/`right`, not `order`")
+        if self.kind == "within" and self.margin <= 0:
+            raise ValueError(f"kind 'within' needs margin > 0, got margin={self.margin}")
+        return self
+
+
+# -- observations ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Obs:
+    """One cell: swept values plus ``seed``, its state, final metrics and run id (or None)."""
+
+    cell_id: str
+    params: dict[str, Any]
+    state: str
+    metrics: dict[str, float]
+    run_id: str | None
+
+
+def observations(cells_from_plan: Iterable[Any] | None, sweep_runs) -> list[Obs]:
+    """Planned cells (``.id``, ``.params``, ``.seed``) joined with their runs; pending cells
+    have no metrics. Without a plan, the runs alone (nothing can be known to be missing)."""
+    out = []
+    if cells_from_plan is None:
+        for cid, r in sorted(sweep_runs.cells.items()):
+            out.append(Obs(cid, {**r.params, "seed": r.seed}, r.status, r.metrics, r.run_id))
+        return out
+    for cell in cells_from_plan:
+        r = sweep_runs.cells.get(cell.id)
+        out.append(Obs(
+            cell.id, {**dict(cell.params), "seed": cell.seed},
+            r.status if r else "pending", dict(r.metrics) if r else {}, r.run_id if r else None,
+        ))
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b or a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return str(a) == str(b)
+
+
+def matches(params: dict[str, Any], match: Match) -> bool:
+    """True when every key of ``match`` equals (or, for a list, is one of) the cell's value."""
+    for key, want in match.items():
+        if key not in params:
+            return False
+        options = want if isinstance(want, list) else [want]
+        if not any(_same(params[key], w) for w in options):
+            return False
+    return True
+
+
+def _key(params: dict[str, Any], names: Sequence[str]) -> tuple:
+    return tuple(json.dumps(params.get(n), sort_keys=True, default=str) for n in names)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stat:
+    """mean +- std over the ``n`` finished replicates of ``N`` planned (std: ddof=1)."""
+
+    mean: float
+    std: float
+    n: int
+    N: int
+    values: tuple[float, ...]
+    run_ids: tuple[str, ...]
+    metric: str = ""
+
+    def fmt(self, digits: int = 4) -> str:
+        if self.n == 0:
+            return f"— (0/{self.N})"
+        std = "—" if math.isnan(self.std) else f"{self.std:.{digits}g}"
+        return f"{self.mean:.{digits}g} ± {std} (n={self.n}/{self.N})"
+
+
+def stat(obs: Sequence[Obs], metric: str) -> Stat:
+    """Mean and sample std of ``metric`` over the done cells in ``obs`` (N counts them all)."""
+    got = [(o.metrics[metric], o.run_id) for o in obs
+           if o.state == "done" and metric in o.metrics and math.isfinite(o.metrics[metric])]
+    vals = [v for v, _ in got]
+    n = len(vals)
+    mean = sum(vals) / n if n else math.nan
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else math.nan
+    return Stat(mean, std, n, len(obs), tuple(vals), tuple(r for _, r in got), metric)
+
+
+def _better(mode: str):
+    return (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
+
+
+def _configs(obs: Sequence[Obs], names: Sequence[str]) -> dict[tuple, list[Obs]]:
+    out: dict[tuple, list[Obs]] = {}
+    for o in obs:
+        out.setdefault(_key(o.params, names), []).append(o)
+    return out
+
+
+def rank_configs(obs: Sequence[Obs], metric: str, mode: str) -> list[tuple[dict, Stat]]:
+    """Configurations (every swept value but the seed) ranked by mean ``metric`` over seeds;
+    configurations with no finished seed come last."""
+    names = sorted({k for o in obs for k in o.params if k != "seed"})
+    ranked = []
+    for group in _configs(obs, names).values():
+        ranked.append(({n: group[0].params.get(n) for n in names}, stat(group, metric)))
+    sign = 1 if mode == "min" else -1
+    ranked.sort(key=lambda cs: (cs[1].n == 0, sign * cs[1].mean if cs[1].n else 0.0))
+    return ranked
+
+
+# -- selection ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class GroupChoice:
+    """The result of the selection protocol for one group."""
+
+    group: dict[str, Any]
+    chosen: dict[str, Any] | None                # the over values picked (None: nothing done)
+    candidates: list[tuple[dict[str, Any], Stat]]  # every over value, its select_by stat
+    report: dict[str, Stat]                       # metric -> stat of the chosen configuration
+    cells: list[Obs]                              # the chosen configuration's reporting cells
+
+
+def apply_selection(selection: Selection, obs: Sequence[Obs], default_mode: str) -> list[GroupChoice]:
+    """Apply the protocol: per group, the ``over`` values with the best mean ``select_by``
+    over their finished replicates, then the ``report`` metrics of that configuration."""
+    mode = selection.mode or default_mode
+    better = _better(mode)
+    out = []
+    for group_obs in _configs(obs, selection.group_by).values():
+        group = {n: group_obs[0].params.get(n) for n in selection.group_by}
+        candidates, best = [], None
+        for over_obs in _configs(group_obs, selection.over).values():
+            over = {n: over_obs[0].params.get(n) for n in selection.over}
+            s = stat([o for o in over_obs if matches(o.params, selection.select_on)],
+                     selection.select_by)
+            candidates.append((over, s))
+            if s.n and (best is None or better(s.mean, best[1].mean)):
+                best = (over, s)
+        chosen_cells: list[Obs] = []
+        if best is not None:
+            chosen_cells = [
+                o for o in group_obs
+                if matches(o.params, best[0]) and matches(o.params, selection.report_on)
+                and not (selection.report_exclude and matches(o.params, selection.report_exclude))
+            ]
+        report = {m: stat(chosen_cells, m) for m in selection.report} if best else {}
+        out.append(GroupChoice(group, best[0] if best else None, candidates, report, chosen_cells))
+    return out
+
+
+# -- claims ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """A judged claim: ``verdict`` is reproduced | not reproduced | inconclusive."""
+
+    claim: Claim
+    verdict: str
+    reason: str
+    comparisons: list[dict[str, Any]]   # per pair: sides' stats, d, ci, verdict
+
+
+def _welch_ci(a: Stat, b: Stat, alpha: float) -> tuple[float, float, float]:
+    from scipy.stats import t as student_t
+
+    d = a.mean - b.mean
+    va, vb = (a.std ** 2) / a.n, (b.std ** 2) / b.n
+    se = math.sqrt(va + vb)
+    if se == 0.0:
+        return d, d, d
+    df = (va + vb) ** 2 / (va ** 2 / (a.n - 1) + vb ** 2 / (b.n - 1))
+    half = float(student_t.ppf(1 - alpha, df)) * se
+    return d, d - half, d + half
+
+
+def _compare(kind: str, a: Stat, b: Stat, claim: Claim) -> tuple[str, dict]:
+    info: dict[str, Any] = {"left": a, "right": b}
+    if a.n < claim.min_n or b.n < claim.min_n:
+        return "inconclusive", {**info, "why": f"n={a.n} and n={b.n}, need {claim.min_n} each"}
+    d, lo, hi = _welch_ci(a, b, claim.alpha)
+    info.update(d=d, ci=(lo, hi))
+    m = claim.margin
+    if kind == "less":
+        v = "reproduced" if hi < -m else "not reproduced" if lo >= 0 else "inconclusive"
+    elif kind == "greater":
+        v = "reproduced" if lo > m else "not reproduced" if hi <= 0 else "inconclusive"
+    else:  # within
+        v = ("reproduced" if -m <= lo and hi <= m
+             else "not reproduced" if lo > m or hi < -m else "inconclusive")
+    return v, info
+
+
+def pick_configuration(
+    obs: Sequence[Obs], match: Match, chosen: Sequence[GroupChoice] | None,
+    choose_by: str, mode: str,
+) -> tuple[dict | None, list[Obs]]:
+    """ONE configuration among the cells matching ``match``, and its replicate cells.
+
+    With a selection protocol's result (``chosen``): among the groups whose chosen
+    configuration has reporting cells matching, the group whose choice scored best on
+    ``select_by``; its reporting cells. Without: the configuration (all swept values but the
+    seed) with the best mean ``choose_by`` among the matching cells; its seeds. When nothing
+    finished, ``(None, every matching cell)`` so that callers can count what is missing.
+    """
+    better = _better(mode)
+    cand = [o for o in obs if matches(o.params, match)]
+    if chosen is not None:
+        best, best_score = None, None
+        for g in chosen:
+            if g.chosen is None:
+                continue
+            cells = [o for o in g.cells if matches(o.params, match)]
+            score = next(s for over, s in g.candidates if over == g.chosen)
+            if cells and (best is None or better(score.mean, best_score)):
+                best, best_score = ({**g.group, **g.chosen}, cells), score.mean
+        return best if best is not None else (None, cand)
+    best_cfg, best_sel = None, None
+    for cfg, s in rank_configs(cand, choose_by, mode):
+        if s.n and (best_sel is None or better(s.mean, best_sel.mean)):
+            best_cfg, best_sel = cfg, s
+    if best_cfg is None:
+        return None, cand
+    return best_cfg, [o for o in cand if all(_same(o.params.get(k), v) for k, v in best_cfg.items())]
+
+
+def _side(obs: Sequence[Obs], match: Match, chosen: Sequence[GroupChoice] | None,
+          choose_by: str, mode: str, metric: str) -> tuple[dict | None, Stat]:
+    cfg, cells = pick_configuration(obs, match, chosen, choose_by, mode)
+    return cfg, stat(cells, metric)
+
+
+def judge_claims(
+    claims: Sequence[Claim], obs: Sequence[Obs], *, metric: str, mode: str,
+    selection: Selection | None = None, chosen: Sequence[GroupChoice] | None = None,
+) -> list[Verdict]:
+    """Judge each claim by the rule in this module's docstring. ``metric``/``mode``: the
+    sweep's metric, used to pick each side's configuration when there is no selection."""
+    choose_by, choose_mode = metric, mode
+    if selection is not None and chosen is not None:
+        choose_by, choose_mode = selection.select_by, selection.mode or mode
+    else:
+        chosen = None
+    verdicts = []
+    for claim in claims:
+        sides = claim.order if claim.kind == "order" else [claim.left, claim.right]
+        pairs: list[tuple[str, Match, Match]] = []
+        for i in range(len(sides) - 1):
+            kind = claim.kind
+            if kind == "order":
+                kind = "less" if claim.direction == "increasing" else "greater"
+            pairs.append((kind, sides[i], sides[i + 1]))
+        keys = sorted({_key(o.params, claim.pair_by) for o in obs}) if claim.pair_by else [()]
+        comps = []
+        for k in keys:
+            pin = dict(zip(claim.pair_by, (json.loads(x) for x in k)))
+            for kind, lm, rm in pairs:
+                lcfg, ls = _side(obs, {**lm, **pin}, chosen, choose_by, choose_mode, claim.metric)
+                rcfg, rs = _side(obs, {**rm, **pin}, chosen, choose_by, choose_mode, claim.metric)
+                if claim.pair_by and (ls.N == 0 or rs.N == 0):
+                    continue  # this network has no cells on one side: not a pair
+                v, info = _compare(kind, ls, rs, claim)
+                comps.append({"pair": pin, "kind": kind, "left_match": lm, "right_match": rm,
+                              "left_config": lcfg, "right_config": rcfg, "verdict": v, **info})
+        if not comps:
+            verdicts.append(Verdict(claim, "inconclusive", "no cells match both sides", comps))
+            continue
+        states = [c["verdict"] for c in comps]
+        if "not reproduced" in states:
+            verdict = "not reproduced"
+        elif all(s == "reproduced" for s in states):
+            verdict = "reproduced"
+        else:
+            verdict = "inconclusive"
+        reason = "; ".join(_describe(c, claim) for c in comps)
+        verdicts.append(Verdict(claim, verdict, reason, comps))
+    return verdicts
+
+
+def _describe(c: dict, claim: Claim) -> str:
+    where = ", ".join(f"{k}={v}" for k, v in c["pair"].items())
+    head = f"[{where}] " if where else ""
+    l, r = c["left"], c["right"]
+    side = f"{head}{_m(c['left_match'])}: {l.fmt()} vs {_m(c['right_match'])}: {r.fmt()}"
+    if "ci" not in c:
+        return f"{side}; {c['why']} -> {c['verdict']}"
+    lo, hi = c["ci"]
+    conf = round(100 * (1 - 2 * claim.alpha))
+    return f"{side}; d={c['d']:.4g}, {conf}% CI [{lo:.4g}, {hi:.4g}] -> {c['verdict']}"
+
+
+def _m(match: Match) -> str:
+    return ",".join(f"{k}={v}" for k, v in match.items()) or "all"

@@ -1,0 +1,350 @@
+"""``hpsweep report``: a sweep's runs in MLflow become the paper's tables, figures and claims.
+
+:func:`build_report` reads the sweep back from MLflow (:func:`hpsweep.runs.load_sweep`, in
+bulk), lines it up against the plan (missing cells stay visible as missing: every statistic
+says ``n=finished/planned``), applies the sweep's selection protocol (or ranks configurations
+by the sweep metric when there is none), judges the claims (:mod:`hpsweep.protocol`), draws
+the figures (:mod:`hpsweep.figures`) and writes a self-contained HTML page (figures embedded
+as base64 PNG) and a Markdown twin, then logs both as artifacts of the sweep's parent run.
+
+Every statistic cell in the HTML carries ``data-metric``, ``data-mean``, ``data-std``,
+``data-n`` and ``data-runs`` attributes, so a test (or a script) can check each number
+against MLflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from hpsweep import figures as figs
+from hpsweep.protocol import (
+    GroupChoice, Obs, Stat, Verdict, apply_selection, judge_claims, observations,
+    pick_configuration, rank_configs,
+)
+from hpsweep.report_render import Links, Section, Table, render_html, render_markdown
+from hpsweep.runs import SweepRuns, completeness, load_sweep
+
+__all__ = ["build_report", "render_report", "run_url", "history_patterns"]
+
+_TOP = 20                 # configurations listed when the sweep declares no selection protocol
+_MATRIX_ROWS = 300        # beyond this, the completeness matrix lists only incomplete rows
+_CURVE_METRICS = ("*bpc*", "*length*", "*curriculum*")   # SnAp figures, when reported
+
+
+def run_url(tracking_ui: str, experiment_id: str | None, run_id: str) -> str:
+    """The MLflow UI address of one run."""
+    return f"{tracking_ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def history_patterns(spec) -> list[str]:
+    """The metrics whose full histories the report needs (fnmatch patterns)."""
+    pats = [spec.metric.name, *_CURVE_METRICS]
+    if spec.selection is not None:
+        pats.append(spec.selection.select_by)
+    return list(dict.fromkeys(pats))
+
+
+def _plan_cells(spec) -> list | None:
+    try:
+        from hpsweep.plan import plan
+    except ImportError:
+        return None
+    return plan(spec)
+
+
+def build_report(tracking_uri: str | None, spec, out_dir: str | Path, *, cells=None,
+                 tracking_ui: str | None = None, log_artifacts: bool = True,
+                 timings: dict | None = None) -> tuple[Path, Path]:
+    """Write ``report.html`` and ``report.md`` (and ``figures/*.png``) into ``out_dir`` for
+    the sweep ``spec``, from the runs at ``tracking_uri``; log them to the parent run.
+
+    ``cells``: the plan (default: ``hpsweep.plan.plan(spec)``). ``tracking_ui``: the MLflow UI
+    base for run links (default: the tracking URI when it is http(s), else
+    ``http://127.0.0.1:5000``, where ``mlflow ui`` serves a local store). ``timings``, when
+    given, receives ``fetch_s``, ``render_s`` and ``log_s``. Returns (html path, md path).
+    """
+    import mlflow
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    t0 = time.perf_counter()
+    planned = cells if cells is not None else _plan_cells(spec)
+    runs = load_sweep(uri, spec.name, histories=history_patterns(spec))
+    t1 = time.perf_counter()
+    if tracking_ui is None:
+        tracking_ui = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    html_path, md_path, fig_paths = render_report(spec, runs, planned, out_dir, tracking_ui)
+    t2 = time.perf_counter()
+    if log_artifacts and runs.parent_run_id:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        client.log_artifact(runs.parent_run_id, str(html_path), "report")
+        client.log_artifact(runs.parent_run_id, str(md_path), "report")
+        for p in fig_paths:
+            client.log_artifact(runs.parent_run_id, str(p), "report/figures")
+    t3 = time.perf_counter()
+    if timings is not None:
+        timings.update(fetch_s=t1 - t0, render_s=t2 - t1, log_s=t3 - t2,
+                       runs=len(runs.cells))
+    return html_path, md_path
+
+
+@dataclasses.dataclass
+class _Ctx:
+    spec: Any
+    runs: SweepRuns
+    obs: list[Obs]
+    url: Callable[[str], str]
+    swept: list[str]
+    chosen: list[GroupChoice] | None
+
+    def links(self, cells: Sequence[Obs]) -> Links:
+        return Links([(f"s{o.params.get('seed')}" + ("" if o.state == "done" else f" ({o.state})"),
+                       self.url(o.run_id)) for o in cells if o.run_id])
+
+    def pick(self, match: dict) -> tuple[dict | None, list[Obs]]:
+        sel = self.spec.selection
+        by = sel.select_by if (sel and self.chosen is not None) else self.spec.metric.name
+        mode = (sel.mode if sel and sel.mode else None) or self.spec.metric.mode
+        return pick_configuration(self.obs, match, self.chosen, by, mode)
+
+
+def render_report(spec, runs: SweepRuns, planned, out_dir: str | Path,
+                  tracking_ui: str) -> tuple[Path, Path, list[Path]]:
+    """Render already-fetched runs (no MLflow access): returns (html, md, figure paths)."""
+    out = Path(out_dir)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    obs = observations(planned, runs)
+    swept = _swept(spec, obs)
+    comp = completeness(planned, runs) if planned is not None else None
+    metric, mode = spec.metric.name, spec.metric.mode
+    chosen = apply_selection(spec.selection, obs, mode) if spec.selection else None
+    verdicts = judge_claims(spec.claims, obs, metric=metric, mode=mode,
+                            selection=spec.selection, chosen=chosen)
+    ctx = _Ctx(spec, runs, obs, lambda rid: run_url(tracking_ui, runs.experiment_id, rid),
+               swept, chosen)
+
+    sections = [_summary(ctx, comp), _completeness(ctx, comp)]
+    sections.append(_selection(ctx) if chosen is not None else _best(ctx))
+    if spec.claims:
+        sections.append(_claims(verdicts))
+    figures = _figures(ctx)
+    sections.append(Section("Figures", figures=figures))
+
+    fig_paths = []
+    for i, (title, png) in enumerate(figures):
+        p = out / "figures" / f"{i:02d}-{_slug(title)}.png"
+        p.write_bytes(png)
+        fig_paths.append(p)
+    title = f"hpsweep report: {spec.name}"
+    html_path, md_path = out / "report.html", out / "report.md"
+    html_path.write_text(render_html(title, sections), encoding="utf-8")
+    md_path.write_text(render_markdown(title, sections, [f"figures/{p.name}" for p in fig_paths]),
+                       encoding="utf-8")
+    return html_path, md_path, fig_paths
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in s.lower()).strip("-")[:50]
+
+
+def _swept(spec, obs: Sequence[Obs]) -> list[str]:
+    names = list(spec.swept_names()) if hasattr(spec, "swept_names") else []
+    for o in obs:
+        names += [k for k in o.params if k not in names and k != "seed"]
+    return names
+
+
+# -- sections --------------------------------------------------------------------------------
+
+def _summary(ctx: _Ctx, comp) -> Section:
+    spec, runs = ctx.spec, ctx.runs
+    lines = [
+        f"Sweep `{spec.name}`, trainer `{spec.trainer}`"
+        + (f": {spec.description}" if getattr(spec, "description", "") else ""),
+        f"Metric: `{spec.metric.name}` ({spec.metric.mode}); swept: "
+        + (", ".join(f"`{p}`" for p in ctx.swept) or "nothing") + ".",
+        f"Experiment {runs.experiment_id or '(none yet)'}; sweep run "
+        + (f"[{runs.parent_run_id}]({ctx.url(runs.parent_run_id)})" if runs.parent_run_id
+           else "(none yet)") + ".",
+    ]
+    if comp is not None:
+        c = comp.counts
+        lines.append(f"Cells: {comp.total} planned: {c['done']} done, {c['running']} running, "
+                     f"{c['failed']} failed, {c['pending']} pending"
+                     + (f"; {len(comp.orphans)} runs not in the plan (listed apart)"
+                        if comp.orphans else "") + ".")
+    else:
+        lines.append(f"Cells: {len(runs.cells)} runs found (no plan: missing cells unknown).")
+    return Section("Summary", paragraphs=lines)
+
+
+_SYMBOL = {"done": "done", "running": "running", "failed": "FAILED", "pending": "missing"}
+
+
+def _completeness(ctx: _Ctx, comp) -> Section:
+    if comp is None:
+        return Section("Completeness", paragraphs=["No plan for this sweep (sampled search): "
+                                                   "only the runs found are shown below."])
+    present = {k for p, _ in comp.rows for k in p}
+    names = [n for n in ctx.swept if n in present] + sorted(present - set(ctx.swept))
+    rows = comp.rows
+    note = []
+    if len(rows) > _MATRIX_ROWS:
+        incomplete = [r for r in rows if any(c.state != "done" for c in r[1].values())]
+        note.append(f"{len(rows) - len(incomplete)} fully done configurations of {len(rows)} "
+                    "are not listed; every configuration with a missing, failed or running "
+                    "seed is.")
+        rows = incomplete
+    table = Table([*names, *(f"seed {s}" for s in comp.seeds)], [], kind="completeness")
+    for params, by_seed in rows:
+        row: list[Any] = [params.get(n, "") for n in names]
+        for s in comp.seeds:
+            c = by_seed.get(s)
+            if c is None:
+                row.append("")
+            elif c.run_id:
+                row.append(Links([(_SYMBOL[c.state], ctx.url(c.run_id))], state=c.state))
+            else:
+                row.append(Links([(_SYMBOL[c.state], None)], state=c.state))
+        table.rows.append(row)
+    tables = [table]
+    if comp.orphans:
+        orphan = Table(["cell id", "params", "seed", "run"], [], kind="orphans")
+        for o in comp.orphans:
+            orphan.rows.append([o.cell_id, str(o.params), o.seed,
+                                Links([(o.run_id, ctx.url(o.run_id))])])
+        note.append("Runs tagged with this sweep whose cell the current YAML does not produce "
+                    "(the file changed since): not used anywhere in this report.")
+        tables.append(orphan)
+    return Section("Completeness", paragraphs=note, tables=tables)
+
+
+def _selection(ctx: _Ctx) -> Section:
+    sel = ctx.spec.selection
+    mode = sel.mode or ctx.spec.metric.mode
+    head = [*sel.group_by, *(f"chosen {o}" for o in sel.over), f"{sel.select_by} (select)",
+            *sel.report, "runs"]
+    table = Table(head, [], kind="selection")
+    cand = Table([*sel.group_by, *sel.over, f"mean {sel.select_by}", "chosen"], [],
+                 kind="candidates")
+    for g in ctx.chosen:
+        score = next((s for o, s in g.candidates if o == g.chosen), None)
+        row: list[Any] = [g.group.get(k) for k in sel.group_by]
+        row += [g.chosen.get(o) if g.chosen else "—" for o in sel.over]
+        row.append(score if score is not None else "no finished cell")
+        row += [g.report.get(m, "—") for m in sel.report]
+        row.append(ctx.links(g.cells))
+        table.rows.append(row)
+        for over, s in g.candidates:
+            cand.rows.append([*(g.group.get(k) for k in sel.group_by),
+                              *(over.get(o) for o in sel.over), s,
+                              "yes" if over == g.chosen else ""])
+    p = [f"Within each group of ({', '.join(sel.group_by) or 'the whole sweep'}), the value of "
+         f"({', '.join(sel.over)}) with the {'lowest' if mode == 'min' else 'highest'} mean "
+         f"`{sel.select_by}` over its finished replicates"
+         + (f" among cells matching {sel.select_on}" if sel.select_on else "")
+         + "; then the reported metrics of that configuration, mean ± std (n=finished/planned)"
+         + (f", over cells matching {sel.report_on}" if sel.report_on else "")
+         + (f", excluding {sel.report_exclude}" if sel.report_exclude else "") + "."]
+    return Section("Selection protocol", paragraphs=p, tables=[table],
+                   details=[("Every candidate", cand)])
+
+
+def _best(ctx: _Ctx) -> Section:
+    m, mode = ctx.spec.metric.name, ctx.spec.metric.mode
+    ranked = rank_configs(ctx.obs, m, mode)
+    names = [n for n in ctx.swept]
+    table = Table(["rank", *names, m, "runs"], [], kind="best")
+    for i, (cfg, s) in enumerate(ranked[:_TOP], 1):
+        cells = [o for o in ctx.obs if all(o.params.get(k) == v for k, v in cfg.items())]
+        table.rows.append([i, *(cfg.get(n, "") for n in names), s, ctx.links(cells)])
+    p = [f"No selection protocol declared: the {min(_TOP, len(ranked))} best of {len(ranked)} "
+         f"configurations by mean final `{m}` ({mode}) over seeds, n=finished/planned."]
+    return Section(f"Best configurations by {m}", paragraphs=p, tables=[table])
+
+
+def _claims(verdicts: Sequence[Verdict]) -> Section:
+    table = Table(["claim", "statement", "verdict", "evidence"], [], kind="claims")
+    for v in verdicts:
+        src = f" ({v.claim.source})" if v.claim.source else ""
+        table.rows.append([v.claim.id, v.claim.text + src, v.verdict, v.reason])
+    p = ["Each side is one configuration (tuned on the selection metric, never on the claim's "
+         "metric) and its finished replicates. Rule: the Welch 1−2α confidence interval of the "
+         "difference of means (α=0.05 unless the claim says otherwise) must lie wholly on the "
+         "claimed side (beyond the margin) to be reproduced, wholly on the other side to be not "
+         "reproduced; otherwise, or with fewer than min_n replicates a side, inconclusive."]
+    return Section("Claims", paragraphs=p, tables=[table])
+
+
+# -- figures ---------------------------------------------------------------------------------
+
+def _series(cells: Sequence[Obs], runs: SweepRuns, metric: str) -> list:
+    return [runs.cells[o.cell_id].histories.get(metric, []) for o in cells
+            if o.state == "done" and o.cell_id in runs.cells]
+
+
+def _label(d: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items()) or "all"
+
+
+def _figures(ctx: _Ctx) -> list[figs.Figure]:
+    spec, runs, obs = ctx.spec, ctx.runs, ctx.obs
+    m, mode = spec.metric.name, spec.metric.mode
+    out: list = []
+    # Learning curves: the selection's chosen configurations, else the best ones.
+    if ctx.chosen is not None:
+        groups = [(_label({**g.group, **g.chosen}), _series(g.cells, runs, m))
+                  for g in ctx.chosen if g.chosen]
+    else:
+        groups = []
+        for cfg, s in rank_configs(obs, m, mode)[:8]:
+            cells = [o for o in obs if all(o.params.get(k) == v for k, v in cfg.items())]
+            groups.append((_label(cfg), _series(cells, runs, m)))
+    out.append(figs.curves(f"Learning curves of {m} (mean ± std over seeds)", m, groups))
+    out.append(figs.sensitivity(m, obs, ctx.swept))
+    if len(ctx.swept) >= 3:
+        configs = [(c, s.mean) for c, s in rank_configs(obs, m, mode) if s.n]
+        out.append(figs.parallel_coordinates(m, configs, ctx.swept, mode))
+    names = runs.metric_names()
+    if "method" in ctx.swept:
+        methods = list(dict.fromkeys(o.params["method"] for o in obs))
+        for pat, what in (("bpc", "Bits per character"), ("length", "Copy curriculum length"),
+                          ("curriculum", "Copy curriculum")):
+            for metric in [n for n in names if pat in n][:2]:
+                if pat == "curriculum" and "length" in metric:
+                    continue
+                per = []
+                for meth in methods:
+                    _, cells = ctx.pick({"method": meth})
+                    per.append((str(meth), _series(cells, runs, metric)))
+                out.append(figs.curves(f"{what} ({metric}) against steps, per method", metric, per))
+        tasks = sorted((n for n in names if n.startswith("acc/task_")),
+                       key=lambda n: int(n.rsplit("_", 1)[1]) if n.rsplit("_", 1)[1].isdigit() else 0)
+        if tasks:
+            per_method = []
+            for meth in methods:
+                _, cells = ctx.pick({"method": meth})
+                per = {}
+                for i, t in enumerate(tasks):
+                    vals = [o.metrics[t] for o in cells if o.state == "done" and t in o.metrics]
+                    if vals:
+                        per[i] = vals
+                per_method.append((str(meth), per))
+            out.append(figs.per_task("Accuracy on each task after the last task, per method",
+                                     per_method, "accuracy"))
+    if "lambda_cache" in ctx.swept and "lambda_mbpa" in ctx.swept:
+        ppl = next((n for n in names if "ppl" in n or "perplexity" in n), m)
+        pmode = "min" if ppl != m else mode
+        grid: dict = {}
+        for cfg, s in rank_configs(obs, ppl, pmode):
+            if s.n:
+                k = (cfg.get("lambda_cache"), cfg.get("lambda_mbpa"))
+                if k not in grid or (s.mean < grid[k] if pmode == "min" else s.mean > grid[k]):
+                    grid[k] = s.mean
+        out.append(figs.heatmap(f"{ppl} over (lambda_cache, lambda_mbpa), best over the rest",
+                                "lambda_cache", "lambda_mbpa", grid, ppl, pmode))
+    return [f for f in out if f is not None]
