@@ -16,6 +16,7 @@ stopped by a scheduler sees ``SystemExit`` raised from ``tune.report``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from typing import Any
@@ -178,10 +179,10 @@ def _init_ray(address: str | None, env: dict[str, str]) -> None:
         ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING",
                  log_to_driver=False)
     else:
-        # In-process Ray for one machine: loopback address, no dashboard, and token
-        # authentication on (Ray's own default, said explicitly to keep its warning quiet):
-        # Ray binds some ports on every interface, and the token is what guards them.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # In-process Ray for one machine: loopback address, no dashboard. Ray's default token
+        # authentication stays on (it binds some ports on every interface; the token, under
+        # ~/.ray, guards them); only its notice about it is kept off the user's screen.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=runtime_env,
                  logging_level="WARNING", log_to_driver=False, configure_logging=True)
 
@@ -189,8 +190,8 @@ def _init_ray(address: str | None, env: dict[str, str]) -> None:
 class _Outcomes(tune.Callback):
     """Which trials completed or failed (the rest were interrupted), and ASHA's early stops."""
 
-    def __init__(self, tracker: SweepTracker, early_stopping: bool, live: LiveTable) -> None:
-        self.tracker, self.early_stopping, self.live = tracker, early_stopping, live
+    def __init__(self, tracker: SweepTracker, asha, live: LiveTable) -> None:
+        self.tracker, self.asha, self.live = tracker, asha, live
         self.completed: set[str] = set()
         self.errored: set[str] = set()
 
@@ -208,17 +209,20 @@ class _Outcomes(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.completed.add(trial.trial_id)
         self.live.done(trial.trial_id, "done")
-        if self.early_stopping and "cell" in trial.config:
-            self._finish_if_stopped(trial.config["cell"])
+        if self.asha is not None and "cell" in trial.config:
+            # ASHA also stops the trials that reach max_t, at their last report: only those
+            # stopped before it were stopped early.
+            reached = (trial.last_result or {}).get(self.asha.time_attr, 0) >= self.asha.max_t
+            self._finish_if_stopped(trial.config["cell"], early=not reached)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.errored.add(trial.trial_id)
         self.live.done(trial.trial_id, "failed", error=str(getattr(trial, "error_msg", "") or ""))
 
-    def _finish_if_stopped(self, cell: str) -> None:
+    def _finish_if_stopped(self, cell: str, early: bool) -> None:
         for run in self.tracker.runs_of(cell):
             if run.info.status == "RUNNING":
-                self.tracker.client.set_tag(run.info.run_id, TAG["early"], "true")
+                self.tracker.client.set_tag(run.info.run_id, TAG["early"], "true" if early else "false")
                 self.tracker.client.set_terminated(run.info.run_id, status="FINISHED")
 
 
@@ -273,7 +277,7 @@ def run_sweep(spec: SweepSpec, spec_text: str, *, tracking_uri: str, storage_uri
         param_space = {"cell": tune.grid_search([c.id for c in pending])}
     resources = {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
     trainable = tune.with_resources(tune.with_parameters(_trial, context=context), resources)
-    outcomes = _Outcomes(tracker, spec.scheduler.type == "asha", table)
+    outcomes = _Outcomes(tracker, spec.scheduler if spec.scheduler.type == "asha" else None, table)
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,

@@ -1,0 +1,116 @@
+"""Search algorithms, schedulers and retries, through the engine on in-process Ray."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import textwrap
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from hpsweep.spec import load_spec_text
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One in-process Ray for the module, hermetic: its own temp dir and auth token."""
+    import ray
+
+    tmp = Path("/tmp") / f"hps{secrets.token_hex(3)}"
+    tmp.mkdir()
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_AUTH_MODE", "HOME")}
+    # Ray writes its auth token under $HOME/.ray: a private HOME keeps the user's untouched.
+    (tmp / "home").mkdir()
+    os.environ.pop("RAY_AUTH_MODE", None)  # Ray's default: token auth, a token made under HOME
+    os.environ.update({"RAY_TMPDIR": str(tmp), "HOME": str(tmp / "home")})
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level="WARNING", log_to_driver=False)
+    yield
+    ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def run(tmp_path: Path, uri: str, body: str):
+    from hpsweep.engine import run_sweep
+
+    name = f"s-{secrets.token_hex(4)}"
+    text = f"name: {name}\ntrainer: sleep\nmetric: {{name: loss, mode: min}}\n" + textwrap.dedent(body)
+    spec = load_spec_text(text, "t.yaml")
+    outcome = run_sweep(spec, text, tracking_uri=uri, storage_uri=str(tmp_path / "storage"), live=False)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id], "tags.`hpsweep.role` = 'cell'", max_results=1000)
+    return outcome, runs, client
+
+
+def test_random_search_runs_the_samples_asked(tmp_path, mlflow_server, local_ray) -> None:
+    outcome, runs, _ = run(tmp_path, mlflow_server.url, """
+        config: {reports: 1, sleep: 0.0}
+        parameters:
+          x: {uniform: [-1, 1]}
+        search: {algorithm: random, samples: 5}
+    """)
+    assert outcome.exit_code == 0 and outcome.finished == 5
+    assert len(runs) == 5 and all(r.info.status == "FINISHED" for r in runs)
+    assert len({r.data.params["x"] for r in runs}) == 5
+
+
+def test_optuna_runs_the_samples_asked_and_moves_toward_the_optimum(tmp_path, mlflow_server, local_ray) -> None:
+    outcome, runs, _ = run(tmp_path, mlflow_server.url, """
+        config: {reports: 1, sleep: 0.0}
+        parameters:
+          x: {uniform: [-4, 4]}
+        search: {algorithm: optuna, samples: 16}
+        max_concurrent: 2
+    """)
+    assert outcome.exit_code == 0 and outcome.finished == 16
+    assert len(runs) == 16 and all(r.info.status == "FINISHED" for r in runs)
+    best = min(abs(float(r.data.params["x"])) for r in runs)
+    # 16 uniform draws on [-4, 4] land within 0.5 of 0 with probability 1 - (7/8)**16 = 0.88;
+    # TPE after its 10 random start-up trials concentrates near the optimum.
+    assert best < 0.5, sorted(float(r.data.params["x"]) for r in runs)
+
+
+def test_asha_stops_poor_trials_early(tmp_path, mlflow_server, local_ray) -> None:
+    outcome, runs, client = run(tmp_path, mlflow_server.url, """
+        config: {reports: 9, sleep: 0.05}
+        parameters:
+          x: {grid: [0.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]}
+        scheduler: {type: asha, max_t: 9, grace_period: 1, reduction_factor: 3}
+        max_concurrent: 2
+    """)
+    assert outcome.exit_code == 0, outcome
+    assert len(runs) == 9 and all(r.info.status == "FINISHED" for r in runs)
+    steps = {float(r.data.params["x"]): len(client.get_metric_history(r.info.run_id, "loss")) for r in runs}
+    early = [r for r in runs if r.data.tags.get("hpsweep.early_stopped") == "true"]
+    assert steps[0.0] == 9, steps                      # the best trial runs to the end
+    assert len(early) >= 3 and all(steps[float(r.data.params["x"])] < 9 for r in early), steps
+
+
+def test_a_failing_trial_is_retried_then_failed_and_the_sweep_goes_on(tmp_path, mlflow_server, local_ray) -> None:
+    outcome, runs, client = run(tmp_path, mlflow_server.url, """
+        config: {reports: 3, sleep: 0.0}
+        parameters:
+          x: {grid: [0.0, 1.0]}
+        variants:
+          - {fail_at: -1}
+          - {fail_at: 1}
+        retries: 2
+    """)
+    assert outcome.exit_code == 1 and outcome.failed == 2 and outcome.finished == 2
+    by_fail = {}
+    for r in runs:
+        by_fail.setdefault(r.data.params["fail_at"], []).append(r)
+    assert all(r.info.status == "FINISHED" for r in by_fail["-1"])
+    for r in by_fail["1"]:  # one run per cell, attempted 1 + 2 retries, resumed from step 1
+        assert r.info.status == "FAILED" and r.data.tags["hpsweep.attempts"] == "3"
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
+        assert steps == [1], steps
