@@ -23,8 +23,8 @@ from hpsweep.errors import UserError
 
 __all__ = ["main", "build_parser"]
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _add_tracking(p: argparse.ArgumentParser) -> None:

@@ -172,6 +172,9 @@ def _scheduler(spec: SweepSpec):
 
 
 def _init_ray(address: str | None, env: dict[str, str]) -> None:
+    # Tune's end-of-run analysis looks for the per-result JSON/CSV files that hpsweep turns
+    # off (the metrics are in MLflow); its warning about them is noise.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": env}
