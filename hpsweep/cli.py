@@ -50,6 +50,8 @@ def cmd_validate(args) -> int:
             spec = _load(path)
         except SpecError as exc:
             bad += 1
+            if args.debug:
+                traceback.print_exc()
             err_console.print(str(exc), markup=False)
             continue
         cells = plan(spec)

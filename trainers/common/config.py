@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from typing import Any, Literal, Mapping
@@ -21,8 +22,9 @@ class ConfigProblem:
     message: str
 
 
+@functools.lru_cache(maxsize=None)
 def config_fields(config_cls: type) -> dict[str, Any]:
-    """Field name -> resolved type annotation."""
+    """Field name -> resolved type annotation (cached: resolving annotations is slow)."""
     hints = typing.get_type_hints(config_cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
 
