@@ -173,7 +173,6 @@ def build_submission(
     image: str | None = None,
     working_dir: Path | None = None,
     pip: list[str] | None = None,
-    entrypoint_num_cpus: float | None = None,
 ) -> dict[str, Any]:
     """Validate ``sweep`` and build ``JobSubmissionClient.submit_job``'s keyword arguments.
 
@@ -222,7 +221,7 @@ def build_submission(
         env_vars["HPSWEEP_SWEEP_YAML"] = sweep.read_text()
         target = f"/tmp/hpsweep-{sweep.name}"
         run = shlex.join(["hpsweep", "run", target, *flags])
-        script = f'printf %s "$HPSWEEP_SWEEP_YAML" > {target} && exec {run}'
+        script = f'printf %s "$HPSWEEP_SWEEP_YAML" > {shlex.quote(target)} && exec {run}'
         entrypoint = f"sh -c {shlex.quote(script)}"
     else:
         root = (working_dir or Path.cwd()).resolve()
@@ -240,15 +239,12 @@ def build_submission(
             runtime_env["pip"] = list(pip)
         entrypoint = shlex.join(["hpsweep", "run", relative.as_posix(), *flags])
 
-    submission = dict(
-        entrypoint=entrypoint,
-        submission_id=_submission_id(spec.name),
-        runtime_env=runtime_env,
-        metadata={"hpsweep.sweep": spec.name, "hpsweep.file": sweep.name},
-    )
-    if entrypoint_num_cpus is not None:
-        submission["entrypoint_num_cpus"] = entrypoint_num_cpus
-    return submission
+    return {
+        "entrypoint": entrypoint,
+        "submission_id": _submission_id(spec.name),
+        "runtime_env": runtime_env,
+        "metadata": {"hpsweep.sweep": spec.name, "hpsweep.file": sweep.name},
+    }
 
 
 @_reports_user_errors

@@ -15,6 +15,7 @@ stopped by a scheduler sees ``SystemExit`` raised from ``tune.report``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -75,6 +76,7 @@ class _TuneRun:
 
     def report(self, step: int, **metrics: float) -> None:
         values = {k: float(v) for k, v in metrics.items()}
+        self.tracker.check()
         # The checkpoint saved before this report goes out with it (see CellTracker).
         self.tracker.log(step, values, checkpoint=self._held)
         self._held = None
@@ -140,7 +142,8 @@ def _trial(tune_config: dict, context: dict) -> None:
         tracker.flush()
         raise
     except BaseException:
-        tracker.finish("FAILED")
+        with contextlib.suppress(Exception):  # never mask the trainer's own error
+            tracker.finish("FAILED")
         raise
     tracker.finish("FINISHED")
 

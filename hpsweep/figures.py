@@ -21,10 +21,10 @@ from matplotlib.collections import LineCollection  # noqa: E402
 from hpsweep.protocol import Obs  # noqa: E402
 
 __all__ = ["Figure", "curves", "sensitivity", "parallel_coordinates", "per_task", "heatmap",
-           "band"]
+           "band", "MAX_LINES"]
 
 Figure = tuple[str, bytes]
-_MAX_LINES = 10
+MAX_LINES = 10
 
 
 def _png(fig) -> bytes:
@@ -52,7 +52,7 @@ def band(series: Sequence[Sequence[tuple[int, float]]]) -> tuple[np.ndarray, np.
 def curves(title: str, metric: str, groups: Sequence[tuple[str, Sequence[Sequence[tuple[int, float]]]]],
            ylabel: str | None = None) -> Figure | None:
     """One line per group (mean over its seeds) with a +-1 std band."""
-    groups = [(label, [s for s in series if s]) for label, series in groups][:_MAX_LINES]
+    groups = [(label, [s for s in series if s]) for label, series in groups][:MAX_LINES]
     groups = [(label, series) for label, series in groups if series]
     if not groups:
         return None
@@ -170,7 +170,7 @@ def parallel_coordinates(metric: str, configs: Sequence[tuple[dict, float]],
 def per_task(title: str, groups: Sequence[tuple[str, Mapping[int, Sequence[float]]]],
              ylabel: str) -> Figure | None:
     """Per-task final accuracy (mean +- std over seeds), one line per method."""
-    groups = [(label, per) for label, per in groups if per][:_MAX_LINES]
+    groups = [(label, per) for label, per in groups if per][:MAX_LINES]
     if not groups:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))

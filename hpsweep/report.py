@@ -25,26 +25,17 @@ from hpsweep.protocol import (
     pick_configuration, rank_configs,
 )
 from hpsweep.report_render import Links, Section, Table, render_html, render_markdown
-from hpsweep.runs import SweepRuns, completeness, load_sweep
+from hpsweep.runs import SweepRuns, completeness, fetch_histories, load_sweep
 
-__all__ = ["build_report", "render_report", "run_url", "history_patterns"]
+__all__ = ["build_report", "render_report", "run_url"]
 
 _TOP = 20                 # configurations listed when the sweep declares no selection protocol
 _MATRIX_ROWS = 300        # beyond this, the completeness matrix lists only incomplete rows
-_CURVE_METRICS = ("*bpc*", "*length*", "*curriculum*")   # SnAp figures, when reported
 
 
 def run_url(tracking_ui: str, experiment_id: str | None, run_id: str) -> str:
     """The MLflow UI address of one run."""
     return f"{tracking_ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
-def history_patterns(spec) -> list[str]:
-    """The metrics whose full histories the report needs (fnmatch patterns)."""
-    pats = [spec.metric.name, *_CURVE_METRICS]
-    if spec.selection is not None:
-        pats.append(spec.selection.select_by)
-    return list(dict.fromkeys(pats))
 
 
 def _plan_cells(spec) -> list | None:
@@ -71,11 +62,20 @@ def build_report(tracking_uri: str | None, spec, out_dir: str | Path, *, cells=N
     uri = tracking_uri or mlflow.get_tracking_uri()
     t0 = time.perf_counter()
     planned = cells if cells is not None else _plan_cells(spec)
-    runs = load_sweep(uri, spec.name, histories=history_patterns(spec))
+    runs = load_sweep(uri, spec.name)
     t1 = time.perf_counter()
     if tracking_ui is None:
         tracking_ui = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    html_path, md_path, fig_paths = render_report(spec, runs, planned, out_dir, tracking_ui)
+    spent = {"histories_s": 0.0}
+
+    def load_histories(r: SweepRuns, wanted: dict) -> SweepRuns:
+        t = time.perf_counter()
+        r = fetch_histories(r, wanted)
+        spent["histories_s"] += time.perf_counter() - t
+        return r
+
+    html_path, md_path, fig_paths = render_report(spec, runs, planned, out_dir, tracking_ui,
+                                                  load_histories)
     t2 = time.perf_counter()
     if log_artifacts and runs.parent_run_id:
         from mlflow.tracking import MlflowClient
@@ -87,8 +87,9 @@ def build_report(tracking_uri: str | None, spec, out_dir: str | Path, *, cells=N
             client.log_artifact(runs.parent_run_id, str(p), "report/figures")
     t3 = time.perf_counter()
     if timings is not None:
-        timings.update(fetch_s=t1 - t0, render_s=t2 - t1, log_s=t3 - t2,
-                       runs=len(runs.cells))
+        h = spent["histories_s"]
+        timings.update(fetch_s=t1 - t0 + h, search_s=t1 - t0, histories_s=h,
+                       render_s=t2 - t1 - h, log_s=t3 - t2, runs=len(runs.cells))
     return html_path, md_path
 
 
@@ -112,9 +113,12 @@ class _Ctx:
         return pick_configuration(self.obs, match, self.chosen, by, mode)
 
 
-def render_report(spec, runs: SweepRuns, planned, out_dir: str | Path,
-                  tracking_ui: str) -> tuple[Path, Path, list[Path]]:
-    """Render already-fetched runs (no MLflow access): returns (html, md, figure paths)."""
+def render_report(spec, runs: SweepRuns, planned, out_dir: str | Path, tracking_ui: str,
+                  load_histories: Callable[[SweepRuns, dict], SweepRuns] | None = None,
+                  ) -> tuple[Path, Path, list[Path]]:
+    """Render fetched runs: returns (html, md, figure paths). ``load_histories(runs, {metric:
+    run ids})`` fetches the few histories the curve figures draw; without it, the histories
+    already in ``runs`` are used."""
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     obs = observations(planned, runs)
@@ -131,7 +135,10 @@ def render_report(spec, runs: SweepRuns, planned, out_dir: str | Path,
     sections.append(_selection(ctx) if chosen is not None else _best(ctx))
     if spec.claims:
         sections.append(_claims(verdicts))
-    figures = _figures(ctx)
+    specs = _curve_specs(ctx)
+    if load_histories is not None:
+        ctx.runs = runs = load_histories(runs, _needed_histories(specs))
+    figures = _figures(ctx, specs)
     sections.append(Section("Figures", figures=figures))
 
     fig_paths = []
@@ -291,37 +298,61 @@ def _label(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items()) or "all"
 
 
-def _figures(ctx: _Ctx) -> list[figs.Figure]:
-    spec, runs, obs = ctx.spec, ctx.runs, ctx.obs
+CurveSpec = tuple[str, str, list[tuple[str, list[Obs]]]]   # title, metric, [(label, cells)]
+
+
+def _curve_specs(ctx: _Ctx) -> list[CurveSpec]:
+    """The curve figures to draw and the cells each line averages: only these runs' metric
+    histories are fetched (a few groups' seeds, not the whole sweep's)."""
+    spec, obs = ctx.spec, ctx.obs
     m, mode = spec.metric.name, spec.metric.mode
-    out: list = []
     # Learning curves: the selection's chosen configurations, else the best ones.
     if ctx.chosen is not None:
-        groups = [(_label({**g.group, **g.chosen}), _series(g.cells, runs, m))
-                  for g in ctx.chosen if g.chosen]
+        groups = [(_label({**g.group, **g.chosen}), g.cells) for g in ctx.chosen if g.chosen]
     else:
         groups = []
         for cfg, s in rank_configs(obs, m, mode)[:8]:
-            cells = [o for o in obs if all(o.params.get(k) == v for k, v in cfg.items())]
-            groups.append((_label(cfg), _series(cells, runs, m)))
-    out.append(figs.curves(f"Learning curves of {m} (mean ± std over seeds)", m, groups))
-    out.append(figs.sensitivity(m, obs, ctx.swept))
-    if len(ctx.swept) >= 3:
-        configs = [(c, s.mean) for c, s in rank_configs(obs, m, mode) if s.n]
-        out.append(figs.parallel_coordinates(m, configs, ctx.swept, mode))
-    names = runs.metric_names()
+            groups.append((_label(cfg), [o for o in obs
+                                         if all(o.params.get(k) == v for k, v in cfg.items())]))
+    out = [(f"Learning curves of {m} (mean ± std over seeds)", m, groups[:figs.MAX_LINES])]
+    names = ctx.runs.metric_names()
     if "method" in ctx.swept:
-        methods = list(dict.fromkeys(o.params["method"] for o in obs))
+        methods = list(dict.fromkeys(o.params["method"] for o in obs))[:figs.MAX_LINES]
+        picked = [(str(meth), ctx.pick({"method": meth})[1]) for meth in methods]
         for pat, what in (("bpc", "Bits per character"), ("length", "Copy curriculum length"),
                           ("curriculum", "Copy curriculum")):
             for metric in [n for n in names if pat in n][:2]:
                 if pat == "curriculum" and "length" in metric:
                     continue
-                per = []
-                for meth in methods:
-                    _, cells = ctx.pick({"method": meth})
-                    per.append((str(meth), _series(cells, runs, metric)))
-                out.append(figs.curves(f"{what} ({metric}) against steps, per method", metric, per))
+                out.append((f"{what} ({metric}) against steps, per method", metric, picked))
+    return out
+
+
+def _needed_histories(specs: Sequence[CurveSpec]) -> dict[str, set[str]]:
+    """metric -> run ids whose history the curve figures draw."""
+    need: dict[str, set[str]] = {}
+    for _, metric, groups in specs:
+        for _, cells in groups:
+            need.setdefault(metric, set()).update(
+                o.run_id for o in cells if o.state == "done" and o.run_id)
+    return need
+
+
+def _figures(ctx: _Ctx, specs: Sequence[CurveSpec]) -> list[figs.Figure]:
+    spec, runs, obs = ctx.spec, ctx.runs, ctx.obs
+    m, mode = spec.metric.name, spec.metric.mode
+    out: list = []
+    for title, metric, groups in specs[:1]:
+        out.append(figs.curves(title, metric, [(lab, _series(c, runs, metric)) for lab, c in groups]))
+    out.append(figs.sensitivity(m, obs, ctx.swept))
+    if len(ctx.swept) >= 3:
+        configs = [(c, s.mean) for c, s in rank_configs(obs, m, mode) if s.n]
+        out.append(figs.parallel_coordinates(m, configs, ctx.swept, mode))
+    for title, metric, groups in specs[1:]:
+        out.append(figs.curves(title, metric, [(lab, _series(c, runs, metric)) for lab, c in groups]))
+    names = runs.metric_names()
+    if "method" in ctx.swept:
+        methods = list(dict.fromkeys(o.params["method"] for o in obs))
         tasks = sorted((n for n in names if n.startswith("acc/task_")),
                        key=lambda n: int(n.rsplit("_", 1)[1]) if n.rsplit("_", 1)[1].isdigit() else 0)
         if tasks:

@@ -41,6 +41,7 @@ TAG = {
 _PARENT = "mlflow.parentRunId"
 _BATCH = 1000          # MLflow's log_batch limit on metrics per request
 _FLUSH_S = 1.0
+_MAX_FAILURES = 10     # consecutive failed flushes (about 10 s) before a trial gives up
 
 
 def default_tracking_uri() -> str:
@@ -176,9 +177,25 @@ class CellTracker:
         self._wake = threading.Event()
         self._stop = False
         self._error: BaseException | None = None
-        self.run_id = self._open_run(experiment_id, parent_run_id, sweep_name, extra_tags or {})
-        self._thread = threading.Thread(target=self._loop, name="hpsweep-tracking", daemon=True)
+        self._run_id: str | None = None
+        self._opened = threading.Event()
+        # Opening the run (a search, a create, the params: three round trips) happens on the
+        # background thread too: the trainer starts at once; reports wait in the buffer.
+        self._thread = threading.Thread(target=self._loop, name="hpsweep-tracking", daemon=True,
+                                        args=(experiment_id, parent_run_id, sweep_name, extra_tags or {}))
         self._thread.start()
+
+    @property
+    def run_id(self) -> str:
+        self._opened.wait()
+        if self._run_id is None:
+            raise RuntimeError(f"the MLflow run of cell {self.cell.id} could not be opened: {self._error}")
+        return self._run_id
+
+    def check(self) -> None:
+        """Raise on the trial's thread what went wrong on the tracking thread."""
+        if self._error is not None:
+            raise RuntimeError(f"tracking of cell {self.cell.id} failed: {self._error}") from self._error
 
     def _open_run(self, experiment_id: str, parent_run_id: str, sweep_name: str,
                   extra_tags: dict[str, str]) -> str:
@@ -225,24 +242,48 @@ class CellTracker:
                 self._checkpoint = checkpoint  # an older one not yet written is superseded
 
     def flush(self) -> None:
-        """Send the buffered metrics, then write the checkpoint that came with them."""
+        """Send the buffered metrics, then write the checkpoint that came with them. On a
+        failure what was taken goes back to the buffer, to be sent by the next flush."""
         with self._send_lock:
             with self._lock:
                 rows, self._buffer = self._buffer, []
                 checkpoint, self._checkpoint = self._checkpoint, None
-            for i in range(0, len(rows), _BATCH):
-                self.client.log_batch(self.run_id, metrics=rows[i:i + _BATCH])
-            if checkpoint is not None and self._write_checkpoint is not None:
-                self._write_checkpoint(checkpoint)
+            sent = 0
+            try:
+                for sent in range(0, len(rows), _BATCH):
+                    self.client.log_batch(self.run_id, metrics=rows[sent:sent + _BATCH])
+                sent = len(rows)
+                if checkpoint is not None and self._write_checkpoint is not None:
+                    self._write_checkpoint(checkpoint)
+                    checkpoint = None
+            except Exception:
+                with self._lock:
+                    self._buffer[:0] = rows[sent:]
+                    if self._checkpoint is None:
+                        self._checkpoint = checkpoint
+                raise
 
-    def _loop(self) -> None:
+    def _loop(self, experiment_id: str, parent_run_id: str, sweep_name: str,
+              extra_tags: dict[str, str]) -> None:
+        try:
+            self._run_id = self._open_run(experiment_id, parent_run_id, sweep_name, extra_tags)
+        except Exception as exc:
+            self._error = exc
+            return
+        finally:
+            self._opened.set()
+        failures = 0
         while not self._stop:
             self._wake.wait(_FLUSH_S)
             self._wake.clear()
             try:
                 self.flush()
-            except Exception as exc:  # kept for finish() to raise on the trial's thread
-                self._error = exc
+                failures = 0
+            except Exception as exc:  # a blip is retried; a lasting failure stops the trial
+                failures += 1
+                if failures >= _MAX_FAILURES:
+                    self._error = exc
+                    return
 
     def log_artifact(self, path: str) -> None:
         self.client.log_artifact(self.run_id, path)
@@ -257,7 +298,14 @@ class CellTracker:
         if status == "FINISHED":
             with self._lock:  # a finished cell is never resumed: its last checkpoint is moot
                 self._checkpoint = None
-        self.flush()
+        for attempt in range(_MAX_FAILURES):
+            try:
+                self.flush()
+                break
+            except Exception:
+                if attempt == _MAX_FAILURES - 1:
+                    raise
+                time.sleep(min(0.1 * 2 ** attempt, 2.0))
         if tags:
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.set_terminated(self.run_id, status=status)

@@ -62,6 +62,7 @@ def test_debug_shows_the_traceback() -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # the first use of a SQLite store migrates its schema: ~10 s
 def test_status_and_results_of_a_sweep_not_run_yet(tmp_path, capsys) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(GOOD)

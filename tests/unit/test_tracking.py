@@ -1,0 +1,122 @@
+"""CellTracker's ordering and failure handling, against a recording stand-in for MlflowClient
+(the real client against a real server is exercised by tests/integration/test_engine.py)."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+import hpsweep.tracking as tracking
+from hpsweep.plan import Cell
+
+
+class FakeClient:
+    """Records every call; ``fail_batches`` makes that many metric log_batch calls fail."""
+
+    def __init__(self, existing=(), fail_batches: int = 0) -> None:
+        self.events: list[tuple] = []
+        self.existing = list(existing)
+        self.fail_batches = fail_batches
+        self.lock = threading.Lock()
+
+    def search_runs(self, *args, **kwargs):
+        return self.existing
+
+    def create_run(self, experiment_id, run_name, tags):
+        self.events.append(("create", tags["hpsweep.cell_id"]))
+        return SimpleNamespace(info=SimpleNamespace(run_id="new-run"))
+
+    def update_run(self, run_id, status):
+        self.events.append(("update", run_id, status))
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=()):
+        with self.lock:
+            if metrics and self.fail_batches > 0:
+                self.fail_batches -= 1
+                raise ConnectionError("503 from the tracking server")
+            if metrics:
+                self.events.append(("metrics", run_id, [(m.key, m.step, m.value) for m in metrics]))
+            if params:
+                self.events.append(("params", run_id, len(params)))
+            if tags:
+                self.events.append(("tags", run_id, {t.key: t.value for t in tags}))
+
+    def set_terminated(self, run_id, status):
+        self.events.append(("terminated", run_id, status))
+
+
+CELL = Cell("abc123", 0, 1, {"x": 0.5}, {"x": 0.5, "seed": 1, "reports": 3})
+
+
+def make(monkeypatch, client: FakeClient, writes: list):
+    monkeypatch.setattr(tracking, "_client", lambda uri: client)
+    monkeypatch.setattr(tracking, "_FLUSH_S", 0.01)
+    return tracking.CellTracker("http://unused", "1", "parent", "sweep", CELL,
+                                write_checkpoint=lambda data: writes.append(("checkpoint", data)) or
+                                client.events.append(("checkpoint", data)))
+
+
+def sent_metrics(client: FakeClient) -> list:
+    return [row for e in client.events if e[0] == "metrics" for row in e[2]]
+
+
+def test_new_run_gets_params_then_metrics_then_finished(monkeypatch) -> None:
+    client, writes = FakeClient(), []
+    tracker = make(monkeypatch, client, writes)
+    for step in (1, 2, 3):
+        tracker.log(step, {"loss": 1.0 / step})
+    tracker.finish("FINISHED")
+    kinds = [e[0] for e in client.events]
+    assert kinds[0] == "create" and kinds[1] == "params" and kinds[-1] == "terminated"
+    assert sent_metrics(client) == [("loss", 1, 1.0), ("loss", 2, 0.5), ("loss", 3, 1 / 3)]
+    assert client.events[-1] == ("terminated", "new-run", "FINISHED")
+
+
+def test_checkpoint_is_written_only_after_the_metrics_it_came_with(monkeypatch) -> None:
+    client, writes = FakeClient(), []
+    tracker = make(monkeypatch, client, writes)
+    for step in range(1, 30):
+        tracker.log(step, {"loss": float(step)}, checkpoint=f"state-{step}".encode())
+    tracker.finish("FAILED")  # a failed cell keeps its checkpoint for the retry
+    sent_steps: set[int] = set()
+    for event in client.events:
+        if event[0] == "metrics":
+            sent_steps |= {row[1] for row in event[2]}
+        if event[0] == "checkpoint":
+            step = int(event[1].decode().split("-")[1])
+            assert set(range(1, step + 1)) <= sent_steps, f"checkpoint {step} ran ahead of the metrics"
+    assert writes and writes[-1][1] == b"state-29"
+
+
+def test_a_failed_batch_is_sent_again_not_lost_nor_doubled(monkeypatch) -> None:
+    client, writes = FakeClient(fail_batches=3), []
+    tracker = make(monkeypatch, client, writes)
+    for step in range(1, 6):
+        tracker.log(step, {"loss": float(step)})
+    tracker.finish("FINISHED")
+    assert sorted(r[1] for r in sent_metrics(client)) == [1, 2, 3, 4, 5]
+
+
+def test_a_killed_run_is_reused_with_its_attempt_count(monkeypatch) -> None:
+    old = SimpleNamespace(info=SimpleNamespace(run_id="old-run", status="KILLED"),
+                          data=SimpleNamespace(tags={"hpsweep.attempts": "1"}))
+    client, writes = FakeClient(existing=[old]), []
+    tracker = make(monkeypatch, client, writes)
+    assert tracker.run_id == "old-run"
+    tracker.finish("FINISHED")
+    assert ("update", "old-run", "RUNNING") in client.events
+    assert any(e[0] == "tags" and e[2].get("hpsweep.attempts") == "2" for e in client.events)
+    assert not any(e[0] == "create" for e in client.events)
+
+
+def test_a_finished_cell_is_never_run_twice(monkeypatch) -> None:
+    done = SimpleNamespace(info=SimpleNamespace(run_id="done-run", status="FINISHED"),
+                           data=SimpleNamespace(tags={}))
+    client, writes = FakeClient(existing=[done]), []
+    tracker = make(monkeypatch, client, writes)
+    with pytest.raises(RuntimeError, match="could not be opened: cell abc123 already has a finished run"):
+        tracker.run_id
+    with pytest.raises(RuntimeError, match="already has a finished run"):
+        tracker.check()
