@@ -1,0 +1,33 @@
+"""``train(config, run)``: dispatch to the experiment's loop."""
+
+from __future__ import annotations
+
+from trainers.mbpa.config import Config
+
+__all__ = ["train", "METRICS"]
+
+#: every metric name ``train`` may report (fnmatch patterns)
+METRICS = (
+    # permuted_mnist: after each task (step = tasks done)
+    "acc/task_*", "acc/mean", "valid/acc_mean", "train/loss",
+    # incremental: step = updates since the new classes arrived
+    "acc/old", "acc/new", "acc/all",
+    # lm
+    "valid/ppl", "test/ppl", "valid/ppl_lstm", "test/ppl_lstm",
+)
+
+
+def train(config: Config, run) -> None:
+    """Run one MbPA experiment, reporting through ``run`` and resuming from its checkpoint."""
+    if config.experiment == "permuted_mnist":
+        from trainers.mbpa.classify import train_permuted
+
+        train_permuted(config, run)
+    elif config.experiment == "incremental":
+        from trainers.mbpa.classify import train_incremental
+
+        train_incremental(config, run)
+    else:
+        from trainers.mbpa.lm import train_lm
+
+        train_lm(config, run)
