@@ -102,3 +102,31 @@ def ray_cluster(moto_server) -> RayCluster:
         import shutil
 
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One in-process Ray for the session (what `hpsweep run` starts by default), hermetic:
+    its own temp dir, and a private HOME for the auth token Ray makes there."""
+    import secrets
+
+    import ray
+
+    tmp = Path("/tmp") / f"hps{secrets.token_hex(3)}"  # Ray's socket paths must stay short
+    (tmp / "home").mkdir(parents=True)
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_AUTH_MODE", "HOME")}
+    os.environ.pop("RAY_AUTH_MODE", None)  # Ray's default: token auth, a token made under HOME
+    os.environ.update({"RAY_TMPDIR": str(tmp), "HOME": str(tmp / "home")})
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level="WARNING", log_to_driver=False)
+    yield
+    ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if os.environ.get("HPSWEEP_KEEP_TEST_DIRS") is None:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 import textwrap
 from pathlib import Path
@@ -13,29 +12,6 @@ from mlflow.tracking import MlflowClient
 from hpsweep.spec import load_spec_text
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """One in-process Ray for the module, hermetic: its own temp dir and auth token."""
-    import ray
-
-    tmp = Path("/tmp") / f"hps{secrets.token_hex(3)}"
-    tmp.mkdir()
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_AUTH_MODE", "HOME")}
-    # Ray writes its auth token under $HOME/.ray: a private HOME keeps the user's untouched.
-    (tmp / "home").mkdir()
-    os.environ.pop("RAY_AUTH_MODE", None)  # Ray's default: token auth, a token made under HOME
-    os.environ.update({"RAY_TMPDIR": str(tmp), "HOME": str(tmp / "home")})
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             logging_level="WARNING", log_to_driver=False)
-    yield
-    ray.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def run(tmp_path: Path, uri: str, body: str):

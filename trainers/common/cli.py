@@ -27,6 +27,7 @@ def main(name: str, config_cls: type, train: Callable[[Any, Any], None], argv: S
     )
     parser.add_argument("options", nargs="*", metavar="key=value")
     parser.add_argument("--out", default=None, help="output directory (default runs/NAME-TIME)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     for item in args.options:
@@ -45,6 +46,11 @@ def main(name: str, config_cls: type, train: Callable[[Any, Any], None], argv: S
     print(f"{name}: {config}\nwriting to {out}", flush=True)
     try:
         train(config, run)
+    except (ValueError, FileNotFoundError) as exc:  # bad data paths, options the data refutes
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         run.close()
     return 0
