@@ -139,7 +139,7 @@ def _trial(tune_config: dict, context: dict) -> None:
     except SystemExit:
         # Stopped by the scheduler (or the sweep was interrupted): send what is buffered and
         # leave the status to the driver, which knows which of the two it was.
-        tracker.flush()
+        tracker.close()
         raise
     except BaseException:
         with contextlib.suppress(Exception):  # never mask the trainer's own error

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 from hpsweep import figures as figs
 from hpsweep.protocol import (
-    GroupChoice, Obs, Stat, Verdict, apply_selection, judge_claims, observations,
+    GroupChoice, Obs, Verdict, apply_selection, judge_claims, observations,
     pick_configuration, rank_configs,
 )
 from hpsweep.report_render import Links, Section, Table, render_html, render_markdown

@@ -288,15 +288,13 @@ class CellTracker:
     def log_artifact(self, path: str) -> None:
         self.client.log_artifact(self.run_id, path)
 
-    def finish(self, status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
-        """Send what is buffered, then set the run's final status (synchronously)."""
-        from mlflow.entities import RunTag
-
+    def close(self, keep_checkpoint: bool = True) -> None:
+        """Stop the background thread and send what is buffered; the status is left as is."""
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=60)
-        if status == "FINISHED":
-            with self._lock:  # a finished cell is never resumed: its last checkpoint is moot
+        if not keep_checkpoint:
+            with self._lock:
                 self._checkpoint = None
         for attempt in range(_MAX_FAILURES):
             try:
@@ -306,11 +304,16 @@ class CellTracker:
                 if attempt == _MAX_FAILURES - 1:
                     raise
                 time.sleep(min(0.1 * 2 ** attempt, 2.0))
+
+    def finish(self, status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
+        """Send what is buffered, then set the run's final status (synchronously)."""
+        from mlflow.entities import RunTag
+
+        # A finished cell is never resumed: its last checkpoint is moot.
+        self.close(keep_checkpoint=status != "FINISHED")
         if tags:
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.set_terminated(self.run_id, status=status)
-        if self._error is not None and status == "FINISHED":
-            raise RuntimeError(f"metrics of cell {self.cell.id} could not be logged: {self._error}")
 
 
 def _param_text(value: Any) -> str:
