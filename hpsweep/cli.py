@@ -77,7 +77,7 @@ def cmd_run(args) -> int:
                         live=False if args.no_live else None, console=console)
     console.print(f"\n{outcome.finished} cells finished, {outcome.failed} failed, "
                   f"{outcome.skipped} already done, {outcome.interrupted} interrupted "
-                  f"in {outcome.wall_s:.1f}s")
+                  f"in {outcome.wall_s:.1f}s ({outcome.fit_s:.1f}s running trials)")
     if outcome.interrupted:
         console.print(f"interrupted: run the same command again to resume the "
                       f"{outcome.interrupted} unfinished cells (finished ones are not re-run)")

@@ -130,14 +130,15 @@ def parallel_coordinates(metric: str, configs: Sequence[tuple[dict, float]],
         return None
     axes_names = list(params) + [metric]
     cols = []
-    labels = []
+    labels = []   # per axis: [(y position, value)]
     for p in params:
         vals = [_hashable(c.get(p)) for c, _ in configs]
         pos, log = _axis_positions(vals)
-        raw = np.array([math.log10(pos[v]) if log else pos[v] for v in vals])
-        lo, hi = raw.min(), raw.max()
-        cols.append((raw - lo) / (hi - lo) if hi > lo else np.full_like(raw, 0.5))
-        labels.append(sorted(pos, key=pos.get))
+        at = {v: (math.log10(x) if log else x) for v, x in pos.items()}
+        lo, hi = min(at.values()), max(at.values())
+        norm_at = {v: (x - lo) / (hi - lo) if hi > lo else 0.5 for v, x in at.items()}
+        cols.append(np.array([norm_at[v] for v in vals]))
+        labels.append(sorted(((y, v) for v, y in norm_at.items()), key=lambda t: t[0]))
     y = np.array([v for _, v in configs])
     lo, hi = y.min(), y.max()
     cols.append((y - lo) / (hi - lo) if hi > lo else np.full_like(y, 0.5))
@@ -158,9 +159,10 @@ def parallel_coordinates(metric: str, configs: Sequence[tuple[dict, float]],
     for x in xs:
         ax.axvline(x, color="k", lw=0.5)
     for x, lab in zip(xs, labels):
-        ends = lab if len(lab) <= 6 else [lab[0], lab[-1]]
-        for j, v in enumerate(ends):
-            ax.text(x + 0.03, j / max(1, len(ends) - 1), str(v), fontsize=6, va="center")
+        for y, v in (lab if len(lab) <= 8 else [lab[0], lab[-1]]):
+            text = f"{v:.3g}" if isinstance(v, float) else str(v)
+            ax.text(x + 0.03, y, text, fontsize=6, va="center",
+                    bbox={"facecolor": "white", "alpha": 0.6, "lw": 0, "pad": 0.5})
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=metric)
     ax.set_title(f"Parallel coordinates: {len(configs)} configurations, mean {metric} over seeds",
                  fontsize=10)

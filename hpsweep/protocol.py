@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 Scalar = Union[bool, int, float, str]
-Match = dict[str, Union[Scalar, list[Scalar]]]
+Match = dict[str, Union[Scalar, None, list[Union[Scalar, None]]]]
 
 
 class Selection(BaseModel):
@@ -138,6 +138,8 @@ def observations(cells_from_plan: Iterable[Any] | None, sweep_runs) -> list[Obs]
 
 
 def _same(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is b
     if isinstance(a, bool) or isinstance(b, bool):
         return a is b or a == b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
@@ -146,12 +148,11 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def matches(params: dict[str, Any], match: Match) -> bool:
-    """True when every key of ``match`` equals (or, for a list, is one of) the cell's value."""
+    """True when every key of ``match`` equals (or, for a list, is one of) the cell's value.
+    A parameter the cell does not have (a variant without it) has the value None."""
     for key, want in match.items():
-        if key not in params:
-            return False
         options = want if isinstance(want, list) else [want]
-        if not any(_same(params[key], w) for w in options):
+        if not any(_same(params.get(key), w) for w in options):
             return False
     return True
 

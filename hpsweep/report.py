@@ -103,8 +103,16 @@ class _Ctx:
     chosen: list[GroupChoice] | None
 
     def links(self, cells: Sequence[Obs]) -> Links:
-        return Links([(f"s{o.params.get('seed')}" + ("" if o.state == "done" else f" ({o.state})"),
-                       self.url(o.run_id)) for o in cells if o.run_id])
+        # name each run by its seed, and by whatever else varies among them (data splits)
+        varying = sorted({k for o in cells for k in o.params if k != "seed"
+                          and len({str(c.params.get(k)) for c in cells}) > 1})
+
+        def label(o: Obs) -> str:
+            extra = "".join(f"{k}={o.params.get(k)} " for k in varying)
+            state = "" if o.state == "done" else f" ({o.state})"
+            return f"{extra}s{o.params.get('seed')}{state}"
+
+        return Links([(label(o), self.url(o.run_id)) for o in cells if o.run_id])
 
     def pick(self, match: dict) -> tuple[dict | None, list[Obs]]:
         sel = self.spec.selection
@@ -319,9 +327,13 @@ def _curve_specs(ctx: _Ctx) -> list[CurveSpec]:
     if "method" in ctx.swept:
         methods = list(dict.fromkeys(o.params["method"] for o in obs))[:figs.MAX_LINES]
         picked = [(str(meth), ctx.pick({"method": meth})[1]) for meth in methods]
+        # test/* metrics come once, at the end: no curve to draw
+        over_time = sorted((n for n in names if not n.startswith("test/")),
+                           key=lambda n: (not n.startswith("valid/"), n))
         for pat, what in (("bpc", "Bits per character"), ("length", "Copy curriculum length"),
-                          ("curriculum", "Copy curriculum")):
-            for metric in [n for n in names if pat in n][:2]:
+                          ("curriculum", "Copy curriculum"),
+                          ("acc/mean", "Mean accuracy over the tasks seen")):
+            for metric in [n for n in over_time if pat in n][:2]:
                 if pat == "curriculum" and "length" in metric:
                     continue
                 out.append((f"{what} ({metric}) against steps, per method", metric, picked))

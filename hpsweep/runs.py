@@ -7,10 +7,15 @@ The write side (:mod:`hpsweep.tracking`) follows these conventions, which this m
   ``hpsweep.seed`` and ``hpsweep.params`` (JSON of the swept values); the run's params are the
   full resolved trainer config; metrics are logged with the trainer's step.
 
-:func:`load_sweep` reads every cell run with paged ``search_runs`` calls and, when asked, the
-metric histories with MLflow's bulk history endpoint (up to 100 runs per request, one SQL
-query each on the server) -- never one request per run per metric. :func:`completeness` lines
-the runs up against the plan: done / running / failed / pending per cell.
+:func:`load_sweep` reads every cell run with ``search_runs`` (pages of 50,000) and, when
+asked, metric histories; :func:`fetch_histories` reads the histories of chosen runs only (what
+the report draws). Histories come from MLflow's bulk endpoint
+``/ajax-api/2.0/mlflow/metrics/get-history-bulk`` (up to 100 runs a request, one SQL query
+each on the server; requests in a thread pool) -- never one request per run per metric:
+measured side by side on a local server, 300 runs' histories took 1.2 s in bulk against 16 s
+one request a run with 8 threads (bench/report.py). A local SQL store is read through the
+store's own bulk query. :func:`completeness` lines the runs up against the plan: done /
+running / failed / pending per cell.
 """
 
 from __future__ import annotations

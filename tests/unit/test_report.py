@@ -1,0 +1,207 @@
+"""The report renders from constructed runs (no MLflow): missing cells stay visible, every
+statistic cell carries the numbers it shows, the paper-specific figures appear when their
+metrics do, and load_sweep reads back what a local SQLite store holds."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from html.parser import HTMLParser
+from types import SimpleNamespace
+
+import pytest
+
+from hpsweep.protocol import Claim, Selection
+from hpsweep.report import render_report, run_url
+from hpsweep.runs import CellRun, SweepRuns, load_sweep
+
+
+def _spec(**kw):
+    base = dict(name="t", trainer="snap", description="", selection=None, claims=[],
+                metric=SimpleNamespace(name="valid/bpc", mode="min"))
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def _snap_sweep(drop=(), failed=()):
+    """method x lr x 3 seeds with curves for bpc and copy length; ``drop``: cells never run."""
+    plan, cells = [], {}
+    i = 0
+    for method, base in (("bptt", 1.6), ("snap1", 1.5), ("rtrl", 1.45)):
+        for lr in (1e-3, 1e-4):
+            for seed in range(3):
+                cid = f"{method}-{lr}-{seed}"
+                params = {"method": method, "lr": lr}
+                plan.append(SimpleNamespace(id=cid, params=params, seed=seed))
+                i += 1
+                if cid in drop:
+                    continue
+                v = base + (0.1 if lr == 1e-4 else 0.0) + 0.01 * seed
+                hist = {"valid/bpc": [(s, v + 1.0 / s) for s in range(1, 11)],
+                        "copy/length": [(s, float(s) * (2 if method != "bptt" else 1)) for s in range(1, 11)]}
+                metrics = {k: h[-1][1] for k, h in hist.items()}
+                metrics["test/bpc"] = metrics["valid/bpc"] + 0.02
+                st = "FAILED" if cid in failed else "FINISHED"
+                cells[cid] = CellRun(cid, f"run{i}", "failed" if cid in failed else "done", st,
+                                     seed, params, {}, metrics, hist, 0, 0)
+    return plan, SweepRuns("t", "http://mlflow.example", "7", "parent", cells)
+
+
+class _Stats(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.stats, self.imgs, self.links, self._td, self.text = [], [], [], None, {}
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "td" and "data-metric" in a:
+            self._td = a
+            self.stats.append(a)
+        if tag == "img":
+            self.imgs.append(a["src"])
+        if tag == "a":
+            self.links.append(a["href"])
+
+    def handle_data(self, data):
+        if self._td is not None:
+            self._td.setdefault("text", "")
+            self._td["text"] += data
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            self._td = None
+
+
+def test_partial_sweep_report_shows_missing_cells_and_consistent_numbers(tmp_path):
+    drop = {"snap1-0.001-2"}
+    plan, runs = _snap_sweep(drop=drop, failed={"bptt-0.001-0"})
+    sel = Selection(group_by=["method"], select_by="valid/bpc", over=["lr"], report=["test/bpc"])
+    claims = [Claim(id="c", text="snap1 within 0.2 of rtrl", kind="within", margin=0.2,
+                    metric="test/bpc", left={"method": "snap1"}, right={"method": "rtrl"})]
+    html_path, md_path, figs = render_report(_spec(selection=sel, claims=claims), runs, plan,
+                                             tmp_path, "http://ui")
+    md = md_path.read_text()
+    assert "Cells: 18 planned: 16 done, 0 running, 1 failed, 1 pending." in md
+    assert md.count("| missing |") == 1 and "FAILED" in md
+    # the chosen snap1 configuration has 2 of its 3 seeds: the table says so
+    assert re.search(r"\| snap1 \| 0\.001 \| [^|]+\(n=2/3\)", md)
+    p = _Stats()
+    p.feed(html_path.read_text())
+    assert p.stats, "no statistic cells"
+    by_run = {c.run_id: c for c in runs.cells.values()}
+    for s in p.stats:
+        ids = [r for r in s["data-runs"].split(",") if r]
+        vals = [by_run[r].metrics[s["data-metric"]] for r in ids]
+        assert int(s["data-n"]) == len(vals)
+        assert float(s["data-mean"]) == pytest.approx(sum(vals) / len(vals), rel=1e-12)
+        if len(vals) > 1:
+            m = sum(vals) / len(vals)
+            sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+            assert float(s["data-std"]) == pytest.approx(sd, rel=1e-9)
+        assert s["text"].startswith(f"{float(s['data-mean']):.4g}")
+    # every run row links to its MLflow run
+    assert run_url("http://ui", "7", "run1") in p.links
+    assert all(l.startswith("http://ui/#/experiments/7/runs/") for l in p.links)
+    # learning curves, sensitivity, bpc per method, Copy length per method
+    names = [f.name for f in figs]
+    assert any("copy-curriculum-length" in n for n in names), names
+    assert any("bits-per-character" in n for n in names), names
+    assert len(p.imgs) == len(figs) and all(i.startswith("data:image/png;base64,") for i in p.imgs)
+    assert "| c | snap1 within 0.2 of rtrl | **" in md
+
+
+def test_report_without_selection_ranks_configurations_and_mbpa_figures(tmp_path):
+    plan, cells = [], {}
+    i = 0
+    for lc in (0.0, 0.1):
+        for lm in (0.0, 0.1):
+            for method in ("mbpa", "ewc", "sgd"):
+                for seed in range(2):
+                    i += 1
+                    cid = f"c{i}"
+                    params = {"lambda_cache": lc, "lambda_mbpa": lm, "method": method}
+                    plan.append(SimpleNamespace(id=cid, params=params, seed=seed))
+                    ppl = 100 - 100 * lc - 50 * lm + seed
+                    metrics = {"valid/ppl": ppl, **{f"acc/task_{t}": 0.9 - 0.01 * t for t in range(4)}}
+                    cells[cid] = CellRun(cid, f"r{i}", "done", "FINISHED", seed, params, {},
+                                         metrics, {"valid/ppl": [(1, ppl + 5), (2, ppl)]}, 0, 0)
+    runs = SweepRuns("m", "sqlite:///x", "3", None, cells)
+    spec = _spec(trainer="mbpa", metric=SimpleNamespace(name="valid/ppl", mode="min"))
+    html_path, md_path, figs = render_report(spec, runs, plan, tmp_path, "http://ui")
+    md = md_path.read_text()
+    assert "## Best configurations by valid/ppl" in md
+    first = [l for l in md.splitlines() if l.startswith("| 1 |")][0]
+    assert "| 0.1 | 0.1 |" in first and "(n=2/2)" in first
+    names = [f.name for f in figs]
+    assert any("parallel" in n for n in names)
+    assert any("accuracy-on-each-task" in n for n in names)
+    assert any("lambda-cache" in n for n in names)
+
+
+@pytest.mark.slow  # creating an MLflow SQLite schema takes seconds on a loaded machine
+def test_load_sweep_reads_a_local_store(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from mlflow.entities import Metric
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    c = MlflowClient(uri)
+    eid = c.create_experiment("sw")
+    parent = c.create_run(eid, tags={"hpsweep.role": "sweep", "hpsweep.sweep": "sw"}).info.run_id
+    ids = {}
+    for cell, status in (("a", "FAILED"), ("a", "FINISHED"), ("b", "RUNNING")):
+        r = c.create_run(eid, tags={"mlflow.parentRunId": parent, "hpsweep.role": "cell",
+                                    "hpsweep.sweep": "sw", "hpsweep.cell_id": cell,
+                                    "hpsweep.seed": "1", "hpsweep.params": json.dumps({"lr": 0.1})})
+        c.log_batch(r.info.run_id, metrics=[Metric("loss", 10.0 - s, 1000 + s, s) for s in range(5)])
+        if status != "RUNNING":
+            c.set_terminated(r.info.run_id, status)
+        ids[(cell, status)] = r.info.run_id
+    got = load_sweep(uri, "sw", histories=["lo*"])
+    assert got.parent_run_id == parent
+    assert got.cells["a"].run_id == ids[("a", "FINISHED")] and got.cells["a"].duplicates == 1
+    assert got.cells["b"].status == "running" and got.cells["b"].seed == 1
+    assert got.cells["a"].histories["loss"] == [(s, 10.0 - s) for s in range(5)]
+    assert got.cells["a"].metrics == {"loss": 6.0} and got.cells["a"].params == {"lr": 0.1}
+    assert load_sweep(uri, "nothing-here").cells == {}
+
+
+SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
+
+
+@pytest.mark.parametrize("name", ["snap.charlm.yaml", "snap.copy.yaml",
+                                  "mbpa.permuted-mnist.yaml", "mbpa.lm-cpu.yaml"])
+def test_shipped_paper_sweeps_render(name, tmp_path):
+    """Each paper sweep's selection protocol and claims run on synthetic results for every
+    metric its trainer declares; one configuration is left unfinished to stay visible."""
+    import hashlib
+
+    from hpsweep.plan import plan
+    from hpsweep.spec import load_spec
+    from trainers import load_trainer
+
+    spec = load_spec(SWEEPS / name)
+    cells = plan(spec)
+    declared = [m.replace("*", str(i)) for m in load_trainer(spec.trainer).metrics
+                for i in (range(5) if "*" in m else [0])]
+    runs = {}
+    for k, cell in enumerate(cells):
+        if k == 0:
+            continue                                   # pending
+        u = int(hashlib.sha256(cell.id.encode()).hexdigest()[:8], 16) / 2 ** 32
+        hist = {m: [(s, 1.0 + u + j / 10 + 1 / s) for s in range(1, 6)]
+                for j, m in enumerate(declared)}
+        runs[cell.id] = CellRun(cell.id, f"r{k}", "done", "FINISHED", cell.seed, cell.params, {},
+                                {m: h[-1][1] for m, h in hist.items()}, hist, 0, 0)
+    sweep_runs = SweepRuns(spec.name, "http://x", "1", "p", runs)
+    html_path, md_path, figs = render_report(spec, sweep_runs, cells, tmp_path, "http://ui")
+    md = md_path.read_text()
+    assert f"Cells: {len(cells)} planned: {len(cells) - 1} done, 0 running, 0 failed, 1 pending." in md
+    assert "| missing |" in md
+    for claim in spec.claims:
+        assert f"| {claim.id} |" in md
+    assert len(figs) >= 2
+    if spec.selection is not None:   # every group reports its chosen configuration's cells
+        sel = md.split("## Selection protocol")[1].split("##")[0]
+        assert "(0/0)" not in sel
