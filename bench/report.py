@@ -51,24 +51,6 @@ def _curve(cell, steps: int) -> dict:
     return {"loss": loss, "score": [(s, -v) for s, v in loss]}
 
 
-def _group_cpu(pgid: int) -> float:
-    """CPU seconds (user + system) used so far by the live processes of a process group,
-    leaving out mlflow's background job runner (it polls whether or not we ask anything)."""
-    total, tick = 0, os.sysconf("SC_CLK_TCK")
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            runner = b"_job_runner" in (d / "cmdline").read_bytes()
-        except OSError:  # the process has exited meanwhile
-            continue
-        if int(fields[2]) == pgid and not runner:
-            # fields after the name: state ppid pgrp ... utime(11) stime(12)
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
-
-
 def populate_sql(db: Path, template_run_id: str, cells, curve_of) -> None:
     """Clone a run that MLflow's API wrote (its row, its tags with the cell's values, params,
     metrics and latest metrics) once per cell, in one SQLite transaction: populating 6,000 runs
@@ -120,7 +102,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from mlflow.tracking import MlflowClient
-    from servers import VENV_BIN, free_port, http_ok, start_server, wait_until
+    from servers import VENV_BIN, free_port, group_cpu_seconds, http_ok, start_server, wait_settled, wait_until
 
     from hpsweep.plan import plan
     from hpsweep.report import build_report
@@ -150,13 +132,7 @@ def main() -> None:
         wait_until(server, lambda: http_ok(f"{url}/health"), timeout=180, what="/health")
         # mlflow server keeps working for a while after /health answers (start-up tasks in
         # the background); time the report against a settled server, as a user meets it.
-        t, settle = time.perf_counter(), 0.0
-        while time.perf_counter() - t < 120:
-            c0 = _group_cpu(server.proc.pid)
-            time.sleep(1.0)
-            if _group_cpu(server.proc.pid) - c0 < 0.1:
-                break
-        settle = time.perf_counter() - t
+        settle = wait_settled(server)
         print(f"mlflow server settled {settle:.0f} s after /health answered")
         client = MlflowClient(url)
         print(f"sweep: {len(cells)} cells ({len(cells) // args.seeds} configurations x "
@@ -179,12 +155,12 @@ def main() -> None:
 
         for attempt in ("first", "second"):
             timings: dict = {}
-            cpu0, scpu0 = time.process_time(), _group_cpu(server.proc.pid)
+            cpu0, scpu0 = time.process_time(), group_cpu_seconds(server.proc.pid)
             t = time.perf_counter()
             html, md = build_report(url, spec, work / "report", timings=timings)
             total = time.perf_counter() - t
             cpu = time.process_time() - cpu0
-            scpu = _group_cpu(server.proc.pid) - scpu0
+            scpu = group_cpu_seconds(server.proc.pid) - scpu0
             print(f"report ({attempt} run): {total:.1f} s total (target < 30 s) = fetch "
                   f"{timings['fetch_s']:.1f} s (search_runs {timings['search_s']:.1f} s, "
                   f"histories {timings['histories_s']:.1f} s) + render {timings['render_s']:.1f} s"

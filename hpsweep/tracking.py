@@ -68,6 +68,8 @@ def code_version() -> str:
 
 
 def _client(tracking_uri: str):
+    # MLflow prints a "View run" line to stdout each time a run ends: noise in a sweep.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
@@ -178,6 +180,7 @@ class CellTracker:
         self._stop = False
         self._error: BaseException | None = None
         self._run_id: str | None = None
+        self._params: list[Any] = []
         self._opened = threading.Event()
         # Opening the run (a search, a create, the params: three round trips) happens on the
         # background thread too: the trainer starts at once; reports wait in the buffer.
@@ -225,9 +228,8 @@ class CellTracker:
             TAG["version"]: hpsweep.__version__, TAG["attempts"]: "1", **extra_tags,
         }
         run = self.client.create_run(experiment_id, run_name=f"{cell.label()}"[:250], tags=tags)
-        params = [Param(k, _param_text(v)) for k, v in cell.config.items()]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(run.info.run_id, params=params[i:i + 100])
+        # The params go out with the first metrics (one request fewer a trial).
+        self._params = [Param(k, _param_text(v)) for k, v in cell.config.items()]
         return run.info.run_id
 
     def log(self, step: int, metrics: dict[str, float], checkpoint: bytes | None = None) -> None:
@@ -248,11 +250,17 @@ class CellTracker:
             with self._lock:
                 rows, self._buffer = self._buffer, []
                 checkpoint, self._checkpoint = self._checkpoint, None
-            sent = 0
+            sent = 0  # rows[:sent] are in MLflow
             try:
-                for sent in range(0, len(rows), _BATCH):
-                    self.client.log_batch(self.run_id, metrics=rows[sent:sent + _BATCH])
-                sent = len(rows)
+                while self._params:  # the params ride with the first metrics, 100 a request
+                    chunk = rows[sent:sent + _BATCH - 100]
+                    self.client.log_batch(self.run_id, metrics=chunk, params=self._params[:100])
+                    self._params = self._params[100:]
+                    sent += len(chunk)
+                while sent < len(rows):
+                    chunk = rows[sent:sent + _BATCH]
+                    self.client.log_batch(self.run_id, metrics=chunk)
+                    sent += len(chunk)
                 if checkpoint is not None and self._write_checkpoint is not None:
                     self._write_checkpoint(checkpoint)
                     checkpoint = None

@@ -34,6 +34,8 @@ __all__ = [
     "RayCluster",
     "start_ray_cluster",
     "VENV_BIN",
+    "group_cpu_seconds",
+    "wait_settled",
 ]
 
 #: the project's virtual environment: servers run from its executables, not from whatever is on PATH
@@ -145,6 +147,37 @@ def wait_until(
         f"{server.name} not ready after {timeout:.0f}s ({what}); "
         f"log {server.log_path}:\n{server.log_tail()}"
     )
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of a process group,
+    leaving out mlflow's background job runner (it polls whether or not anyone asks)."""
+    total, tick = 0, os.sysconf("SC_CLK_TCK")
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            runner = b"_job_runner" in (d / "cmdline").read_bytes()
+        except OSError:  # the process has exited meanwhile
+            continue
+        if int(fields[2]) == pgid and not runner:
+            # fields after the name: state ppid pgrp ... utime(11) stime(12)
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def wait_settled(server: "ServerProcess", timeout: float = 120.0, quiet_cpu_s: float = 0.1) -> float:
+    """Wait until ``server`` uses less than ``quiet_cpu_s`` CPU seconds in one second: an
+    ``mlflow server`` keeps starting things for a while after /health answers, and timings
+    are taken against a settled server, as a user meets it. Returns the seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        before = group_cpu_seconds(server.proc.pid)
+        time.sleep(1.0)
+        if group_cpu_seconds(server.proc.pid) - before < quiet_cpu_s:
+            break
+    return time.perf_counter() - start
 
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:

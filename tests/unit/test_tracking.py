@@ -69,7 +69,9 @@ def test_new_run_gets_params_then_metrics_then_finished(monkeypatch) -> None:
         tracker.log(step, {"loss": 1.0 / step})
     tracker.finish("FINISHED")
     kinds = [e[0] for e in client.events]
-    assert kinds[0] == "create" and kinds[1] == "params" and kinds[-1] == "terminated"
+    # the params go out in the same request as the first metrics
+    assert kinds[:3] == ["create", "metrics", "params"] and kinds[-1] == "terminated"
+    assert ("params", "new-run", 3) in client.events
     assert sent_metrics(client) == [("loss", 1, 1.0), ("loss", 2, 0.5), ("loss", 3, 1 / 3)]
     assert client.events[-1] == ("terminated", "new-run", "FINISHED")
 
