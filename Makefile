@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run test test-fast test-slow bench lint clean
+.PHONY: run test test-fast test-slow bench browser clean venv
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,8 +22,12 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/hpsweep run sweeps/quickstart.yaml
 
+# Debian's Chromium, for the test that opens a report in a real headless browser.
+browser:
+	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+
 # The whole suite: the fast tier, then the tests that start servers (Ray, mlflow, moto).
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
 	$(BIN)/python -m pytest -q -m "slow" -p no:cacheprovider
 
@@ -31,7 +35,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m "slow" -p no:cacheprovider
 
 bench: $(STAMP)

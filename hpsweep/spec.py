@@ -36,6 +36,15 @@ class Model(BaseModel):
 
 # --- parameter domains ---------------------------------------------------------------------
 
+def _bounds(v: list, *, strict: bool, positive: bool = False) -> list:
+    """Check ``[low, high]``: low < high (``strict``) or low <= high; low > 0 (``positive``)."""
+    if positive and v[0] <= 0:
+        raise ValueError(f"low must be > 0 for a log scale, got low={v[0]}")
+    if (v[0] >= v[1]) if strict else (v[0] > v[1]):
+        raise ValueError(f"low must be {'<' if strict else '<='} high, got low={v[0]} high={v[1]}")
+    return v
+
+
 class Grid(Model):
     """Grid values, run in the order given."""
     grid: list[Scalar] = Field(min_length=1)
@@ -59,12 +68,9 @@ class Range(Model):
     @field_validator("range")
     @classmethod
     def _ordered(cls, v: list[int]) -> list[int]:
-        lo, hi, step = (v + [1])[:3]
-        if step <= 0:
-            raise ValueError(f"step must be > 0, got step={step}")
-        if lo > hi:
-            raise ValueError(f"low must be <= high, got low={lo} high={hi}")
-        return v
+        if len(v) == 3 and v[2] <= 0:
+            raise ValueError(f"step must be > 0, got step={v[2]}")
+        return _bounds(v, strict=False)
 
     def values(self) -> list:
         lo, hi, step = (self.range + [1])[:3]
@@ -79,36 +85,19 @@ class Choice(Model):
 class Uniform(Model):
     uniform: list[float] = Field(min_length=2, max_length=2)
 
-    @field_validator("uniform")
-    @classmethod
-    def _ordered(cls, v: list[float]) -> list[float]:
-        if not v[0] < v[1]:
-            raise ValueError(f"low must be < high, got low={v[0]} high={v[1]}")
-        return v
+    _ordered = field_validator("uniform")(lambda cls, v: _bounds(v, strict=True))
 
 
 class LogUniform(Model):
     loguniform: list[float] = Field(min_length=2, max_length=2)
 
-    @field_validator("loguniform")
-    @classmethod
-    def _ordered(cls, v: list[float]) -> list[float]:
-        if v[0] <= 0:
-            raise ValueError(f"low must be > 0 for a log scale, got low={v[0]}")
-        if not v[0] < v[1]:
-            raise ValueError(f"low must be < high, got low={v[0]} high={v[1]}")
-        return v
+    _ordered = field_validator("loguniform")(lambda cls, v: _bounds(v, strict=True, positive=True))
 
 
 class RandInt(Model):
     randint: list[int] = Field(min_length=2, max_length=2)
 
-    @field_validator("randint")
-    @classmethod
-    def _ordered(cls, v: list[int]) -> list[int]:
-        if v[0] > v[1]:
-            raise ValueError(f"low must be <= high, got low={v[0]} high={v[1]}")
-        return v
+    _ordered = field_validator("randint")(lambda cls, v: _bounds(v, strict=False))
 
 
 class Fixed(Model):

@@ -167,7 +167,7 @@ def _chromium() -> str:
                        timeout=600, capture_output=True)
         if shutil.which("chromium"):
             return shutil.which("chromium")
-    pytest.skip("chromium is not installed and could not be installed with apt-get "
+    pytest.fail("chromium is not installed and could not be installed with apt-get "
                 "(apt-get install -y chromium)")
 
 
