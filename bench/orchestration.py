@@ -135,6 +135,13 @@ def main() -> None:
     for key, wall in walls.items():
         print(f"({key}) {labels[key]:<32}{wall:9.1f}{total_sleep / (wall * CPUS):7.2f}"
               f"{walls['a'] / wall:10.2f}")
+    import re
+
+    fit = re.search(r"\(([0-9.]+)s running trials\)", (work / "a.log").read_text())
+    if fit:
+        fit_s = float(fit.group(1))
+        print(f"\n(a) inside Ray Tune (start-up of Ray and MLflow left out): {fit_s:.1f}s, "
+              f"utilisation {total_sleep / (fit_s * CPUS):.2f}")
     if "c" in walls:
         results = args.trials * REPORTS
         per_result = (walls["a"] - walls["c"]) / results * 1000
