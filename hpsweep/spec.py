@@ -457,6 +457,7 @@ def _check_against_trainer(spec: SweepSpec, loaded: LoadedYaml) -> list[Problem]
     if not info.reports(spec.metric.name):
         add(("metric", "name"), f"trainer {spec.trainer!r} does not report {spec.metric.name!r}; "
                                 f"it reports: {', '.join(info.metrics)}")
+    problems += _check_protocol(spec, info, set(swept), add)
     sampled = [n for n, d in _all_domains(spec) if type(d) in SAMPLED_KINDS.values()]
     if spec.search.algorithm == "grid" and sampled:
         for name in dict.fromkeys(sampled):
@@ -497,6 +498,44 @@ def _check_against_trainer(spec: SweepSpec, loaded: LoadedYaml) -> list[Problem]
                 seen.add(key)
                 add(path, message)
     return problems
+
+
+def _check_protocol(spec: SweepSpec, info, swept: set[str], add) -> list[Problem]:
+    """The selection protocol and the claims name swept parameters and reported metrics."""
+    params = swept | {"seed"}
+
+    def metric(path: tuple, name: str) -> None:
+        if not info.reports(name):
+            add(path, f"trainer {spec.trainer!r} does not report {name!r}; it reports: "
+                      f"{', '.join(info.metrics)}")
+
+    def param(path: tuple, name: str) -> None:
+        if name not in params:
+            close = difflib.get_close_matches(name, sorted(params), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            add(path, f"{name!r} is not a swept parameter{hint}")
+
+    sel = spec.selection
+    if sel is not None:
+        metric(("selection", "select_by"), sel.select_by)
+        for i, name in enumerate(sel.report):
+            metric(("selection", "report", i), name)
+        for key in ("group_by", "over"):
+            for i, name in enumerate(getattr(sel, key)):
+                param(("selection", key, i), name)
+        for key in ("select_on", "report_on", "report_exclude"):
+            for name in getattr(sel, key):
+                param(("selection", key, name), name)
+    for i, claim in enumerate(spec.claims):
+        metric(("claims", i, "metric"), claim.metric)
+        for j, name in enumerate(claim.pair_by):
+            param(("claims", i, "pair_by", j), name)
+        sides = [("left", claim.left), ("right", claim.right)] + \
+            [(f"order.{k}", side) for k, side in enumerate(claim.order or [])]
+        for where, side in sides:
+            for name in side or {}:
+                param(("claims", i, *where.split("."), name), name)
+    return []
 
 
 def _all_domains(spec: SweepSpec):

@@ -141,3 +141,18 @@ def test_json_schema_describes_the_format() -> None:
     assert set(schema["required"]) == {"name", "trainer", "metric"}
     assert schema["additionalProperties"] is False
     assert "parameters" in schema["properties"] and "scheduler" in schema["properties"]
+
+
+@pytest.mark.parametrize("block, expected", [
+    ("selection: {group_by: [x], select_by: lss, over: [reports]}\n",
+     "t.yaml:7: selection.select_by: trainer 'sleep' does not report 'lss'; it reports: loss, score, extra/*"),
+    ("selection: {group_by: [xx], select_by: loss, over: [reports]}\n",
+     "t.yaml:7: selection.group_by.0: 'xx' is not a swept parameter (did you mean 'x'?)"),
+    ("claims:\n  - {id: c, text: t, kind: less, metric: score, left: {x: 0.0}, right: {rports: 2}}\n",
+     "t.yaml:8: claims.0.right.rports: 'rports' is not a swept parameter (did you mean 'reports'?)"),
+])
+def test_selection_and_claims_name_swept_parameters_and_reported_metrics(block, expected) -> None:
+    text = HEAD + "parameters:\n  x: {grid: [0.0, 1.0]}\n  reports: {grid: [1, 2]}\n" + block
+    with pytest.raises(SpecError) as info:
+        load_spec_text(text, "t.yaml")
+    assert str(info.value).splitlines() == [expected]
