@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from trainers.snap import SparseRNN, sequence_gradient
 from trainers.snap.influence import Online, parse_method, reach_rows
+from trainers.snap.snap1 import Snap1
 
 DT = torch.float64
 
@@ -179,6 +180,54 @@ def test_parse_method_refuses(bad):
 @pytest.mark.parametrize("scale_range", [(2.0, 3.0), (0.3, 3.0), (1e-100, 1e100)])
 def test_snap1_scaled_influence_folds_exactly(scale_range, monkeypatch):
     """SnAp-1 (GRU) keeps J = scale * J~; folding the scale in (always, sometimes, never) is exact."""
-    monkeypatch.setitem(Online.SCALE_RANGE, DT, scale_range)
+    monkeypatch.setitem(Snap1.SCALE_RANGE, DT, scale_range)
     model, x, y = problem("gru", 1.0, diagonal_recurrent=True, T=15)
+    assert rel_err(sequence_gradient(model, x, y, "snap1"), sequence_gradient(model, x, y, "bptt")) < 1e-10
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_snap1_equals_bptt_with_diagonal_recurrence_sparse_inputs(cell):
+    """Sparse W (gathered inputs, CSR forward) with independent units: SnAp-1 is still exact."""
+    model, x, y = problem(cell, 0.4, diagonal_recurrent=True)
+    assert not model.dense_w
+    assert rel_err(sequence_gradient(model, x, y, "snap1"), sequence_gradient(model, x, y, "bptt")) < 1e-10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("density", [1.0, 0.4])
+def test_snap1_compiled_lstm_update_is_exact(density, monkeypatch):
+    """The torch.compile'd LSTM update (used for large influences) gives the eager result."""
+    import shutil
+
+    from trainers.snap import snap1
+
+    monkeypatch.setattr(snap1, "COMPILE_MIN_ENTRIES", 0)
+    monkeypatch.setattr(snap1, "_compile_failed", False)
+    model, x, y = problem("lstm", density, diagonal_recurrent=True)
+    assert Online(model, "snap1", 3).snap1.compile
+    assert rel_err(sequence_gradient(model, x, y, "snap1"), sequence_gradient(model, x, y, "bptt")) < 1e-10
+    model, x, y = problem("lstm", density)  # coupled units: compiled == eager SnAp-1
+    compiled = sequence_gradient(model, x, y, "snap1")
+    if shutil.which("g++") or shutil.which("clang++"):
+        assert not snap1._compile_failed  # it really ran compiled where a compiler exists
+    monkeypatch.setattr(snap1, "COMPILE_MIN_ENTRIES", 1 << 62)
+    assert rel_err(compiled, sequence_gradient(model, x, y, "snap1")) < 1e-12
+
+
+@pytest.mark.parametrize("delay", [1, 3, 8])
+def test_snap1_gru_delayed_updates_are_exact(delay, monkeypatch):
+    """Dense GRU SnAp-1 batches several steps' immediate Jacobians into one product; any delay
+    (1: none) gives the same gradient, across windows, folds and steps without a loss."""
+    from trainers.snap import snap1
+
+    model, x, y = problem("gru", 1.0, T=20)
+    y[5:7] = -1
+    monkeypatch.setattr(snap1, "GRU_DELAY", 1)
+    reference = sequence_gradient(model, x, y, "snap1", window=7)
+    monkeypatch.setattr(snap1, "GRU_DELAY", delay)
+    assert rel_err(sequence_gradient(model, x, y, "snap1", window=7), reference) < 1e-12
+    monkeypatch.setitem(Snap1.SCALE_RANGE, DT, (0.3, 3.0))  # folds too
+    assert rel_err(sequence_gradient(model, x, y, "snap1", window=7), reference) < 1e-12
+    with torch.no_grad():  # diagonal recurrence on a dense-input network: exact SnAp-1
+        model.U.mul_(torch.eye(model.hidden, dtype=DT))
     assert rel_err(sequence_gradient(model, x, y, "snap1"), sequence_gradient(model, x, y, "bptt")) < 1e-10

@@ -142,11 +142,18 @@ class SparseRNN(nn.Module):
         return self.step_jacobian(x, s, weights, jacobian=False)[0]
 
     def step_jacobian(self, x: torch.Tensor, s: torch.Tensor, weights=None,
-                      jacobian: bool = True) -> tuple[torch.Tensor, Jacobian | None]:
-        """Next state and (when ``jacobian``) the analytic :class:`Jacobian` of the step."""
-        W, U = weights if weights is not None else self.effective()
+                      jacobian: bool = True, preacts=None) -> tuple[torch.Tensor, Jacobian | None]:
+        """Next state and (when ``jacobian``) the analytic :class:`Jacobian` of the step.
+
+        ``preacts``: the pre-activations ``(W x + b, U h)``, each ``(B, G, H)``, when the caller
+        has them already (the online methods compute them on the kept weights only).
+        """
         h = s[..., 0]
-        aw, au = self._preacts(x, h, W, U)
+        if preacts is None:
+            W, U = weights if weights is not None else self.effective()
+            aw, au = self._preacts(x, h, W, U)
+        else:
+            aw, au = preacts
         if self.cell == "gru":
             z = torch.sigmoid(aw[:, 0] + au[:, 0])
             r = torch.sigmoid(aw[:, 1] + au[:, 1])

@@ -7,14 +7,17 @@ read-out's gradient is immediate.
 
 Influence layout. Parameters are grouped by the unit ``u`` they feed: ``m`` of them per unit
 (``G * (nW + nU + 1)``: the kept entries of row ``u`` of every gate's ``W`` and ``U``, and
-the bias), the same ``m`` for every unit (see :func:`trainers.snap.cells.row_pattern`).
+the bias), the same ``m`` for every unit (see :func:`trainers.snap.cells.row_pattern`),
+ordered per gate as ``[W columns | bias | U columns]``: the immediate influence of all of
+them is ``(d s'/d preactivation) x [x, 1, h]`` at the kept columns, an outer product.
 
-- SnAp-1 keeps, for a parameter of unit u, only the influence on unit u's own state:
-  ``J (H, B, c, m)``. The update needs just the ``c x c`` diagonal blocks of ``D``, O(|theta|)
-  per step, with no dense J and no per-parameter loop: for the GRU, J is kept as
-  ``scale * J~`` so that ``J <- D_uu * J + I`` is in-place ``addcmul`` over disjoint slices
-  (one read and one write of J~) and a multiply of the small ``(H, B)`` scale; for the LSTM,
-  in-place products with the 2 x 2 blocks.
+Sparse networks never form a dense masked product: the forward pre-activations are CSR
+products over the kept weights, and the inputs of the kept weights are gathered by column
+index for the immediate Jacobian.
+
+- SnAp-1 keeps, for a parameter of unit u, only the influence on unit u's own state; see
+  :mod:`trainers.snap.snap1` (storage ``(c, B, H, G, nP)`` in two contiguous parts, the
+  GRU's ``scale * J~`` trick, the compiled LSTM update).
 - SnAp-n (n >= 2) keeps the influence on the units reachable from u within ``n - 1`` steps
   of the recurrent graph (from the sparsity masks, never from values that happen to be
   zero): ``J (H, B, R * c, m)``, R the largest reach (padded with an all-zero dummy unit):
@@ -28,10 +31,12 @@ the bias), the same ``m`` for every unit (see :func:`trainers.snap.cells.row_pat
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 
 from trainers.snap.cells import Jacobian, SparseRNN
+from trainers.snap.snap1 import Snap1
 
 __all__ = ["Online", "parse_method", "reach_rows"]
 
@@ -89,9 +94,27 @@ class Online:
         H, c = model.hidden, model.components
         self.G, self.nW, self.nU = model.gates, model.cols_w.shape[-1], model.cols_u.shape[-1]
         self.m = model.per_unit
+        self.n = self.nW + self.nU + 1  # per unit and gate: [W columns | bias | U columns]
         self._opts = dict(dtype=p.dtype, device=p.device)
         self.cols_w = model.cols_w.permute(1, 0, 2)  # (H, G, nW)
         self.cols_u = model.cols_u.permute(1, 0, 2)
+        # Sparse networks never touch the masked weights: the forward pre-activations are CSR
+        # products over the kept weights (structure below), and each kept weight's input is
+        # gathered from [x, 1, h] by column index for the immediate Jacobian.
+        self.dense = model.dense_w and model.dense_u
+        I = model.inputs
+        bias = torch.full((H, self.G, 1), I, dtype=torch.long, device=p.device)
+        # into [x, 1, h]: part A (W columns and bias), part B (U columns), each (H G nP)
+        self.cols = (torch.cat([self.cols_w, bias], -1).reshape(-1), (self.cols_u + I + 1).reshape(-1))
+        self.cols_h = self.cols_u.reshape(-1)  # part B's columns of h alone (SnAp-1)
+        self._buffers: dict = {}  # work buffers and cached CSR values, kept across steps
+        nnz = (self.nW + 1, self.nU)  # per row of the CSR forms of [W | b] (on [x, 1]) and U
+        cols_a = torch.cat([model.cols_w, torch.full((self.G, H, 1), I, dtype=torch.long, device=p.device)], -1)
+        self._csr = [(torch.arange(0, self.G * H * k + 1, k, device=p.device), cols.reshape(-1), size)
+                     for k, cols, size in zip(nnz, (cols_a, model.cols_u), (I + 1, H))]
+        self.snap1 = None
+        if self.kind == "snap" and self.order == 1:
+            self.snap1 = Snap1(batch, H, self.G, c, self.nW + 1, self.nU, self._opts)
         if self.kind == "snap" and self.order >= 2:
             rows = reach_rows(model.recurrent_adjacency(), self.order)  # (H, R)
             self.state_rows = (rows[..., None] * c + torch.arange(c)).flatten(1).to(p.device)  # (H, R c)
@@ -101,10 +124,8 @@ class Online:
     # -- bookkeeping ---------------------------------------------------------------------
     def reset_influence(self) -> None:
         B, H, c, m = self.batch, self.model.hidden, self.model.components, self.m
-        if self.kind == "snap" and self.order == 1:
-            self.J = torch.zeros(H, B, c, m, **self._opts)
-            self.scale = torch.ones(H, B, 1, 1, **self._opts) if c == 1 else None
-            self._buffer = torch.empty(H, B, m, **self._opts) if c == 2 else None
+        if self.snap1 is not None:
+            self.snap1.reset()
         elif self.kind == "snap":
             self.J = torch.zeros(H, B, self.state_rows.shape[1], m, **self._opts)
         elif self.kind == "rtrl":
@@ -116,6 +137,8 @@ class Online:
     def zero_grad(self) -> None:
         model = self.model
         self.g_units = torch.zeros(model.hidden, self.m, **self._opts)
+        if self.snap1 is not None:
+            self.snap1.zero_grad()
         self.g_out_w = torch.zeros_like(model.out_w)
         self.g_out_b = torch.zeros_like(model.out_b)
 
@@ -126,72 +149,109 @@ class Online:
         return {"J": self.influence()}
 
     def load_state_dict(self, state: dict) -> None:
+        if self.snap1 is not None:
+            self.snap1.load(state["J"])
+            return
         for key, value in state.items():
             setattr(self, key, value.to(self._opts["device"]))
-        if getattr(self, "scale", None) is not None:
-            self.scale = torch.ones_like(self.scale)
+
+    @property
+    def J(self) -> torch.Tensor:
+        """The influence as stored (SnAp-1: flat, see :mod:`trainers.snap.snap1`)."""
+        return self.snap1.J if self.snap1 is not None else self._J
+
+    @J.setter
+    def J(self, value: torch.Tensor) -> None:
+        self._J = value
 
     def influence(self) -> torch.Tensor:
-        """The influence as stored by the method (SnAp-1 GRU: with its row scale applied)."""
-        if getattr(self, "scale", None) is not None:
-            return self.J * self.scale
-        return self.J
+        """The influence as stored by the method (SnAp-1 GRU: with its scale applied)."""
+        return self.snap1.influence() if self.snap1 is not None else self.J
 
     def gradients(self) -> dict[str, torch.Tensor]:
         """The accumulated gradient, dense and named like ``model.named_parameters()``."""
-        G, H, nW, nU = self.G, self.model.hidden, self.nW, self.nU
-        g = self.g_units
-        gw = g[:, : G * nW].reshape(H, G, nW).permute(1, 0, 2)
-        gu = g[:, G * nW: G * (nW + nU)].reshape(H, G, nU).permute(1, 0, 2)
+        G, H, nW = self.G, self.model.hidden, self.nW
+        g = self.g_units.view(H, G, self.n) if self.snap1 is None else self.snap1.gradient_units()
+        gw = g[..., :nW].permute(1, 0, 2)
+        gu = g[..., nW + 1:].permute(1, 0, 2)
         W = torch.zeros_like(self.model.W).scatter_(2, self.model.cols_w, gw)
         U = torch.zeros_like(self.model.U).scatter_(2, self.model.cols_u, gu)
-        return {"W": W, "U": U, "b": g[:, G * (nW + nU):].T.clone(),
+        return {"W": W, "U": U, "b": g[..., nW].T.clone(),
                 "out_w": self.g_out_w.clone(), "out_b": self.g_out_b.clone()}
 
     # -- immediate Jacobian --------------------------------------------------------------
-    def _inputs(self, x: torch.Tensor, h: torch.Tensor):
-        """The inputs multiplying each kept weight of each unit, as ``(H | 1, B, G | 1, n)``."""
-        return (x[None, :, None, :] if self.model.dense_w else self._gather(x, self.cols_w),
-                h[None, :, None, :] if self.model.dense_u else self._gather(h, self.cols_u))
+    def _inputs(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inputs multiplying each kept parameter: part A ``[W columns | bias]`` and part B
+        ``U columns``, ``(B, H | 1, G | 1, nP)`` each (1: broadcast).
 
-    @staticmethod
-    def _gather(v: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """``v[b, cols[u, g, k]]`` as a contiguous ``(H, B, G, k)``.
-
-        index_select of contiguous rows, then one transposing copy: several times faster than
-        advanced indexing, and a contiguous operand keeps the following ``addcmul_`` fast.
+        A dense network broadcasts ``[x, 1]`` and ``h``; a sparse one gathers them by column
+        index (``index_select`` into buffers kept across steps: a fresh large tensor each step
+        costs page faults), and never forms a dense masked product.
         """
-        H, G, k = cols.shape
-        rows = torch.index_select(v.T.contiguous(), 0, cols.reshape(-1))  # (H G k, B)
-        return rows.view(H, G, k, -1).permute(0, 3, 1, 2).contiguous()
+        B = x.shape[0]
+        if self.dense:  # h is a strided view of the state: contiguous keeps the updates vectorised
+            return torch.cat([x, x.new_ones(B, 1)], 1)[:, None, None, :], h.contiguous()[:, None, None, :]
+        xh = torch.cat([x, x.new_ones(B, 1), h], 1)
+        out = []
+        for name, cols, n in (("A", self.cols[0], self.nW + 1), ("B", self.cols[1], self.nU)):
+            buf = self._buffers.get(name)
+            if buf is None or buf.shape[0] != B or buf.dtype != xh.dtype:
+                buf = self._buffers[name] = torch.empty(B, cols.numel(), dtype=xh.dtype, device=xh.device)
+            out.append(torch.index_select(xh, 1, cols, out=buf).view(B, self.model.hidden, self.G, n))
+        return out[0], out[1]
 
-    def _add_immediate(self, J: torch.Tensor, jac: Jacobian, x: torch.Tensor,
+    def _sparse_preacts(self, x: torch.Tensor, h: torch.Tensor, W: torch.Tensor, U: torch.Tensor):
+        """``(W x + b, U h)`` as ``(B, G, H)`` each: CSR products over the kept weights only.
+
+        Rows are (gate, unit), each with its ``nW`` (+ the bias, on a constant-1 input column)
+        or ``nU`` kept columns; the values are gathered from the parameters each step (they
+        change with every update), the structure is fixed.
+        """
+        model, B = self.model, x.shape[0]
+        G, H = self.G, model.hidden
+        cached = self._buffers.get("csr_values")
+        # the kept weights change only with the parameters: gathered again after an update
+        key = (W, U, model.b, W._version, U._version, model.b._version)
+        if cached is None or any(a is not b if isinstance(a, torch.Tensor) else a != b
+                                 for a, b in zip(cached[0], key)):
+            values = (torch.cat([W.gather(2, model.cols_w), model.b.unsqueeze(-1)], -1).reshape(-1),
+                      U.gather(2, model.cols_u).reshape(-1))
+            self._buffers["csr_values"] = cached = (key, values)
+        values = cached[1]
+        inputs = (torch.cat([x, x.new_ones(B, 1)], 1), h)
+        out = []
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            for (crow, col, size), w, v in zip(self._csr, values, inputs):
+                csr = torch.sparse_csr_tensor(crow, col, w, (G * H, size))
+                out.append((csr @ v.T).T.reshape(B, G, H))
+        return out[0], out[1]
+
+    def _add_immediate(self, J: torch.Tensor, jac: Jacobian, V: torch.Tensor,
                        scale: torch.Tensor | None = None) -> None:
-        """``J += I_t / scale`` in place, for ``J`` viewed as ``(H, B, c, m)`` (own-unit rows)."""
-        G, nW, nU = self.G, self.nW, self.nU
-        vw, vu = self._inputs(x, jac.h)
-        dW = jac.dW.transpose(0, 1)  # (H, B, c, G)
-        dU = jac.dU.transpose(0, 1)
-        if scale is not None:
-            dW, dU = dW / scale, dU / scale
-        J[..., : G * nW].unflatten(-1, (G, nW)).addcmul_(dW.unsqueeze(-1), vw.unsqueeze(2))
-        J[..., G * nW: G * (nW + nU)].unflatten(-1, (G, nU)).addcmul_(dU.unsqueeze(-1), vu.unsqueeze(2))
-        J[..., G * (nW + nU):].add_(dW)
+        """``J += I_t / scale`` in place, for ``J`` viewed as ``(H, B, c, m)`` (own-unit rows).
 
-    def _noise_immediate(self, nu: torch.Tensor, jac: Jacobian, x: torch.Tensor) -> torch.Tensor:
+        The immediate Jacobian is an outer product per unit: ``dW[b, u, k, g] * V[b, u, g, :]``
+        (``dU`` on the U columns), so the whole update is one broadcast ``addcmul_`` (two for
+        the GRU, whose candidate gate scales its U columns by the reset gate).
+        """
+        nA = self.nW + 1
+        Jv = J.unflatten(-1, (self.G, self.n))
+        for sl, d, v in ((slice(0, nA), jac.dW, V[0]), (slice(nA, None), jac.dU, V[1])):
+            d = d.transpose(0, 1)  # (H, B, c, G)
+            if scale is not None:
+                d = d / scale
+            Jv[..., sl].addcmul_(d.unsqueeze(-1), v.transpose(0, 1).unsqueeze(2))
+
+    def _noise_immediate(self, nu: torch.Tensor, jac: Jacobian, V: torch.Tensor) -> torch.Tensor:
         """``nu^T I_t`` per example, example-major and contiguous: ``(B, H, m)``."""
-        B, H = self.batch, self.model.hidden
-
-        def inputs(v, cols, dense):  # (B, H | 1, G | 1, k)
-            if dense:
-                return v[:, None, None, :]
-            return torch.index_select(v, 1, cols.reshape(-1)).view(B, *cols.shape)
-
-        a = torch.einsum("buk,bukg->bug", nu, jac.dW)  # (B, H, G)
-        b = torch.einsum("buk,bukg->bug", nu, jac.dU)
-        parts = [(a.unsqueeze(-1) * inputs(x, self.cols_w, self.model.dense_w)).flatten(2),
-                 (b.unsqueeze(-1) * inputs(jac.h, self.cols_u, self.model.dense_u)).flatten(2), a]
-        return torch.cat([p.expand(B, H, -1) for p in parts], -1)
+        B, H, nA = self.batch, self.model.hidden, self.nW + 1
+        a = torch.einsum("buk,bukg->bug", nu, jac.dW).unsqueeze(-1)  # (B, H, G, 1)
+        b = a if jac.dU is jac.dW else torch.einsum("buk,bukg->bug", nu, jac.dU).unsqueeze(-1)
+        out = torch.empty(B, H, self.G, self.n, **self._opts)
+        torch.mul(a, V[0], out=out[..., :nA])
+        torch.mul(b, V[1], out=out[..., nA:])
+        return out.view(B, H, self.m)
 
     # -- one step ------------------------------------------------------------------------
     @torch.no_grad()
@@ -200,44 +260,36 @@ class Online:
         """Advance one step: returns ``(s_new, loss)``; accumulates the gradient of the loss."""
         model = self.model
         W, U = weights if weights is not None else model.effective()
-        s_new, jac = model.step_jacobian(x, s, (W, U))
+        V = None if self.snap1 is not None else self._inputs(x, s[..., 0])
+        preacts = None if self.dense else self._sparse_preacts(x, s[..., 0], W, U)
+        s_new, jac = model.step_jacobian(x, s, (W, U), preacts=preacts)
         c = model.components
-        if self.kind == "snap" and self.order == 1:
-            Dself = jac.E.clone()
-            Dself[..., 0] += (jac.dU * U.diagonal(dim1=1, dim2=2).T[:, None, :]).sum(-1)  # (B,H,c,G).(H,1,G)
-            Dself = Dself.transpose(0, 1)  # (H, B, c, c)
-            if c == 1:
-                self._snap1_scaled_update(Dself, jac, x)
-            else:  # LSTM: 2 x 2 blocks (h, c), in place; a batched matmul of 2 x 2 blocks
-                # allocates a new J each step and measured 2.4x slower at hidden 512
-                Jh, Jc = self.J[:, :, 0], self.J[:, :, 1]
-                torch.mul(Jh, Dself[:, :, 1, 0, None], out=self._buffer)
-                Jh.mul_(Dself[:, :, 0, 0, None]).addcmul_(Jc, Dself[:, :, 0, 1, None])
-                Jc.mul_(Dself[:, :, 1, 1, None]).add_(self._buffer)
-                self._add_immediate(self.J, jac, x)
+        if self.snap1 is not None:
+            B = x.shape[0]
+            sources = ((torch.cat([x, x.new_ones(B, 1)], 1), None if self.dense else self.cols[0]),
+                       (s[..., 0].contiguous(), None if self.dense else self.cols_h))
+            self.snap1.update(jac, U.diagonal(dim1=1, dim2=2), sources)
         elif self.kind == "snap":
             D = torch.nn.functional.pad(model.full_D(jac, U), (0, c, 0, c))
             idx = self.state_rows
             Dsub = D[:, idx[:, :, None], idx[:, None, :]].transpose(0, 1)  # (H, B, Rc, Rc)
             self.J = Dsub @ self.J
-            self._add_immediate(self.J[:, :, :c], jac, x)
+            self._add_immediate(self.J[:, :, :c], jac, V)
         elif self.kind == "rtrl":
             B, S, H, m = self.J.shape
             self.J = torch.bmm(model.full_D(jac, U), self.J.view(B, S, H * m)).view(B, S, H, m)
             own = self.J.view(B, H, c, H, m).diagonal(dim1=1, dim2=3).permute(3, 0, 1, 2)
-            self._add_immediate(own, jac, x)
+            self._add_immediate(own, jac, V)
         else:
-            self._uoro_step(jac, U, x)
+            self._uoro_step(jac, U, V)
         if not has_loss:
             return s_new, torch.zeros((), **self._opts)
         loss, g_ow, g_ob, eps = model.readout_grad(s_new, target, weight)
         self.g_out_w += g_ow
         self.g_out_b += g_ob
         B = self.batch
-        if self.kind == "snap" and self.order == 1:
-            e = eps.transpose(0, 1) if self.scale is None else eps.transpose(0, 1) * self.scale[..., 0]
-            self.g_units += torch.bmm(e.reshape(model.hidden, 1, B * c),
-                                      self.J.view(model.hidden, B * c, self.m)).squeeze(1)
+        if self.snap1 is not None:
+            self.snap1.accumulate(eps)
         elif self.kind == "snap":
             ep = torch.nn.functional.pad(eps.reshape(B, -1), (0, c))
             esub = ep[:, self.state_rows].transpose(0, 1)  # (H, B, Rc)
@@ -252,32 +304,11 @@ class Online:
             self.g_units += (coef[None, :] @ self.theta_tilde.view(B, -1)).view_as(self.g_units)
         return s_new, loss
 
-    #: SnAp-1 GRU keeps J = scale * J~ (scale per unit and example); outside this range the
-    #: scale is folded into J~ (one extra pass) to keep J~ far from overflow and underflow.
-    SCALE_RANGE = {torch.float32: (1e-12, 1e12), torch.float64: (1e-100, 1e100)}
-
-    def _snap1_scaled_update(self, Dself: torch.Tensor, jac: Jacobian, x: torch.Tensor) -> None:
-        """SnAp-1 for one-component units in one pass over J.
-
-        ``J_t = D_t * J_{t-1} + I_t`` with a diagonal ``D_t`` is ``J_t = P_t * J~_t`` with
-        ``P_t = D_t * P_{t-1}`` and ``J~_t = J~_{t-1} + I_t / P_t``: the multiply by D moves
-        onto the small ``(H, B)`` scale, so each step reads and writes J~ once (the memory
-        floor) plus one read for the gradient, instead of a multiply pass and an add pass.
-        """
-        lo, hi = self.SCALE_RANGE.get(self._opts["dtype"], (1e-12, 1e12))
-        scale = self.scale * Dself
-        size = scale.abs()
-        if not bool(((size >= lo) & (size <= hi)).all()):
-            self.J.mul_(scale)  # fold: J~ becomes D_t J_{t-1} itself
-            scale = torch.ones_like(scale)
-        self.scale = scale
-        self._add_immediate(self.J, jac, x, scale)
-
-    def _uoro_step(self, jac: Jacobian, U: torch.Tensor, x: torch.Tensor) -> None:
+    def _uoro_step(self, jac: Jacobian, U: torch.Tensor, V: torch.Tensor) -> None:
         B, H, c = self.batch, self.model.hidden, self.model.components
         noise = torch.randint(0, 2, (B, H, c), generator=self.generator).to(**self._opts) * 2 - 1
         ds = self.model.apply_D(jac, U, self.s_tilde)
-        ni = self._noise_immediate(noise, jac, x)
+        ni = self._noise_immediate(noise, jac, V)
         tiny = 1e-7 if self._opts["dtype"] == torch.float32 else 1e-16
         # rho0, rho1 balance the two factors' norms (variance reduction); they are even in the
         # noise, so the cross terms still vanish in expectation and the estimate is unbiased.
