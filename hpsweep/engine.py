@@ -28,6 +28,10 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1e9")
+# Trainers report different metrics at different times (training loss every few steps,
+# validation now and then); Tune's check that every result carries the sweep metric would
+# fail them. _TuneRun carries the latest value of the sweep metric forward instead.
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
@@ -68,10 +72,12 @@ class _TuneRun:
     the sweep's storage under the cell id, progress to Tune."""
 
     def __init__(self, cell: Cell, storage: Storage, sweep: str, tracker: CellTracker,
-                 every: int, device) -> None:
+                 every: int, device, metric: str) -> None:
         self.cell, self.storage, self.sweep, self.tracker = cell, storage, sweep, tracker
         self.every = every
         self.device = device
+        self.metric = metric
+        self._latest: dict[str, float] = {}
         self._saves = 0
         self._held: bytes | None = None
 
@@ -81,7 +87,11 @@ class _TuneRun:
         # The checkpoint saved before this report goes out with it (see CellTracker).
         self.tracker.log(step, values, checkpoint=self._held)
         self._held = None
-        tune.report({**values, "step": int(step)})
+        if self.metric in values:
+            self._latest[self.metric] = values[self.metric]
+        # Tune (schedulers, searchers, the live table) sees the sweep metric in every result
+        # once it is known; MLflow gets only what the trainer reported.
+        tune.report({**self._latest, **values, "step": int(step)})
 
     def save_checkpoint(self, state: dict) -> None:
         from trainers.common.run import dump_state
@@ -134,7 +144,7 @@ def _trial(tune_config: dict, context: dict) -> None:
                               TAG["node_id"]: runtime.get_node_id(),
                               "hpsweep.trial_id": tune.get_context().get_trial_id() or ""},
                           write_checkpoint=lambda data: storage.write_bytes(data, *checkpoint_path))
-    run = _TuneRun(cell, storage, context["sweep"], tracker, context["every"], device)
+    run = _TuneRun(cell, storage, context["sweep"], tracker, context["every"], device, context["metric"])
     try:
         info.train(trainer_config, run)
     except SystemExit:
@@ -270,6 +280,7 @@ def run_sweep(spec: SweepSpec, spec_text: str, *, tracking_uri: str, storage_uri
         "trainer": spec.trainer, "sweep": spec.name, "tracking_uri": tracking_uri,
         "experiment_id": tracker.experiment_id, "parent_run_id": parent,
         "storage": storage.spec(), "every": spec.checkpoint.every, "cpus": spec.resources.cpus,
+        "metric": spec.metric.name,
         "cells": {c.id: c for c in pending},
     }
     search_alg = None
