@@ -4,9 +4,7 @@ docker/, infra/ and ``hpsweep render``. Change a version in one place and this f
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-import pytest
 import yaml
 
 import hpsweep
