@@ -24,7 +24,7 @@ from hpsweep.protocol import (
     GroupChoice, Obs, Verdict, apply_selection, judge_claims, observations,
     pick_configuration, rank_configs,
 )
-from hpsweep.report_render import Links, Section, Table, render_html, render_markdown
+from hpsweep.report_render import Links, Section, Table, fmt_value, render_html, render_markdown
 from hpsweep.runs import SweepRuns, completeness, fetch_histories, load_sweep
 
 __all__ = ["build_report", "render_report", "run_url"]
@@ -108,7 +108,7 @@ class _Ctx:
                           and len({str(c.params.get(k)) for c in cells}) > 1})
 
         def label(o: Obs) -> str:
-            extra = "".join(f"{k}={o.params.get(k)} " for k in varying)
+            extra = "".join(f"{k}={fmt_value(o.params.get(k))} " for k in varying)
             state = "" if o.state == "done" else f" ({o.state})"
             return f"{extra}s{o.params.get('seed')}{state}"
 
@@ -303,7 +303,7 @@ def _series(cells: Sequence[Obs], runs: SweepRuns, metric: str) -> list:
 
 
 def _label(d: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in d.items()) or "all"
+    return ", ".join(f"{k}={fmt_value(v)}" for k, v in d.items()) or "all"
 
 
 CurveSpec = tuple[str, str, list[tuple[str, list[Obs]]]]   # title, metric, [(label, cells)]
