@@ -142,15 +142,19 @@ def _trial(tune_config: dict, context: dict) -> None:
                           context["sweep"], cell, extra_tags={
                               TAG["node_ip"]: ray.util.get_node_ip_address(),
                               TAG["node_id"]: runtime.get_node_id(),
-                              "hpsweep.trial_id": tune.get_context().get_trial_id() or ""},
+                              TAG["trial"]: tune.get_context().get_trial_id() or ""},
                           write_checkpoint=lambda data: storage.write_bytes(data, *checkpoint_path))
     run = _TuneRun(cell, storage, context["sweep"], tracker, context["every"], device, context["metric"])
     try:
         info.train(trainer_config, run)
     except SystemExit:
-        # Stopped by the scheduler (or the sweep was interrupted): send what is buffered and
-        # leave the status to the driver, which knows which of the two it was.
-        tracker.close()
+        # Stopped by the scheduler or by an interruption: send what is buffered and mark the
+        # run KILLED (resumable); the driver, which knows which of the two it was, turns the
+        # scheduler's stops into FINISHED once the trials are done.
+        with contextlib.suppress(Exception):
+            tracker.close()
+            if tracker.client.get_run(tracker.run_id).info.status == "RUNNING":
+                tracker.client.set_terminated(tracker.run_id, status="KILLED")
         raise
     except BaseException:
         with contextlib.suppress(Exception):  # never mask the trainer's own error
@@ -211,6 +215,7 @@ class _Outcomes(tune.Callback):
         self.tracker, self.asha, self.live = tracker, asha, live
         self.completed: set[str] = set()
         self.errored: set[str] = set()
+        self.stopped: dict[str, bool] = {}   # trial id -> stopped early (ASHA)
 
     def __getstate__(self) -> dict:
         # Tuner pickles its run config for Tuner.restore, which hpsweep does not use (cell
@@ -226,21 +231,29 @@ class _Outcomes(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.completed.add(trial.trial_id)
         self.live.done(trial.trial_id, "done")
-        if self.asha is not None and "cell" in trial.config:
+        if self.asha is not None:
             # ASHA also stops the trials that reach max_t, at their last report: only those
             # stopped before it were stopped early.
             reached = (trial.last_result or {}).get(self.asha.time_attr, 0) >= self.asha.max_t
-            self._finish_if_stopped(trial.config["cell"], early=not reached)
+            self.stopped[trial.trial_id] = not reached
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.errored.add(trial.trial_id)
         self.live.done(trial.trial_id, "failed", error=str(getattr(trial, "error_msg", "") or ""))
 
-    def _finish_if_stopped(self, cell: str, early: bool) -> None:
-        for run in self.tracker.runs_of(cell):
-            if run.info.status == "RUNNING":
-                self.tracker.client.set_tag(run.info.run_id, TAG["early"], "true" if early else "false")
-                self.tracker.client.set_terminated(run.info.run_id, status="FINISHED")
+    def finish_stopped(self, rounds: int = 3) -> None:
+        """Close the runs of trials the scheduler stopped: they end KILLED or RUNNING (stopped
+        inside a report); found by the trial id every attempt tags its run with. A few rounds,
+        for workers still closing their runs when the sweep ends."""
+        for i in range(rounds):
+            for run in (r for rs in self.tracker.cell_runs().values() for r in rs):
+                trial = run.data.tags.get(TAG["trial"])
+                if trial in self.stopped and run.info.status in ("RUNNING", "KILLED"):
+                    self.tracker.client.set_tag(run.info.run_id, TAG["early"],
+                                                "true" if self.stopped[trial] else "false")
+                    self.tracker.client.set_terminated(run.info.run_id, status="FINISHED")
+            if i < rounds - 1:
+                time.sleep(1.0)
 
 
 def run_sweep(spec: SweepSpec, spec_text: str, *, tracking_uri: str, storage_uri: str | None = None,
@@ -318,6 +331,8 @@ def run_sweep(spec: SweepSpec, spec_text: str, *, tracking_uri: str, storage_uri
     with table:
         tuner.fit()
     fit_s = time.time() - fit_started
+    if outcomes.stopped:
+        outcomes.finish_stopped()
     completed, failed = len(outcomes.completed), len(outcomes.errored)
     interrupted = todo - completed - failed
     if interrupted > 0:

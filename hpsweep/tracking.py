@@ -37,6 +37,7 @@ TAG = {
     "seed": "hpsweep.seed", "params": "hpsweep.params", "code": "hpsweep.code_version",
     "version": "hpsweep.version", "spec_hash": "hpsweep.spec_hash", "node_ip": "hpsweep.node_ip",
     "node_id": "hpsweep.node_id", "attempts": "hpsweep.attempts", "early": "hpsweep.early_stopped",
+    "trial": "hpsweep.trial_id",
 }
 _PARENT = "mlflow.parentRunId"
 _BATCH = 1000          # MLflow's log_batch limit on metrics per request
@@ -130,10 +131,6 @@ class SweepTracker:
             token = page.token
             if not token:
                 return runs
-
-    def runs_of(self, cell: str) -> list[Any]:
-        """Every run of one cell."""
-        return self.client.search_runs([self.experiment_id], f"tags.`{TAG['cell']}` = '{cell}'")
 
     def finished_cells(self, runs: dict[str, list[Any]] | None = None) -> set[str]:
         runs = self.cell_runs() if runs is None else runs

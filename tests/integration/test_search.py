@@ -90,3 +90,18 @@ def test_a_failing_trial_is_retried_then_failed_and_the_sweep_goes_on(tmp_path, 
         assert r.info.status == "FAILED" and r.data.tags["hpsweep.attempts"] == "3"
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
         assert steps == [1], steps
+
+
+def test_optuna_with_asha_leaves_no_run_open(tmp_path, mlflow_server, local_ray) -> None:
+    outcome, runs, _ = run(tmp_path, mlflow_server.url, """
+        config: {reports: 6, sleep: 0.02}
+        parameters:
+          x: {uniform: [-4, 4]}
+        search: {algorithm: optuna, samples: 8}
+        scheduler: {type: asha, max_t: 6, grace_period: 1, reduction_factor: 2}
+        max_concurrent: 2
+    """)
+    assert outcome.exit_code == 0 and outcome.finished == 8, outcome
+    assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs), \
+        [r.info.status for r in runs]
+    assert any(r.data.tags.get("hpsweep.early_stopped") == "true" for r in runs)
