@@ -279,12 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="print the JSON Schema of sweep files")
     p.set_defaults(func=cmd_schema)
 
-    try:
-        from hpsweep import cluster
-    except ImportError:  # pragma: no cover - the module ships with the package
-        cluster = None
-    if cluster is not None:
-        cluster.register(sub)
+    from hpsweep import cluster  # submit | logs | stop | render: the Ray Jobs side
+
+    cluster.register(sub)
     return parser
 
 
