@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from html.parser import HTMLParser
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -116,3 +117,33 @@ def log_sweep(
         list(pool.map(one, cells))
     client.set_terminated(pid, "FINISHED")
     return eid, pid
+
+
+class ReportPage(HTMLParser):
+    """What a test reads off a report's HTML: the statistic cells (their data-* attributes,
+    the text shown, the kind of table they sit in), the images and the links."""
+
+    def __init__(self):
+        super().__init__()
+        self.stats, self.imgs, self.links, self.tables, self._td = [], [], [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self.tables.append(a.get("data-kind"))
+        if tag == "td" and "data-metric" in a:
+            a["text"], a["table"] = "", self.tables[-1] if self.tables else None
+            self._td = a
+            self.stats.append(a)
+        if tag == "img":
+            self.imgs.append(a["src"])
+        if tag == "a":
+            self.links.append(a["href"])
+
+    def handle_data(self, data):
+        if self._td is not None:
+            self._td["text"] += data
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            self._td = None

@@ -27,6 +27,7 @@ __all__ = [
     "ServerStartError",
     "free_port",
     "start_server",
+    "start_on_free_port",
     "MotoServer",
     "start_moto_server",
     "MlflowServer",
@@ -189,6 +190,38 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
         return exc.code < 500
 
 
+def start_on_free_port(
+    name: str,
+    cmd_for_port: Callable[[int], Sequence[str]],
+    *,
+    log_dir: Path,
+    ready_path: str,
+    timeout: float,
+    what: str,
+    attempts: int = 3,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> tuple[ServerProcess, str]:
+    """Start an HTTP server on a free loopback port and wait until ``ready_path`` answers.
+
+    A port that was free when picked can be taken before the server binds it: then it is
+    tried again on another port, ``attempts`` times in all. Returns the process and its URL.
+    """
+    last: Exception | None = None
+    for _ in range(attempts):
+        port = free_port()
+        server = start_server(name, cmd_for_port(port), log_path=log_dir / f"{name}-{port}.log",
+                              env=env, cwd=cwd)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until(server, lambda: http_ok(f"{url}{ready_path}"), timeout=timeout, what=what)
+            return server, url
+        except ServerStartError as exc:
+            server.stop()
+            last = exc
+    raise last  # type: ignore[misc]
+
+
 # --- S3: moto_server ---------------------------------------------------------------------
 
 
@@ -243,22 +276,10 @@ class MotoServer:
 
 def start_moto_server(log_dir: Path, attempts: int = 3) -> MotoServer:
     """Start ``moto_server`` on a free loopback port and wait until it answers."""
-    last: Exception | None = None
-    for attempt in range(attempts):  # a free port can be taken between pick and bind: retry
-        port = free_port()
-        server = start_server(
-            "moto_server",
-            [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-            log_path=log_dir / f"moto_server-{port}.log",
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until(server, lambda: http_ok(f"{url}/moto-api/"), timeout=60, what="S3 answers")
-            return MotoServer(process=server, url=url)
-        except ServerStartError as exc:
-            server.stop()
-            last = exc
-    raise last  # type: ignore[misc]
+    server, url = start_on_free_port(
+        "moto_server", lambda port: [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        log_dir=log_dir, ready_path="/moto-api/", timeout=60, what="S3 answers", attempts=attempts)
+    return MotoServer(process=server, url=url)
 
 
 # --- MLflow tracking server --------------------------------------------------------------
@@ -291,40 +312,23 @@ def start_mlflow_server(
         "DO_NOT_TRACK": "true",
         "PYTHONUNBUFFERED": "1",
     }
-    last: Exception | None = None
-    for attempt in range(attempts):
-        port = free_port()
-        server = start_server(
-            "mlflow_server",
-            [
-                str(VENV_BIN / "mlflow"), "server",
-                "--host", "127.0.0.1",
-                "--port", str(port),
-                "--workers", "1",
-                "--backend-store-uri", backend,
-                "--serve-artifacts",
-                "--artifacts-destination", destination,
-            ],
-            log_path=work_dir / f"mlflow_server-{port}.log",
-            env=env,
-            cwd=work_dir,  # anything mlflow writes beside itself stays in the test's directory
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            # the first start migrates the SQLite schema: slow on a loaded 2-core machine
-            wait_until(server, lambda: http_ok(f"{url}/health"), timeout=120, what="/health answers")
-            return MlflowServer(
-                process=server,
-                url=url,
-                backend_store_uri=backend,
-                artifacts_destination=destination,
-                bucket=bucket,
-                prefix=prefix,
-            )
-        except ServerStartError as exc:
-            server.stop()
-            last = exc
-    raise last  # type: ignore[misc]
+    server, url = start_on_free_port(
+        "mlflow_server",
+        lambda port: [
+            str(VENV_BIN / "mlflow"), "server",
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--workers", "1",
+            "--backend-store-uri", backend,
+            "--serve-artifacts",
+            "--artifacts-destination", destination,
+        ],
+        log_dir=work_dir, env=env,
+        cwd=work_dir,  # anything mlflow writes beside itself stays in the test's directory
+        # the first start migrates the SQLite schema: slow on a loaded 2-core machine
+        ready_path="/health", timeout=120, what="/health answers", attempts=attempts)
+    return MlflowServer(process=server, url=url, backend_store_uri=backend,
+                        artifacts_destination=destination, bucket=bucket, prefix=prefix)
 
 
 # --- a two-node Ray cluster --------------------------------------------------------------

@@ -11,45 +11,15 @@ import shutil
 import subprocess
 import sys
 import uuid
-from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/report_support.py
-from report_support import SLEEP_SPEC, log_sweep, run_sleep  # noqa: E402
+from report_support import SLEEP_SPEC, ReportPage, log_sweep, run_sleep  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-class _Page(HTMLParser):
-    """Statistic cells (data-* attributes and shown text), images and links of the report."""
-
-    def __init__(self):
-        super().__init__()
-        self.stats, self.imgs, self.links, self.tables, self._td = [], [], [], [], None
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if tag == "table":
-            self.tables.append(a.get("data-kind"))
-        if tag == "td" and "data-metric" in a:
-            a["text"], a["table"] = "", self.tables[-1]
-            self._td = a
-            self.stats.append(a)
-        if tag == "img":
-            self.imgs.append(a["src"])
-        if tag == "a":
-            self.links.append(a["href"])
-
-    def handle_data(self, data):
-        if self._td is not None:
-            self._td["text"] += data
-
-    def handle_endtag(self, tag):
-        if tag == "td":
-            self._td = None
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +59,7 @@ def _final(client, run_id: str, metric: str) -> float:
 
 def test_every_table_number_equals_mlflow_history(tracked, report):
     html, md, _ = report
-    page = _Page()
+    page = ReportPage()
     page.feed(html.read_text())
     client = tracked.client
     assert len(page.stats) >= 12
@@ -127,7 +97,7 @@ def test_selection_picks_what_the_histories_say(tracked, report):
     for x, by_reports in groups.items():
         best = min(by_reports, key=lambda k: sum(v for _, v in by_reports[k]) / len(by_reports[k]))
         want[x] = {rid for rid, _ in by_reports[best]}
-    page = _Page()
+    page = ReportPage()
     page.feed(html.read_text())
     chosen = {frozenset(s["data-runs"].split(",")) for s in page.stats
               if s["table"] == "selection" and s["data-metric"] == "loss"}
@@ -141,7 +111,7 @@ def test_partial_sweep_claims_links_and_artifacts(tracked, report):
     assert text.count("| missing |") == 1
     assert "| zero-beats-half |" in text and "**reproduced**" in text
     assert "| zero-above-half | x=0 reaches a higher loss than x=0.5 (false) | **not reproduced**" in text
-    page = _Page()
+    page = ReportPage()
     page.feed(html.read_text())
     run_links = [l for l in page.links if "/runs/" in l]
     assert run_links and all(l.startswith(f"{tracked.url}/#/experiments/{tracked.eid}/runs/")

@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from pathlib import Path
-from html.parser import HTMLParser
 from types import SimpleNamespace
 
 import pytest
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/report_support.py
+from report_support import ReportPage  # noqa: E402
 
 from hpsweep.protocol import Claim, Selection
 from hpsweep.report import render_report, run_url
@@ -49,31 +52,6 @@ def _snap_sweep(drop=(), failed=()):
     return plan, SweepRuns("t", "http://mlflow.example", "7", "parent", cells)
 
 
-class _Stats(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.stats, self.imgs, self.links, self._td, self.text = [], [], [], None, {}
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if tag == "td" and "data-metric" in a:
-            self._td = a
-            self.stats.append(a)
-        if tag == "img":
-            self.imgs.append(a["src"])
-        if tag == "a":
-            self.links.append(a["href"])
-
-    def handle_data(self, data):
-        if self._td is not None:
-            self._td.setdefault("text", "")
-            self._td["text"] += data
-
-    def handle_endtag(self, tag):
-        if tag == "td":
-            self._td = None
-
-
 def test_partial_sweep_report_shows_missing_cells_and_consistent_numbers(tmp_path):
     drop = {"snap1-0.001-2"}
     plan, runs = _snap_sweep(drop=drop, failed={"bptt-0.001-0"})
@@ -87,7 +65,7 @@ def test_partial_sweep_report_shows_missing_cells_and_consistent_numbers(tmp_pat
     assert md.count("| missing |") == 1 and "FAILED" in md
     # the chosen snap1 configuration has 2 of its 3 seeds: the table says so
     assert re.search(r"\| snap1 \| 0\.001 \| [^|]+\(n=2/3\)", md)
-    p = _Stats()
+    p = ReportPage()
     p.feed(html_path.read_text())
     assert p.stats, "no statistic cells"
     by_run = {c.run_id: c for c in runs.cells.values()}
