@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from trainers.common.seeding import rng_state, seed_everything, set_rng_state
-from trainers.mbpa.adapt import adapt_predict, linear_fn
+from trainers.mbpa.adapt import FirstStep, adapt_predict_mlp, first_step_terms, mlp_layers
 from trainers.mbpa.config import Config
-from trainers.mbpa.data import load_mnist
+from trainers.mbpa.data import load_images
 from trainers.mbpa.memory import EpisodicMemory, kernel_weights
 from trainers.mbpa.models import MLP
 
@@ -33,30 +33,48 @@ def memory_key(model: MLP, x: torch.Tensor, keys: str) -> torch.Tensor:
         return model.features(x)
 
 
-def mbpa_logits(model: MLP, memory: EpisodicMemory, x: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """Predictions for ``x`` after local adaptation on its K nearest memories (theta untouched)."""
+def _adapted_network(model: MLP, cfg: Config) -> torch.nn.Module:
+    """g: the whole MLP with pixel keys, its output layer with hidden keys."""
+    return model if cfg.keys == "pixels" else model.out
+
+
+def memory_terms(model: MLP, memory: EpisodicMemory, cfg: Config) -> FirstStep | None:
+    """What one SGD step needs from every memory slot at theta, computed once for a whole
+    evaluation pass (memory and theta are fixed during it); None when adaptation is not a
+    single SGD step."""
+    if cfg.steps != 1 or cfg.local_optimizer != "sgd" or cfg.alpha == 0.0 or len(memory) == 0:
+        return None
+    size = len(memory)
+    return first_step_terms(mlp_layers(_adapted_network(model, cfg)), memory.keys[:size], memory.values[:size])
+
+
+def mbpa_logits(model: MLP, memory: EpisodicMemory, x: torch.Tensor, cfg: Config,
+                terms: FirstStep | None = None) -> torch.Tensor:
+    """Predictions for ``x`` after local adaptation on its K nearest memories (theta untouched).
+
+    ``terms``: :func:`memory_terms` of this memory and model, when evaluating many batches.
+    """
     q = memory_key(model, x, cfg.keys)
-    d2, nb_x, nb_y = memory.search(q, cfg.neighbours)
+    d2, slots = memory.nearest(q, cfg.neighbours)
     w = kernel_weights(d2, cfg.kernel_eps, cfg.normalise_weights)
-    if cfg.keys == "pixels":   # g is the whole MLP
-        theta = {n: p.detach() for n, p in model.named_parameters()}
-        fn = lambda p, inp: functional_call(model, p, (inp,))  # noqa: E731
-    else:                      # g is the output layer
-        theta = {n: p.detach() for n, p in model.out.named_parameters()}
-        fn = linear_fn
-    return adapt_predict(fn, theta, nb_x, nb_y, w, q, steps=cfg.steps, lr=cfg.alpha, beta=cfg.beta,
-                         optimizer=cfg.local_optimizer, decay=cfg.rmsprop_decay, eps=cfg.rmsprop_eps,
-                         chunk=cfg.adapt_chunk)
+    nb_y = memory.values[slots]
+    # one SGD step from memory terms reads no neighbour key: skip gathering (B, K, D) of them
+    nb_x = None if terms is not None else memory.keys.index_select(0, slots.reshape(-1)).view(*slots.shape, -1)
+    return adapt_predict_mlp(mlp_layers(_adapted_network(model, cfg)), nb_x, nb_y, w, q, steps=cfg.steps,
+                             lr=cfg.alpha, beta=cfg.beta, optimizer=cfg.local_optimizer, decay=cfg.rmsprop_decay,
+                             eps=cfg.rmsprop_eps, nb_idx=slots, nb_d2=d2, terms=terms, chunk=cfg.adapt_chunk)
 
 
 def accuracy(model: MLP, x: torch.Tensor, y: torch.Tensor, cfg: Config, memory: EpisodicMemory | None) -> float:
     """Accuracy of the model (with MbPA when ``memory`` holds anything) on (x, y)."""
     model.eval()
+    adapt = memory is not None and len(memory) > 0
+    terms = memory_terms(model, memory, cfg) if adapt else None
     correct = 0
     for i in range(0, x.shape[0], EVAL_BATCH):
         xb = x[i:i + EVAL_BATCH]
-        if memory is not None and len(memory) > 0:
-            logits = mbpa_logits(model, memory, xb, cfg)
+        if adapt:
+            logits = mbpa_logits(model, memory, xb, cfg, terms)
         else:
             with torch.no_grad():
                 logits = model(xb)
@@ -95,7 +113,7 @@ def split_generator(cfg: Config) -> torch.Generator:
 
 
 def _device_data(cfg: Config, run, device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in load_mnist(run, cfg.data_dir).items()}
+    return {k: v.to(device) for k, v in load_images(run, cfg).items()}
 
 
 def _train_epoch(model, opt, x, y, cfg, gen, memory, anchors, write: bool) -> float:
@@ -117,12 +135,13 @@ def _train_epoch(model, opt, x, y, cfg, gen, memory, anchors, write: bool) -> fl
     return total / max(1, batches)
 
 
-def _new_state(cfg: Config, device: torch.device):
-    model = MLP(cfg.hidden).to(device)
+def _new_state(cfg: Config, device: torch.device, inputs: int = 784, classes: int = 10):
+    model = MLP(cfg.hidden, classes=classes, inputs=inputs).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     memory = None
     if cfg.method == "mbpa":
-        memory = EpisodicMemory(cfg.memory_size, 784 if cfg.keys == "pixels" else cfg.hidden, device)
+        memory = EpisodicMemory(cfg.memory_size, inputs if cfg.keys == "pixels" else cfg.hidden, device,
+                                index=cfg.memory_index, nprobe=cfg.index_nprobe, nlist=cfg.index_nlist)
     return model, opt, memory
 
 
@@ -192,13 +211,20 @@ def train_permuted(cfg: Config, run) -> None:
 def train_incremental(cfg: Config, run) -> None:
     """Incremental classes: pretrain on digits 0-4, then train on 0-9 (new classes maybe scarce).
 
+    With an image folder: pretrain on labels below ``pretrain_classes`` (default the first
+    half of the sorted class names), then train on all; input size and classes from the data.
+
     Reports test accuracy on old classes, new classes and all, at update 0 and every
     ``eval_every`` updates of the second phase (``acc/old``, ``acc/new``, ``acc/all``).
     """
     device = run.device
     gen = seed_everything(cfg.seed)
     data = _device_data(cfg, run, device)
-    old = data["train_y"] < 5
+    classes = int(data["train_y"].max()) + 1
+    first = cfg.pretrain_classes if cfg.pretrain_classes is not None else classes // 2
+    if not 1 <= first < classes:
+        raise ValueError(f"pretrain_classes must be in [1, {classes - 1}] for {classes} classes, got {first}")
+    old = data["train_y"] < first
     old_idx = torch.nonzero(old).flatten()
     new_idx = torch.nonzero(~old).flatten()
     split = split_generator(cfg)
@@ -209,8 +235,8 @@ def train_incremental(cfg: Config, run) -> None:
     phase2 = phase2[torch.randperm(phase2.shape[0], generator=gen).to(device)]
     n_test = cfg.test_per_task or data["test_x"].shape[0]
     test_x, test_y = data["test_x"][:n_test], data["test_y"][:n_test]
-    test_old = test_y < 5
-    model, opt, memory = _new_state(cfg, device)
+    test_old = test_y < first
+    model, opt, memory = _new_state(cfg, device, inputs=data["train_x"].shape[1], classes=classes)
     state = run.load_checkpoint()
     update = 0
     resumed = state is not None   # the checkpoint was saved right before its report: no repeat

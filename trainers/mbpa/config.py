@@ -33,6 +33,12 @@ class Config:
     # --- data (None: required by the experiment that reads it) -------------------------------
     data_dir: str | None = None          # MNIST IDX files (gz or not), or PTB-format token files
     lm_prefix: str = "ptb"               # LM files: {data_dir}/{prefix}.{train,valid,test}.txt
+    # incremental: "image_folder" reads data_dir/{train,test}/<class name>/<images> (sorted class
+    # names are the labels), converted to image_channels (1 grey, 3 RGB) and resized to
+    # image_size x image_size (None: as stored, one size required)
+    data_format: Literal["mnist", "image_folder"] = "mnist"
+    image_size: int | None = None
+    image_channels: Literal[1, 3] = 1
 
     # --- episodic memory and local adaptation ------------------------------------------------
     memory_size: int = 5000              # N: capacity, circular (oldest out first)
@@ -51,6 +57,12 @@ class Config:
     # later tasks are learned, so keys written then no longer match queries embedded now.
     keys: Literal["pixels", "hidden"] = "pixels"
     adapt_chunk: int = 64                # queries adapted together (bounds per-query copies)
+    # Neighbour search (MNIST experiments; the LM's memory is always exact). "exact": matrix
+    # product and top-k over the whole memory; "ivf": faiss IndexIVFFlat, rebuilt at the first
+    # search after writes; "auto": exact up to 100,000 stored entries, IVF above.
+    memory_index: Literal["exact", "ivf", "auto"] = "exact"
+    index_nprobe: int = 12               # IVF lists scanned per query (bench/mbpa_adapt.py: <= 50 ms at 10^5)
+    index_nlist: int | None = None       # IVF lists; None: 4 sqrt(N) (trainers/mbpa/memory.py)
 
     # --- MNIST classifiers -------------------------------------------------------------------
     hidden: int = 100                    # two hidden layers of this width (our choice)
@@ -64,6 +76,7 @@ class Config:
     ewc_lambda: float = 100.0            # EWC penalty strength (swept)
     fisher_samples: int = 1000           # examples for the diagonal empirical Fisher
     # incremental classes: pretrain on digits 0-4, then train on 0-9
+    pretrain_classes: int | None = None  # labels below this come first; None: the first half
     pretrain_epochs: int = 1
     incremental_updates: int = 200       # updates after the new classes arrive
     eval_every: int = 20                 # updates between evaluations in that phase
@@ -100,7 +113,7 @@ class Config:
             if not cond:
                 problems.append(message)
 
-        for name in ("memory_size", "neighbours", "adapt_chunk", "hidden", "batch_size",
+        for name in ("memory_size", "neighbours", "adapt_chunk", "index_nprobe", "hidden", "batch_size",
                      "epochs_per_task", "num_tasks", "train_per_task", "fisher_samples",
                      "lm_embed", "lm_hidden", "lm_layers", "lm_batch", "lm_bptt",
                      "lm_eval_chunk", "report_every", "eval_every"):
@@ -115,7 +128,8 @@ class Config:
         for name in ("lr", "lm_lr", "kernel_eps", "rmsprop_eps"):
             value = getattr(self, name)
             need(value > 0, f"{name} must be > 0, got {name}={value}")
-        for name in ("test_per_task", "lm_max_steps", "lm_train_tokens", "lm_eval_tokens"):
+        for name in ("test_per_task", "lm_max_steps", "lm_train_tokens", "lm_eval_tokens", "index_nlist",
+                     "image_size", "pretrain_classes"):
             value = getattr(self, name)
             need(value is None or value >= 1, f"{name} must be >= 1 or null, got {name}={value}")
         need(0 <= self.rmsprop_decay < 1, f"rmsprop_decay must be in [0, 1), got rmsprop_decay={self.rmsprop_decay}")
@@ -131,6 +145,14 @@ class Config:
             need(self.train_per_task + self.valid_per_task <= 60000,
                  f"train_per_task + valid_per_task must be <= 60000 (MNIST's training images), got "
                  f"{self.train_per_task} + {self.valid_per_task}")
+        need(self.image_channels in (1, 3), f"image_channels must be 1 or 3, got image_channels={self.image_channels}")
+        need(self.memory_index in ("exact", "ivf", "auto"),
+             f"memory_index must be exact, ivf or auto, got memory_index={self.memory_index!r}")
+        need(self.data_format == "mnist" or self.experiment == "incremental",
+             f"data_format={self.data_format!r} is for experiment=incremental (permuted_mnist permutes "
+             "MNIST's 784 pixels; lm reads token files)")
+        need(self.data_format == "image_folder" or self.image_size is None,
+             "image_size resizes an image folder: set data_format=image_folder or leave image_size unset")
         if self.experiment == "incremental":
             need(self.method != "ewc", "method=ewc is only for experiment=permuted_mnist; "
                  "experiment=incremental compares sgd (fine-tuning) with mbpa")
