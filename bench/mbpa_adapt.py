@@ -155,8 +155,9 @@ def bench_lm(rows: list, quick: bool) -> None:
     fast = timed(lambda: softmax_sgd_correction(W, b, q, nb_h, nb_y, w, steps=1, lr=0.15, nb_idx=idx,
                                                 cand_h=cand_h), 1 if quick else 3)
     table = torch.softmax(cand_h @ W.T + b, dim=-1)   # what evaluation keeps beside the memory
-    kept = timed(lambda: softmax_sgd_correction(W, b, q, nb_h, nb_y, w, steps=1, lr=0.15, nb_idx=idx,
-                                                cand_h=cand_h, probs_of=lambda used: table[used]),
+    rows_of = torch.arange(N + B)                     # candidate c's softmax is table row c
+    kept = timed(lambda: softmax_sgd_correction(W, b, q, None, nb_y, w, steps=1, lr=0.15, nb_idx=idx,
+                                                cand_h=cand_h, probs_table=(table, rows_of), nb_d2=d2),
                  1 if quick else 3)
     n_exp = 8 if quick else 16
     explicit = timed(lambda: softmax_explicit(W, b, q[:n_exp], nb_h[:n_exp], nb_y[:n_exp], w[:n_exp], steps=1,

@@ -4,9 +4,10 @@ Byte-level LM shapes (one-hot inputs of 256, 256 outputs), batch 16: GRU and LST
 and 512, dense and 90% sparse. A step is the forward step plus the method's gradient work
 (BPTT: a T = 128 window forward and backward, divided by 128); the optimiser's update, once a
 window for every method, is left out. Each method's ratio to BPTT on the same network is
-printed, and for SnAp-1 its ratio to its memory floor: one read and one write of its influence
-(batch x state components x kept parameters, as floats) per step, at the copy bandwidth this
-run measures on a buffer far larger than the caches.
+printed, on a sparse network also its ratio to BPTT on the dense network of the same cell and
+size ("x dense"), and for SnAp-1 its ratio to its memory floor: one read and one write of its
+influence (batch x state components x kept parameters, as floats) per step, at the copy
+bandwidth this run measures on a buffer far larger than the caches.
 
     python bench/snap_step.py            # the issue's table (CPU: ~3 minutes)
     python bench/snap_step.py --quick    # hidden 32 and 64, a few seconds
@@ -163,22 +164,28 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"device: {name}; {args.clock} clock; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); batch {BATCH}; "
           f"bptt window {WINDOW}; float32")
-    header = f"{'cell':5} {'hidden':>6} {'sparse':>6} {'method':7} {'ms/step':>10} {'x bptt':>8} {'floor ms':>9} {'x floor':>8}"
+    header = (f"{'cell':5} {'hidden':>6} {'sparse':>6} {'method':7} {'ms/step':>10} {'x bptt':>8} {'x dense':>8} "
+              f"{'floor ms':>9} {'x floor':>8}")
     print(header)
     print("-" * len(header))
     for cell in args.cells.split(","):
         for hidden in hiddens:
+            dense_bptt = None  # BPTT on the dense network: the reference of the sparse rows' "x dense"
             for density in (1.0, 0.1):
                 rows = bench_network(cell, hidden, density, args.methods.split(","), device, bandwidth,
                                      budget, min_time)
+                if density == 1.0:
+                    dense_bptt = next((r["sec"] for r in rows if r["method"] == "bptt" and "sec" in r), None)
                 for r in rows:
                     lead = f"{r['cell']:5} {r['hidden']:>6} {r['sparsity']:>6.2f} {r['method']:7}"
                     if "sec" not in r:
                         print(f"{lead} {r['note']}")
                         continue
                     floor = r.get("floor")
+                    vs_dense = f"{r['sec'] / dense_bptt:>8.2f}" if density < 1.0 and dense_bptt else " " * 8
                     tail = f" {floor * 1e3:>9.3f} {r['sec'] / floor:>8.2f}" if floor else ""
-                    print(f"{lead} {r['sec'] * 1e3:>10.3f} {r.get('vs_bptt', float('nan')):>8.2f}{tail}", flush=True)
+                    line = f"{lead} {r['sec'] * 1e3:>10.3f} {r.get('vs_bptt', float('nan')):>8.2f} {vs_dense}{tail}"
+                    print(line.rstrip(), flush=True)
     return 0
 
 

@@ -161,6 +161,16 @@ def test_softmax_neighbour_correction_equals_explicit_adaptation(steps, beta):
     if steps == 1:   # the chunked general path agrees with the shared-softmax fast path
         slow = softmax_sgd_correction(W, b, q, nb_h, nb_y, w, steps=1, lr=0.8, beta=beta)
         assert torch.allclose(got, slow, atol=1e-12)
+        # ... and so do kept softmaxes in a shuffled table, with the dots from the distances
+        perm = torch.randperm(40, generator=torch.Generator().manual_seed(3))[:30]    # candidate -> row
+        table = torch.zeros(40, 50, dtype=torch.float64)
+        table[perm] = torch.softmax(cand_h @ W.T + b, dim=-1)
+        d2 = ((q[:, None, :] - nb_h) ** 2).sum(-1)
+        kept = softmax_sgd_correction(W, b, q, None, nb_y, w, steps=1, lr=0.8, beta=beta, nb_idx=idx,
+                                      cand_h=cand_h, probs_table=(table, perm), nb_d2=d2)
+        assert torch.allclose(kept, ref, atol=1e-10), (kept - ref).abs().max()
+        with pytest.raises(ValueError, match="nb_h may be omitted"):
+            softmax_sgd_correction(W, b, q, None, nb_y, w, steps=2, lr=0.8, nb_idx=idx, cand_h=cand_h, nb_d2=d2)
 
 
 def test_softmax_correction_masked_neighbours_and_zero_alpha():

@@ -67,11 +67,14 @@ def evaluate_with_memory(model: LSTMLM, ids: torch.Tensor, cfg: Config) -> tuple
     memory = EpisodicMemory(cfg.memory_size, W.shape[1], device)
     use_memory = cfg.lambda_cache > 0 or cfg.lambda_mbpa > 0
     # With T = 1 SGD the correction needs each neighbour's unadapted softmax, which is the
-    # LSTM's own prediction at that position: keep it beside the memory (N x V floats) rather
-    # than recomputing it for every batch of queries.
+    # LSTM's own prediction at that position: keep them rather than recomputing them for every
+    # batch of queries, in a ring indexed by position modulo N + chunk. A chunk's queries look
+    # back at most N positions, so the chunk's own softmaxes can go in before its correction
+    # without overwriting any that it still reads.
+    ring = cfg.memory_size + cfg.lm_eval_chunk
     keep_probs = (cfg.lambda_mbpa > 0 and cfg.local_optimizer == "sgd" and cfg.steps == 1
-                  and cfg.memory_size * W.shape[0] <= MAX_PROB_CACHE)
-    mem_probs = torch.zeros(cfg.memory_size, W.shape[0], device=device) if keep_probs else None
+                  and ring * W.shape[0] <= MAX_PROB_CACHE)
+    mem_probs = torch.zeros(ring, W.shape[0], device=device) if keep_probs else None
     inputs, targets = ids[:-1], ids[1:]
     nll_mix, nll_lstm, state = 0.0, 0.0, None
     for start in range(0, inputs.shape[0], cfg.lm_eval_chunk):
@@ -86,8 +89,9 @@ def evaluate_with_memory(model: LSTMLM, ids: torch.Tensor, cfg: Config) -> tuple
             nll_mix -= float(log_lstm.gather(1, y[:, None]).sum())
             continue
         t = start + torch.arange(x.shape[0], device=device)
+        if mem_probs is not None:
+            mem_probs[t % ring] = log_lstm.exp()
         mk, mv, mp = memory.contents()
-        mk_slots = mp % cfg.memory_size         # where each stored entry lives in the ring
         cand_h, cand_y, cand_p = torch.cat([mk, h]), torch.cat([mv, y]), torch.cat([mp, t])
         valid = (cand_p[None, :] < t[:, None]) & (cand_p[None, :] >= t[:, None] - cfg.memory_size)
         has = valid.any(1)
@@ -97,30 +101,21 @@ def evaluate_with_memory(model: LSTMLM, ids: torch.Tensor, cfg: Config) -> tuple
         if cfg.lambda_mbpa > 0:
             d2, idx = knn(h, cand_h, cfg.neighbours, valid)
             w = kernel_weights(d2, cfg.kernel_eps, cfg.normalise_weights)
-            nb_h, nb_y = cand_h[idx], cand_y[idx]
+            nb_y = cand_y.index_select(0, idx.reshape(-1)).view_as(idx)
+            # one SGD step takes the dots from the distances: no (B, K, H) gather of keys
+            fast = cfg.local_optimizer == "sgd" and cfg.steps == 1
+            nb_h = None if fast else cand_h.index_select(0, idx.reshape(-1)).view(*idx.shape, -1)
             if cfg.local_optimizer == "sgd":
-                probs_of = None
-                if mem_probs is not None:
-                    slots, chunk_probs, n_mem = mk_slots, log_lstm.exp(), mk.shape[0]
-
-                    def probs_of(used):
-                        out = torch.empty(used.shape[0], W.shape[0], device=device)
-                        old = used < n_mem
-                        out[old] = mem_probs[slots[used[old]]]
-                        out[~old] = chunk_probs[used[~old] - n_mem]
-                        return out
+                table = (mem_probs, cand_p % ring) if mem_probs is not None else None
                 mbpa = softmax_sgd_correction(W, b, h, nb_h, nb_y, w, steps=cfg.steps, lr=cfg.alpha,
-                                              beta=cfg.beta, nb_idx=idx, cand_h=cand_h, probs_of=probs_of)
+                                              beta=cfg.beta, nb_idx=idx, cand_h=cand_h, probs_table=table,
+                                              nb_d2=d2, base=logits)
             else:
                 mbpa = softmax_explicit(W, b, h, nb_h, nb_y, w, steps=cfg.steps, lr=cfg.alpha, beta=cfg.beta,
                                         optimizer="rmsprop", decay=cfg.rmsprop_decay, eps=cfg.rmsprop_eps,
                                         chunk=cfg.adapt_chunk)
         logp = mixture_log_probs(logits, cache, mbpa, cfg.lambda_cache, cfg.lambda_mbpa, has)
         nll_mix -= float(logp.gather(1, y[:, None]).sum())
-        if mem_probs is not None:               # the same slots memory.write is about to fill
-            n = min(h.shape[0], cfg.memory_size)
-            mem_probs[(memory.count + h.shape[0] - n + torch.arange(n, device=device)) % cfg.memory_size] = \
-                log_lstm[-n:].exp()
         memory.write(h, y)
     model.train()
     n = max(1, targets.shape[0])

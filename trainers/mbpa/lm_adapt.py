@@ -21,7 +21,7 @@ The neural cache (Grave et al., 2017): p_cache(w | h_t) = sum_i softmax_i(theta 
 
 from __future__ import annotations
 
-from typing import Callable
+import warnings
 
 import torch
 
@@ -31,29 +31,50 @@ __all__ = ["softmax_sgd_correction", "softmax_explicit", "cache_probs", "mixture
 
 
 def softmax_sgd_correction(weight: torch.Tensor, bias: torch.Tensor, queries: torch.Tensor,
-                           nb_h: torch.Tensor, nb_y: torch.Tensor, nb_w: torch.Tensor, *, steps: int,
+                           nb_h: torch.Tensor | None, nb_y: torch.Tensor, nb_w: torch.Tensor, *, steps: int,
                            lr: float, beta: float = 0.0, nb_idx: torch.Tensor | None = None,
                            cand_h: torch.Tensor | None = None, chunk: int = 16,
-                           probs_of: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                           probs_table: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           nb_d2: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
     """Adapted logits (B, V) by the neighbour-only correction (plain SGD, exact).
 
     ``queries`` (B, H); ``nb_h`` (B, K, H), ``nb_y`` (B, K), ``nb_w`` (B, K). For ``steps == 1``
     pass ``nb_idx`` (B, K) indices into ``cand_h`` (U, H), the candidate keys the neighbours
-    were drawn from, so that each distinct neighbour's softmax is computed once per batch;
-    ``probs_of(used)`` may supply those softmaxes (U, V) instead (the LM evaluation keeps them,
-    since a memory entry's softmax is the LSTM's own prediction at that position).
+    were drawn from, so that each distinct neighbour's softmax is computed once per batch, or
+    ``probs_table = (table, rows)``: candidate c's unadapted softmax is ``table[rows[c]]`` (the
+    LM evaluation keeps them, since a memory entry's softmax is the LSTM's own prediction at
+    that position); the correction then reads just the K rows of each query, by one sparse
+    (B x R, K entries a row) times dense product. With ``nb_d2`` (the search's squared
+    distances) the dots ``h_k . q`` come from ``(|q|^2 + |h_k|^2 - d2) / 2`` and ``nb_h`` may be
+    None. ``base``: the queries' unadapted logits, when the caller has them.
     """
-    base = queries @ weight.T + bias
+    if base is None:
+        base = queries @ weight.T + bias
     if steps == 0 or lr == 0.0:
         return base
-    ones = torch.ones((), dtype=queries.dtype, device=queries.device)
-    dots = torch.einsum("bkh,bh->bk", nb_h, queries) + ones           # h_k . q + 1
+    if nb_h is None:
+        if nb_d2 is None or cand_h is None or nb_idx is None or steps != 1:
+            raise ValueError("nb_h may be omitted only for steps=1 with nb_idx, cand_h and nb_d2")
+        key_sq = (cand_h * cand_h).sum(1).index_select(0, nb_idx.reshape(-1)).view_as(nb_d2)
+        dots = 0.5 * ((queries * queries).sum(1, keepdim=True) + key_sq - nb_d2)
+        dots = dots.masked_fill_(torch.isinf(nb_d2), 0.0) + 1.0        # masked slots have w = 0
+    else:
+        dots = torch.einsum("bkh,bh->bk", nb_h, queries) + 1.0          # h_k . q + 1
+    if steps == 1 and nb_idx is not None and probs_table is not None:
+        table, rows = probs_table
+        B, K = nb_idx.shape
+        coef = nb_w * dots
+        crow = torch.arange(0, B * K + 1, K, device=queries.device)
+        col = rows.index_select(0, nb_idx.reshape(-1))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta")
+            csr = torch.sparse_csr_tensor(crow, col, coef.reshape(-1), (B, table.shape[0]), check_invariants=False)
+            correction = csr @ table
+        correction.scatter_add_(1, nb_y, -coef)                         # minus the one-hot part
+        return base - lr * correction
     if steps == 1 and nb_idx is not None and cand_h is not None:
         used, inverse = torch.unique(nb_idx, return_inverse=True)      # U distinct neighbours
-        if probs_of is not None:
-            probs = probs_of(used)
-        else:
-            probs = torch.softmax(cand_h[used] @ weight.T + bias, dim=-1)  # (U, V)
+        probs = torch.softmax(cand_h[used] @ weight.T + bias, dim=-1)  # (U, V)
         rows = torch.arange(queries.shape[0], device=queries.device)[:, None].expand_as(inverse)
         # sum_k w_k (h_k.q + 1) as a sparse (B, U) matrix: K non-zeros a row, so the product
         # costs B K V instead of B U V
@@ -67,7 +88,7 @@ def softmax_sgd_correction(weight: torch.Tensor, bias: torch.Tensor, queries: to
     for i in range(0, queries.shape[0], chunk):
         h, y, w = nb_h[i:i + chunk], nb_y[i:i + chunk], nb_w[i:i + chunk]
         nb_base = h @ weight.T + bias                                   # (b, K, V)
-        gram = h @ h.transpose(1, 2) + ones                             # (b, K, K)
+        gram = h @ h.transpose(1, 2) + 1.0                              # (b, K, K)
         onehot = torch.zeros_like(nb_base).scatter_(2, y[..., None], 1.0)
         coef = torch.zeros_like(nb_base)                                # A
         for _ in range(steps):

@@ -210,6 +210,19 @@ class SparseRNN(nn.Module):
         eps[..., 0] = dlog @ self.out_w
         return loss, dlog.T @ h, dlog.sum(0), eps
 
+    def readout_accumulate(self, h: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                           g_out_w: torch.Tensor, g_out_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`readout_grad` from ``h (B, H)``, adding the read-out's gradients into
+        ``g_out_w``, ``g_out_b`` in place; returns ``(loss, dL/dh (B, H))`` (the loss does not
+        depend on the cell state ``c``). Fewer, in-place operations: SnAp-1's step."""
+        logp = torch.log_softmax(torch.addmm(self.out_b, h, self.out_w.T), -1)
+        safe = target.clamp(min=0)[:, None]
+        loss = -(logp.gather(1, safe)[:, 0] * weight).sum()
+        dlog = logp.exp_().scatter_add_(1, safe, -torch.ones_like(logp[:, :1])).mul_(weight[:, None])
+        g_out_w.addmm_(dlog.T, h)
+        g_out_b.add_(dlog.sum(0))
+        return loss, dlog @ self.out_w
+
     def apply_D(self, jac: Jacobian, U: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``D v`` for a state-shaped ``v (B, H, c)`` without forming D (used by UORO)."""
         G, H = self.gates, self.hidden

@@ -17,7 +17,9 @@ index for the immediate Jacobian.
 
 - SnAp-1 keeps, for a parameter of unit u, only the influence on unit u's own state; see
   :mod:`trainers.snap.snap1` (storage ``(c, B, H, G, nP)`` in two contiguous parts, the
-  GRU's ``scale * J~`` trick, the compiled LSTM update).
+  GRU's ``scale * J~`` trick, the compiled LSTM update). On CPU its whole step runs as the C
+  loops of :mod:`trainers.snap.native` (the read-out first, so that ``dL_t/ds_t`` joins the
+  influence update: one pass over J a step), except on a dense GRU.
 - SnAp-n (n >= 2) keeps the influence on the units reachable from u within ``n - 1`` steps
   of the recurrent graph (from the sparsity masks, never from values that happen to be
   zero): ``J (H, B, R * c, m)``, R the largest reach (padded with an all-zero dummy unit):
@@ -35,8 +37,9 @@ import warnings
 
 import torch
 
+from trainers.snap import native
 from trainers.snap.cells import Jacobian, SparseRNN
-from trainers.snap.snap1 import Snap1
+from trainers.snap.snap1 import Snap1, native_library
 
 __all__ = ["Online", "parse_method", "reach_rows"]
 
@@ -112,9 +115,10 @@ class Online:
         cols_a = torch.cat([model.cols_w, torch.full((self.G, H, 1), I, dtype=torch.long, device=p.device)], -1)
         self._csr = [(torch.arange(0, self.G * H * k + 1, k, device=p.device), cols.reshape(-1), size)
                      for k, cols, size in zip(nnz, (cols_a, model.cols_u), (I + 1, H))]
-        self.snap1 = None
+        self.snap1, self._native = None, None
         if self.kind == "snap" and self.order == 1:
-            self.snap1 = Snap1(batch, H, self.G, c, self.nW + 1, self.nU, self._opts)
+            self.snap1 = Snap1(batch, H, self.G, c, self.nW + 1, self.nU, self._opts, dense=self.dense)
+            self._native = native_library(self._opts)  # the forward step in C (the influence: Snap1)
         if self.kind == "snap" and self.order >= 2:
             rows = reach_rows(model.recurrent_adjacency(), self.order)  # (H, R)
             self.state_rows = (rows[..., None] * c + torch.arange(c)).flatten(1).to(p.device)  # (H, R c)
@@ -200,6 +204,20 @@ class Online:
             out.append(torch.index_select(xh, 1, cols, out=buf).view(B, self.model.hidden, self.G, n))
         return out[0], out[1]
 
+    def _kept_weights(self, W: torch.Tensor, U: torch.Tensor):
+        """``((CSR values of [W | b], of U), diagonals of U (H, G))``, gathered again only after
+        the parameters change."""
+        model = self.model
+        cached = self._buffers.get("kept")
+        key = (W, U, model.b, W._version, U._version, model.b._version)
+        if cached is None or any(a is not b if isinstance(a, torch.Tensor) else a != b
+                                 for a, b in zip(cached[0], key)):
+            values = (torch.cat([W.gather(2, model.cols_w), model.b.unsqueeze(-1)], -1).reshape(-1),
+                      U.gather(2, model.cols_u).reshape(-1))
+            udiag = U.diagonal(dim1=1, dim2=2).T.contiguous()
+            self._buffers["kept"] = cached = (key, (values, udiag))
+        return cached[1]
+
     def _sparse_preacts(self, x: torch.Tensor, h: torch.Tensor, W: torch.Tensor, U: torch.Tensor):
         """``(W x + b, U h)`` as ``(B, G, H)`` each: CSR products over the kept weights only.
 
@@ -209,15 +227,7 @@ class Online:
         """
         model, B = self.model, x.shape[0]
         G, H = self.G, model.hidden
-        cached = self._buffers.get("csr_values")
-        # the kept weights change only with the parameters: gathered again after an update
-        key = (W, U, model.b, W._version, U._version, model.b._version)
-        if cached is None or any(a is not b if isinstance(a, torch.Tensor) else a != b
-                                 for a, b in zip(cached[0], key)):
-            values = (torch.cat([W.gather(2, model.cols_w), model.b.unsqueeze(-1)], -1).reshape(-1),
-                      U.gather(2, model.cols_u).reshape(-1))
-            self._buffers["csr_values"] = cached = (key, values)
-        values = cached[1]
+        values = self._kept_weights(W, U)[0]
         inputs = (torch.cat([x, x.new_ones(B, 1)], 1), h)
         out = []
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
@@ -260,16 +270,15 @@ class Online:
         """Advance one step: returns ``(s_new, loss)``; accumulates the gradient of the loss."""
         model = self.model
         W, U = weights if weights is not None else model.effective()
+        if self._native is not None:
+            return self._snap1_native_step(x, s, target, weight, W, U, has_loss)
         V = None if self.snap1 is not None else self._inputs(x, s[..., 0])
         preacts = None if self.dense else self._sparse_preacts(x, s[..., 0], W, U)
         s_new, jac = model.step_jacobian(x, s, (W, U), preacts=preacts)
         c = model.components
         if self.snap1 is not None:
-            B = x.shape[0]
-            sources = ((torch.cat([x, x.new_ones(B, 1)], 1), None if self.dense else self.cols[0]),
-                       (s[..., 0].contiguous(), None if self.dense else self.cols_h))
-            self.snap1.update(jac, U.diagonal(dim1=1, dim2=2), sources)
-        elif self.kind == "snap":
+            return self._snap1_step(x, s, s_new, jac, U, target, weight, has_loss)
+        if self.kind == "snap":
             D = torch.nn.functional.pad(model.full_D(jac, U), (0, c, 0, c))
             idx = self.state_rows
             Dsub = D[:, idx[:, :, None], idx[:, None, :]].transpose(0, 1)  # (H, B, Rc, Rc)
@@ -288,9 +297,7 @@ class Online:
         self.g_out_w += g_ow
         self.g_out_b += g_ob
         B = self.batch
-        if self.snap1 is not None:
-            self.snap1.accumulate(eps)
-        elif self.kind == "snap":
+        if self.kind == "snap":
             ep = torch.nn.functional.pad(eps.reshape(B, -1), (0, c))
             esub = ep[:, self.state_rows].transpose(0, 1)  # (H, B, Rc)
             H, _, Rc, m = self.J.shape
@@ -302,6 +309,71 @@ class Online:
             coef = (eps * self.s_tilde).sum((1, 2))
             # one (1 x B) @ (B x Hm) product: einsum's permuting copies cost 8x more here
             self.g_units += (coef[None, :] @ self.theta_tilde.view(B, -1)).view_as(self.g_units)
+        return s_new, loss
+
+    def _snap1_step(self, x, s, s_new, jac, U, target, weight, has_loss):
+        """SnAp-1: the read-out first, so that its ``dL/ds`` joins the influence update."""
+        B = x.shape[0]
+        eps, loss = None, torch.zeros((), **self._opts)
+        if has_loss:
+            loss, g_ow, g_ob, eps = self.model.readout_grad(s_new, target, weight)
+            self.g_out_w += g_ow
+            self.g_out_b += g_ob
+        sources = ((torch.cat([x, x.new_ones(B, 1)], 1), None if self.dense else self.cols[0]),
+                   (s[..., 0].contiguous(), None if self.dense else self.cols_h))
+        self.snap1.step(jac, U.diagonal(dim1=1, dim2=2), sources, eps)
+        return s_new, loss
+
+    def _snap1_native_step(self, x, s, target, weight, W, U, has_loss):
+        """SnAp-1 on CPU with the C loops of :mod:`trainers.snap.native`: the forward step and
+        its Jacobian in one call (after the CSR products, on a sparse network), the read-out,
+        then the influence update with the read-out's ``dL/ds``, a handful of calls a step
+        (the dense GRU: its eager delayed update, see :mod:`trainers.snap.snap1`)."""
+        model, lib = self.model, self._native
+        B, I, H, G, c = x.shape[0], model.inputs, model.hidden, self.G, model.components
+        buf = self._buffers.get("native")
+        if buf is None or buf["xT"].shape[1] != B:
+            new = lambda *shape: torch.empty(*shape, **self._opts)  # noqa: E731
+            buf = self._buffers["native"] = dict(
+                xT=new(I + 1, B), hT=new(H, B), aw=new(G * H, B), au=new(G * H, B),
+                act=new(B, G, H), mA=new(B, H, c, G), mB=new(B, H, c, G), E=new(B, H, c, c),
+                cols=[cols.to(torch.int32) for _, cols, _ in self._csr])
+            buf["xT"][I] = 1.0
+        xT, hT = buf["xT"], buf["hT"]
+        s = s.contiguous()
+        xT[:I].copy_(x.T)
+        hT.copy_(s[..., 0].T)
+        values, udiag = self._kept_weights(W, U)
+        if self.dense:
+            aw = torch.addmm(model.b.view(1, -1), x, W.reshape(G * H, I).T).view(B, G, H)
+            au = (s[..., 0] @ U.reshape(G * H, H).T).view(B, G, H)
+        else:
+            native.csr(lib, values[0], buf["cols"][0], xT, buf["aw"])
+            native.csr(lib, values[1], buf["cols"][1], hT, buf["au"])
+            aw, au = buf["aw"].T.view(B, G, H), buf["au"].T.view(B, G, H)
+        # the gates' nonlinearities as a few vectorised torch operations, the rest in C
+        act, s_new = buf["act"], torch.empty(B, H, c, **self._opts)
+        if model.cell == "gru":
+            torch.add(aw[:, :2], au[:, :2], out=act[:, :2]).sigmoid_()  # z, r
+            torch.addcmul(aw[:, 2], act[:, 1], au[:, 2], out=act[:, 2]).tanh_()  # n
+            native.cell(lib, False, act, au[:, 2], None, None, s, s_new, buf["mA"], buf["mB"], buf["E"])
+        else:
+            torch.add(aw, au, out=act)
+            g = act[:, 2].tanh()
+            act.sigmoid_()[:, 2] = g  # i, f, g, o
+            cn = torch.addcmul(act[:, 1] * s[..., 1], act[:, 0], g)
+            native.cell(lib, True, act, None, cn, cn.tanh(), s, s_new, buf["mA"], buf["mB"], buf["E"])
+        eps, loss = None, torch.zeros((), **self._opts)
+        if has_loss:  # dL/dh only: the read-out does not see the LSTM's cell state
+            loss, eps = model.readout_accumulate(s_new[..., 0], target, weight, self.g_out_w, self.g_out_b)
+        cols = (None, None) if self.dense else (self.cols[0], self.cols_h)
+        if self.snap1.native is not None:
+            self.snap1.native_step(buf["E"], buf["mA"], buf["mB"], udiag, xT, cols[0], hT, cols[1], eps)
+            return s_new, loss
+        # the dense GRU's delayed updates (eager; they keep the sources: fresh tensors)
+        jac = Jacobian(buf["mA"], buf["mB"], buf["E"], s[..., 0])
+        sources = ((torch.cat([x, x.new_ones(B, 1)], 1), cols[0]), (s[..., 0].contiguous(), cols[1]))
+        self.snap1.step(jac, udiag.T, sources, None if eps is None else eps.unsqueeze(-1))
         return s_new, loss
 
     def _uoro_step(self, jac: Jacobian, U: torch.Tensor, V: torch.Tensor) -> None:

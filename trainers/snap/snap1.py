@@ -29,6 +29,12 @@ per ``GRU_DELAY`` steps, below the one-pass-a-step floor.
 LSTM (h and c): the 2 x 2 blocks mix the two rows. Eagerly that takes several in-place
 passes; where ``torch.compile`` works (a C++ compiler on CPU, Triton on CUDA) and J is large,
 one generated kernel per part does the whole update in one read and one write of J.
+
+C loops (CPU, except the dense GRU; :mod:`trainers.snap.native`): J is stored unit-major,
+``(c, H, G, nP, batch)`` per part, and one loop does the update, loads the inputs by column
+index and adds the gradient of the new J in the same pass (:meth:`Snap1.native_step`): one
+read and one write of J a step for every cell and sparsity. :meth:`Snap1.influence` and
+:meth:`Snap1.load` use the layout above either way, so checkpoints move between the paths.
 """
 
 from __future__ import annotations
@@ -38,9 +44,16 @@ import warnings
 
 import torch
 
+from trainers.snap import native
 from trainers.snap.cells import Jacobian
 
-__all__ = ["COMPILE_MIN_ENTRIES", "GRU_DELAY", "Snap1"]
+__all__ = ["COMPILE_MIN_ENTRIES", "GRU_DELAY", "NATIVE", "Snap1", "native_library"]
+
+#: on CPU, run the step as the C loops of :mod:`trainers.snap.native` (update, gathered inputs
+#: and gradient in one pass over J) where they compile; ``HPSWEEP_SNAP_COMPILE=0`` disables them
+NATIVE = os.environ.get("HPSWEEP_SNAP_COMPILE", "1") != "0"
+#: entries of J per extra thread for the C loops (smaller problems run on one thread)
+NATIVE_ENTRIES_PER_THREAD = 1 << 18
 
 #: use the compiled LSTM update from this many influence entries up (small problems, such as
 #: the float64 tests, stay eager: compiling costs seconds); ``HPSWEEP_SNAP_COMPILE=0`` disables it
@@ -70,6 +83,15 @@ def _compiled_fn(fn):
     return _compiled[fn]
 
 
+def native_library(opts: dict):
+    """The C loops of :mod:`trainers.snap.native` for tensors made with ``opts`` (dtype,
+    device), or None: off (``NATIVE``), not on CPU, not float32/64, or nothing compiles."""
+    if (NATIVE and torch.device(opts.get("device", "cpu")).type == "cpu"
+            and opts.get("dtype") in (torch.float32, torch.float64)):
+        return native.library()
+    return None
+
+
 class Snap1:
     """SnAp-1 influence and gradient accumulator for ``H`` units, ``G`` gates, ``c`` components.
 
@@ -82,7 +104,7 @@ class Snap1:
     SCALE_RANGE = {torch.float32: (1e-12, 1e12), torch.float64: (1e-100, 1e100)}
 
     def __init__(self, batch: int, hidden: int, gates: int, components: int, nA: int, nB: int,
-                 opts: dict) -> None:
+                 opts: dict, dense: bool = False) -> None:
         self.B, self.H, self.G, self.c = batch, hidden, gates, components
         self.sizes = (nA, nB)
         self.opts = opts
@@ -91,6 +113,8 @@ class Snap1:
         self.compile = (components == 2 and os.environ.get("HPSWEEP_SNAP_COMPILE", "1") != "0"
                         and self.numel >= COMPILE_MIN_ENTRIES)
         self._buffers: dict[str, torch.Tensor] = {}
+        # the C loops on CPU, except on a dense GRU: its delayed updates beat the one-pass floor
+        self.native = None if components == 1 and dense and GRU_DELAY > 1 else native_library(opts)
         self.reset()
         self.zero_grad()
 
@@ -111,28 +135,71 @@ class Snap1:
         self.g_parts = [torch.zeros(self.H, self.G * n, **self.opts) for n in self.sizes]
 
     def parts(self) -> list[torch.Tensor]:
-        """The two contiguous ``(c, B, H, G, nP)`` views of ``J``."""
+        """The two contiguous views of ``J``: ``(c, B, H, G, nP)``, or with the C loops
+        ``(c, H, G, nP, B)`` (see :mod:`trainers.snap.native`)."""
         out, start = [], 0
+        c, B, H, G = self.c, self.B, self.H, self.G
         for n in self.sizes:
-            size = self.c * self.B * self.H * self.G * n
-            out.append(self.J[start:start + size].view(self.c, self.B, self.H, self.G, n))
+            size = c * B * H * G * n
+            shape = (c, H, G, n, B) if self.native is not None else (c, B, H, G, n)
+            out.append(self.J[start:start + size].view(shape))
             start += size
         return out
 
     def influence(self) -> torch.Tensor:
-        """``J`` (flat, parts A then B) with the GRU's scale applied; a new tensor."""
+        """``J`` (flat, parts A then B, each ``(c, B, H, G, nP)``) with the GRU's scale
+        applied; a new tensor."""
         self.flush()
+        if self.native is not None:
+            return torch.cat([p.permute(0, 4, 1, 2, 3).flatten() for p in self.parts()])
         if self.scale is None:
             return self.J.clone()
         return torch.cat([(p * self.scale[None, :, :, None, None]).flatten() for p in self.parts()])
 
     def load(self, J: torch.Tensor) -> None:
+        """Set the influence from :meth:`influence`'s layout."""
         self._pending = []
         self.J = J.to(**self.opts).clone()
+        if self.native is not None:
+            c, B, H, G, start = self.c, self.B, self.H, self.G, 0
+            for part in self.parts():
+                n, size = part.shape[3], part.numel()
+                part.copy_(J[start:start + size].view(c, B, H, G, n).permute(0, 2, 3, 4, 1))
+                start += size
         if self.scale is not None:
             self.scale = torch.ones_like(self.scale)
 
     # -- one step ------------------------------------------------------------------------
+    def step(self, jac: Jacobian, udiag: torch.Tensor, sources, eps: torch.Tensor | None) -> None:
+        """:meth:`update`, then :meth:`accumulate` ``eps`` (None: no loss at this step): the
+        eager path. With the C loops the caller runs :meth:`native_step` instead."""
+        if self.native is not None:
+            raise RuntimeError("Snap1 with the C loops (unit-major J): call native_step")
+        self.update(jac, udiag, sources)
+        if eps is not None:
+            self.accumulate(eps)
+
+    def native_step(self, E: torch.Tensor, mA: torch.Tensor, mB: torch.Tensor, udiag: torch.Tensor,
+                    srcA: torch.Tensor, colsA: torch.Tensor | None, srcB: torch.Tensor,
+                    colsB: torch.Tensor | None, eps: torch.Tensor | None, epsc: torch.Tensor | None = None) -> None:
+        """:meth:`step` as one C loop (:func:`trainers.snap.native.step`): the update and the
+        gradient of ``J_t`` in one pass. Contiguous operands: ``E (B, H, c, c)``, ``mA = dW``,
+        ``mB = dU (B, H, c, G)``, ``udiag (H, G)``, the sources transposed ``(columns, B)``;
+        ``eps``, ``epsc`` the loss's gradient w.r.t. h and c, ``(B, H)`` (None: no loss;
+        ``epsc`` None: zero)."""
+        cols = [None if cl is None else self._int32(name, cl) for name, cl in (("A", colsA), ("B", colsB))]
+        threads = max(1, min(torch.get_num_threads(), self.numel // NATIVE_ENTRIES_PER_THREAD))
+        native.step(self.native, self.c, self.B, self.H, self.G, *self.sizes, *self.parts(), E, mA, mB, udiag,
+                    srcA, cols[0], srcB, cols[1], eps, epsc, *self.g_parts, threads=threads)
+
+    def _int32(self, name: str, cols: torch.Tensor) -> torch.Tensor:
+        """``cols`` as int32 (the C loop's index type), converted once."""
+        key = f"cols{name}"
+        cached = self._buffers.get(key)
+        if cached is None or cached[0] is not cols:
+            self._buffers[key] = cached = (cols, cols.to(torch.int32).contiguous())
+        return cached[1]
+
     def update(self, jac: Jacobian, udiag: torch.Tensor, sources) -> None:
         """``J <- D_uu J + I``; ``udiag (G, H)``: the recurrent matrices' diagonals.
 
