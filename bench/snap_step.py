@@ -130,7 +130,7 @@ def bench_network(cell: str, hidden: int, density: float, methods: list[str], de
         row["sec"] = timed(fn, device, min_time, 50)
         if method == "snap1":
             row["floor"] = 2 * online.J.numel() * online.J.element_size() / bandwidth
-        del online
+        online = None   # free the influence before the next method
     base = next((r["sec"] for r in rows if r["method"] == "bptt" and "sec" in r), None)
     for r in rows:
         if "sec" in r and base:
