@@ -220,39 +220,45 @@ def _explicit(layers: Layers, nb_x, nb_y, nb_w, queries, steps: int, lr: float, 
 
     Activations are kept feature-major, (B, features, K): the products then have the K
     neighbours as their long axis, which runs several times faster than (B, K, features) when
-    a layer has few outputs (10 classes).
+    a layer has few outputs (10 classes). Biases ride in the products (``baddbmm``) and the
+    element-wise work is done in place, fewer passes over (B, out, K) a step.
     """
-    params = [list(p) for p in layers]                   # 2-D (shared) until the first update
-    sq = [[0.0, 0.0] for _ in layers]
-    onehot = torch.zeros(nb_y.shape[0], layers[-1][0].shape[0], nb_y.shape[1], dtype=nb_x.dtype,
-                         device=nb_x.device).scatter_(1, nb_y.unsqueeze(1), 1.0)
+    B = nb_x.shape[0]
+    # broadcast views of theta until the first update makes each query's own copy
+    params = [[w.expand(B, -1, -1), b.view(1, -1, 1).expand(B, -1, 1)] for w, b in layers]
+    theta = [[w, b.view(-1, 1)] for w, b in layers]
+    sq: list[list[torch.Tensor | None]] = [[None, None] for _ in layers]
+    w_t = nb_w.unsqueeze(1)                              # (B, 1, K)
+    target = torch.zeros(B, layers[-1][0].shape[0], nb_y.shape[1], dtype=nb_x.dtype,
+                         device=nb_x.device).scatter_(1, nb_y.unsqueeze(1), w_t)    # w_k onehot(v_k)
     x_t = nb_x.transpose(1, 2)                           # (B, D, K), a view
-    w_t = nb_w.unsqueeze(1)
-    for _ in range(steps):
-        inputs, pre = [x_t], []
+    for step in range(steps):
+        inputs, masks = [x_t], []
         for i, (w, b) in enumerate(params):
-            pre.append(torch.matmul(w, inputs[-1]) + b.unsqueeze(-1))         # (B, out, K)
+            z = torch.baddbmm(b, w, inputs[-1])          # (B, out, K)
             if i < len(params) - 1:
-                inputs.append(pre[-1].clamp_min(0.0))
-        delta = (torch.softmax(pre[-1], dim=1) - onehot) * w_t
+                masks.append(z > 0)                      # ReLU' = 0 at 0, as autograd has it
+                inputs.append(z.clamp_min_(0.0))
+        delta = torch.softmax(z, dim=1).mul_(w_t).sub_(target)
         for i in range(len(params) - 1, -1, -1):
-            w, b = params[i]
-            grads = (torch.bmm(delta, inputs[i].transpose(1, 2)), delta.sum(2))  # (B, out, in), (B, out)
+            w = params[i][0]
+            grads = (torch.bmm(delta, inputs[i].transpose(1, 2)), delta.sum(2, keepdim=True))
             if i > 0:   # back-propagate with this step's weights before they change
-                delta = torch.matmul(w.transpose(-1, -2), delta) * (pre[i - 1] > 0)
-            for j in (0, 1):
+                delta = torch.bmm(w.transpose(1, 2), delta).mul_(masks[i - 1])
+            for j, g in enumerate(grads):
                 p = params[i][j]
-                g = grads[j] + beta * (p - layers[i][j]) if beta else grads[j]
-                if optimizer == "sgd":
-                    params[i][j] = p - lr * g
-                else:  # torch.optim.RMSprop (centered=False, momentum=0)
-                    sq[i][j] = decay * sq[i][j] + (1.0 - decay) * g * g
-                    params[i][j] = p - lr * g / (sq[i][j].sqrt() + eps)
+                if beta:
+                    g = g.add_(p - theta[i][j], alpha=beta)
+                if optimizer == "rmsprop":   # torch.optim.RMSprop (centered=False, momentum=0)
+                    sq[i][j] = g * g * (1.0 - decay) if sq[i][j] is None else \
+                        sq[i][j].mul_(decay).addcmul_(g, g, value=1.0 - decay)
+                    g = g.div_(sq[i][j].sqrt().add_(eps))
+                params[i][j] = p - lr * g if step == 0 else p.sub_(g, alpha=lr)
     a = queries.unsqueeze(-1)                            # (B, D, 1)
     for i, (w, b) in enumerate(params):
-        a = torch.matmul(w, a) + b.unsqueeze(-1)
+        a = torch.baddbmm(b, w, a)
         if i < len(params) - 1:
-            a = a.clamp_min(0.0)
+            a = a.clamp_min_(0.0)
     return a.squeeze(-1)
 
 
