@@ -64,6 +64,24 @@ _KERNELS = r"""
 #define FTZ_END
 #endif
 
+/* Unit u's own-unit block of D for every example (E plus the recurrent products' own-unit
+   weights, column 0) and its read-out sensitivities, into per-example arrays. */
+#define OWN_BLOCK(T, D00, D01, D10, D11, EH, EC)                                                \
+        for (int b = 0; b < B; b++) {                                                          \
+            const int64_t bu = (int64_t)b * H + u;                                             \
+            T r0 = 0, r1 = 0;                                                                  \
+            for (int q = 0; q < G; q++) {                                                      \
+                r0 += mB[bu * c * G + q] * udiag[(int64_t)u * G + q];                          \
+                if (c == 2) r1 += mB[(bu * c + 1) * G + q] * udiag[(int64_t)u * G + q];        \
+            }                                                                                  \
+            D00[b] = E[bu * c * c] + r0;                                                       \
+            D01[b] = c == 2 ? E[bu * 4 + 1] : 0;                                               \
+            D10[b] = c == 2 ? E[bu * 4 + 2] + r1 : 0;                                          \
+            D11[b] = c == 2 ? E[bu * 4 + 3] : 0;                                               \
+            EH[b] = eps ? eps[bu] : 0;                                                         \
+            EC[b] = (eps && epsc) ? epsc[bu] : 0;                                              \
+        }
+
 /* Units [u0, u1) of one step. Storage (unit-major, example innermost, so that the examples of
    one entry are one vector and the gathered input of a column is one contiguous load):
      J part P: (c, H, G, nP, B);  g part P: (H, G, nP)
@@ -83,20 +101,7 @@ void NAME(int c_, int B_, int H, int G, int nA, int nB, T *restrict JA, T *restr
     FTZ_BEGIN                                                                                  \
     for (int u = u0; u < u1; u++) {                                                            \
         /* own-unit block of D: E plus the recurrent products' own-unit weights (column 0) */   \
-        for (int b = 0; b < B; b++) {                                                          \
-            const int64_t bu = (int64_t)b * H + u;                                             \
-            T r0 = 0, r1 = 0;                                                                  \
-            for (int q = 0; q < G; q++) {                                                      \
-                r0 += mB[bu * c * G + q] * udiag[(int64_t)u * G + q];                          \
-                if (c == 2) r1 += mB[(bu * c + 1) * G + q] * udiag[(int64_t)u * G + q];        \
-            }                                                                                  \
-            d00[b] = E[bu * c * c] + r0;                                                       \
-            d01[b] = c == 2 ? E[bu * 4 + 1] : 0;                                               \
-            d10[b] = c == 2 ? E[bu * 4 + 2] + r1 : 0;                                          \
-            d11[b] = c == 2 ? E[bu * 4 + 3] : 0;                                               \
-            eh[b] = eps ? eps[bu] : 0;                                                         \
-            ec[b] = (eps && epsc) ? epsc[bu] : 0;                                              \
-        }                                                                                      \
+        OWN_BLOCK(T, d00, d01, d10, d11, eh, ec)                                               \
         for (int part = 0; part < 2; part++) {                                                 \
             const int n = part ? nB : nA;                                                      \
             const T *restrict m = part ? mB : mA, *restrict src = part ? srcB : srcA;          \
@@ -254,20 +259,7 @@ void NAME(int c_, int B_, int H, int G, int nA, int nB, T *restrict JA, T *restr
     V d00, d01, d10, d11, eh, ec, mh, mc;                                                      \
     FTZ_BEGIN                                                                                  \
     for (int u = u0; u < u1; u++) {                                                            \
-        for (int b = 0; b < B; b++) {                                                          \
-            const int64_t bu = (int64_t)b * H + u;                                             \
-            T r0 = 0, r1 = 0;                                                                  \
-            for (int q = 0; q < G; q++) {                                                      \
-                r0 += mB[bu * c * G + q] * udiag[(int64_t)u * G + q];                          \
-                if (c == 2) r1 += mB[(bu * c + 1) * G + q] * udiag[(int64_t)u * G + q];        \
-            }                                                                                  \
-            d[0][b] = E[bu * c * c] + r0;                                                      \
-            d[1][b] = c == 2 ? E[bu * 4 + 1] : 0;                                              \
-            d[2][b] = c == 2 ? E[bu * 4 + 2] + r1 : 0;                                         \
-            d[3][b] = c == 2 ? E[bu * 4 + 3] : 0;                                              \
-            es[0][b] = eps ? eps[bu] : 0;                                                      \
-            es[1][b] = (eps && epsc) ? epsc[bu] : 0;                                           \
-        }                                                                                      \
+        OWN_BLOCK(T, d[0], d[1], d[2], d[3], es[0], es[1])                                     \
         memcpy(&d00, d[0], sizeof(V)); memcpy(&d01, d[1], sizeof(V));                          \
         memcpy(&d10, d[2], sizeof(V)); memcpy(&d11, d[3], sizeof(V));                          \
         memcpy(&eh, es[0], sizeof(V)); memcpy(&ec, es[1], sizeof(V));                          \
