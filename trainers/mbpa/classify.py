@@ -48,6 +48,11 @@ def memory_terms(model: MLP, memory: EpisodicMemory, cfg: Config) -> FirstStep |
     return first_step_terms(mlp_layers(_adapted_network(model, cfg)), memory.keys[:size], memory.values[:size])
 
 
+def _evaluation_terms(model: MLP, memory: EpisodicMemory | None, cfg: Config) -> FirstStep | None:
+    """:func:`memory_terms` once for an evaluation phase (every set it scores), or None."""
+    return memory_terms(model, memory, cfg) if memory is not None and len(memory) > 0 else None
+
+
 def mbpa_logits(model: MLP, memory: EpisodicMemory, x: torch.Tensor, cfg: Config,
                 terms: FirstStep | None = None) -> torch.Tensor:
     """Predictions for ``x`` after local adaptation on its K nearest memories (theta untouched).
@@ -65,11 +70,16 @@ def mbpa_logits(model: MLP, memory: EpisodicMemory, x: torch.Tensor, cfg: Config
                              eps=cfg.rmsprop_eps, nb_idx=slots, nb_d2=d2, terms=terms, chunk=cfg.adapt_chunk)
 
 
-def accuracy(model: MLP, x: torch.Tensor, y: torch.Tensor, cfg: Config, memory: EpisodicMemory | None) -> float:
-    """Accuracy of the model (with MbPA when ``memory`` holds anything) on (x, y)."""
+def accuracy(model: MLP, x: torch.Tensor, y: torch.Tensor, cfg: Config, memory: EpisodicMemory | None,
+             terms: FirstStep | None = None) -> float:
+    """Accuracy of the model (with MbPA when ``memory`` holds anything) on (x, y).
+
+    ``terms``: :func:`memory_terms`, when several sets are evaluated with the same memory and model.
+    """
     model.eval()
     adapt = memory is not None and len(memory) > 0
-    terms = memory_terms(model, memory, cfg) if adapt else None
+    if adapt and terms is None:
+        terms = memory_terms(model, memory, cfg)
     correct = 0
     for i in range(0, x.shape[0], EVAL_BATCH):
         xb = x[i:i + EVAL_BATCH]
@@ -195,12 +205,13 @@ def train_permuted(cfg: Config, run) -> None:
                             "theta": {k: p.detach().clone() for k, p in model.named_parameters()}})
         metrics = {"train/loss": loss}
         accs, valid_accs = [], []
+        terms = _evaluation_terms(model, memory, cfg)
         for j in range(task + 1):
-            accs.append(accuracy(model, test_x[:, perms[j]], test_y, cfg, memory))
+            accs.append(accuracy(model, test_x[:, perms[j]], test_y, cfg, memory, terms))
             metrics[f"acc/task_{j}"] = accs[-1]
             if cfg.valid_per_task:
                 vx = data["train_x"][valid_idx][:, perms[j]]
-                valid_accs.append(accuracy(model, vx, data["train_y"][valid_idx], cfg, memory))
+                valid_accs.append(accuracy(model, vx, data["train_y"][valid_idx], cfg, memory, terms))
         metrics["acc/mean"] = sum(accs) / len(accs)
         if valid_accs:
             metrics["valid/acc_mean"] = sum(valid_accs) / len(valid_accs)
@@ -250,8 +261,9 @@ def train_incremental(cfg: Config, run) -> None:
     batches_per_pass = -(-phase2.shape[0] // cfg.batch_size)
     while True:
         if not resumed and (update % cfg.eval_every == 0 or update == cfg.incremental_updates):
-            acc_old = accuracy(model, test_x[test_old], test_y[test_old], cfg, memory)
-            acc_new = accuracy(model, test_x[~test_old], test_y[~test_old], cfg, memory)
+            terms = _evaluation_terms(model, memory, cfg)
+            acc_old = accuracy(model, test_x[test_old], test_y[test_old], cfg, memory, terms)
+            acc_new = accuracy(model, test_x[~test_old], test_y[~test_old], cfg, memory, terms)
             n_old = int(test_old.sum())
             acc_all = (acc_old * n_old + acc_new * (n_test - n_old)) / n_test
             run.save_checkpoint(_checkpoint(model, opt, memory, gen, update=update))
