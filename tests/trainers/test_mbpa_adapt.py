@@ -130,3 +130,37 @@ def test_mlp_layers_accepts_only_linear_relu_chains():
                 torch.nn.Linear(3, 2, bias=False)):
         with pytest.raises(ValueError, match="Linear/ReLU chain"):
             mlp_layers(bad)
+
+
+@pytest.mark.parametrize("keys", ["pixels", "hidden"])
+def test_trainer_predictions_match_the_generic_path_on_a_wrapped_memory(digits, keys):
+    """classify.mbpa_logits (memory slots, one-step terms of the whole memory) against
+    adapt_predict (vmap(grad) over the K nearest keys, found independently by brute force)."""
+    from trainers.mbpa.classify import mbpa_logits, memory_key, memory_terms
+    from trainers.mbpa.config import Config
+    from trainers.mbpa.memory import EpisodicMemory
+
+    x, y = digits
+    x32 = x.float()
+    torch.manual_seed(1)
+    model = MLP(16)
+    cfg = Config(keys=keys, neighbours=20, steps=1, alpha=0.3, hidden=16)
+    memory = EpisodicMemory(700, 784 if keys == "pixels" else 16)
+    for i in range(0, 1000, 100):                       # 1,000 writes into 700 slots: wrapped
+        memory.write(memory_key(model, x32[i:i + 100], keys), y[i:i + 100])
+    q = x32[3000:3012]
+    terms = memory_terms(model, memory, cfg)
+    got = mbpa_logits(model, memory, q, cfg, terms)
+    assert torch.allclose(got, mbpa_logits(model, memory, q, cfg), atol=1e-5)   # with and without terms
+    stored_x, stored_y, _ = memory.contents()
+    assert torch.equal(stored_y, y[300:1000])              # the oldest 300 were evicted
+    qk = memory_key(model, q, keys)
+    d2 = torch.cdist(qk.double(), stored_x.double()) ** 2
+    d2, idx = d2.topk(20, largest=False)
+    g = model if keys == "pixels" else model.out
+    theta = {n: p.detach() for n, p in g.named_parameters()}
+    ref = adapt_predict(lambda p, i: torch.func.functional_call(g, p, (i,)), theta, stored_x[idx], stored_y[idx],
+                        kernel_weights(d2.float()), qk, steps=1, lr=0.3)
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+    with torch.no_grad():
+        assert (got - model(q)).abs().max() > 1e-2
