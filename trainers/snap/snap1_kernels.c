@@ -13,6 +13,22 @@
 #define FTZ_END
 #endif
 
+/* One part's operands (part 0: A = [W | b] on [x, 1]; part 1: B = U on h). */
+#define PART_VARS(T)                                                                            \
+            const int n = part ? nB : nA;                                                      \
+            const T *restrict m = part ? mB : mA, *restrict src = part ? srcB : srcA;          \
+            const int32_t *restrict cols = part ? colsB : colsA;                               \
+            T *restrict J = part ? JB : JA, *restrict g = part ? gB : gA;                      \
+            const int64_t plane = (int64_t)H * G * n * B;
+
+/* Gate q's multipliers of unit u's h and c rows, for every example. */
+#define GATE_MULTIPLIERS(MH, MC)                                                                \
+                for (int b = 0; b < B; b++) {                                                  \
+                    const int64_t bu = (int64_t)b * H + u;                                     \
+                    MH[b] = m[bu * c * G + q];                                                 \
+                    MC[b] = c == 2 ? m[(bu * c + 1) * G + q] : 0;                              \
+                }
+
 /* Unit u's own-unit block of D for every example (E plus the recurrent products' own-unit
    weights, column 0) and its read-out sensitivities, into per-example arrays. */
 #define OWN_BLOCK(T, D00, D01, D10, D11, EH, EC)                                                \
@@ -52,18 +68,10 @@ void NAME(int c_, int B_, int H, int G, int nA, int nB, T *restrict JA, T *restr
         /* own-unit block of D: E plus the recurrent products' own-unit weights (column 0) */   \
         OWN_BLOCK(T, d00, d01, d10, d11, eh, ec)                                               \
         for (int part = 0; part < 2; part++) {                                                 \
-            const int n = part ? nB : nA;                                                      \
-            const T *restrict m = part ? mB : mA, *restrict src = part ? srcB : srcA;          \
-            const int32_t *restrict cols = part ? colsB : colsA;                               \
-            T *restrict J = part ? JB : JA, *restrict g = part ? gB : gA;                      \
-            const int64_t plane = (int64_t)H * G * n * B;                                      \
+            PART_VARS(T)                                                                       \
             for (int q = 0; q < G; q++) {                                                      \
                 const int64_t uq = (int64_t)u * G + q;                                         \
-                for (int b = 0; b < B; b++) {                                                  \
-                    const int64_t bu = (int64_t)b * H + u;                                     \
-                    mh[b] = m[bu * c * G + q];                                                 \
-                    mc[b] = c == 2 ? m[(bu * c + 1) * G + q] : 0;                              \
-                }                                                                              \
+                GATE_MULTIPLIERS(mh, mc)                                                       \
                 const int32_t *restrict cl = cols ? cols + uq * n : 0;                         \
                 T *restrict gr = g + uq * n;                                                   \
                 T *restrict jh = J + uq * n * B, *restrict jc = jh + plane;                    \
@@ -213,18 +221,10 @@ void NAME(int c_, int B_, int H, int G, int nA, int nB, T *restrict JA, T *restr
         memcpy(&d10, d[2], sizeof(V)); memcpy(&d11, d[3], sizeof(V));                          \
         memcpy(&eh, es[0], sizeof(V)); memcpy(&ec, es[1], sizeof(V));                          \
         for (int part = 0; part < 2; part++) {                                                 \
-            const int n = part ? nB : nA;                                                      \
-            const T *restrict m = part ? mB : mA, *restrict src = part ? srcB : srcA;          \
-            const int32_t *restrict cols = part ? colsB : colsA;                               \
-            T *restrict J = part ? JB : JA, *restrict g = part ? gB : gA;                      \
-            const int64_t plane = (int64_t)H * G * n * B;                                      \
+            PART_VARS(T)                                                                       \
             for (int q = 0; q < G; q++) {                                                      \
                 const int64_t uq = (int64_t)u * G + q;                                         \
-                for (int b = 0; b < B; b++) {                                                  \
-                    const int64_t bu = (int64_t)b * H + u;                                     \
-                    ms[0][b] = m[bu * c * G + q];                                              \
-                    ms[1][b] = c == 2 ? m[(bu * c + 1) * G + q] : 0;                           \
-                }                                                                              \
+                GATE_MULTIPLIERS(ms[0], ms[1])                                                 \
                 memcpy(&mh, ms[0], sizeof(V)); memcpy(&mc, ms[1], sizeof(V));                  \
                 const int32_t *restrict cl = cols ? cols + uq * n : 0;                         \
                 T *restrict gr = g + uq * n;                                                   \
