@@ -106,7 +106,7 @@ def main() -> None:
 
     from hpsweep.plan import plan
     from hpsweep.report import build_report
-    from hpsweep.runs import load_sweep
+    from hpsweep.store import load_sweep
     from hpsweep.spec import load_spec_text
     from report_support import log_sweep
 
@@ -176,7 +176,7 @@ def main() -> None:
         with ThreadPoolExecutor(args.threads) as pool:
             per_run = list(pool.map(lambda r: client.get_metric_history(r, "loss"), ids))
         t_each = time.perf_counter() - t
-        from hpsweep.runs import _histories  # the report's own bulk path
+        from hpsweep.store import _histories  # the report's own bulk path
 
         t = time.perf_counter()
         bulk = _histories(client, {"loss": set(ids)})

@@ -61,7 +61,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from hpsweep.tracking import resolve_tracking_uri
+    from hpsweep.store import resolve_tracking_uri
 
     spec = _load(args.sweep)  # every problem reported before Ray starts
     spec_text = Path(args.sweep).read_text(encoding="utf-8")
@@ -94,9 +94,9 @@ def cmd_status(args) -> int:
     if not args.sweep:
         raise UserError("status: give a sweep file (or --address URL [JOB] for cluster jobs)")
     from hpsweep.plan import plan
-    from hpsweep.runs import completeness, load_sweep
+    from hpsweep.store import completeness, load_sweep
     from hpsweep.results import status_table
-    from hpsweep.tracking import resolve_tracking_uri
+    from hpsweep.store import resolve_tracking_uri
 
     spec = _load(args.sweep)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
@@ -112,7 +112,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_results(args) -> int:
-    from hpsweep.tracking import resolve_tracking_uri
+    from hpsweep.store import resolve_tracking_uri
 
     spec = _load(args.sweep)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
@@ -129,7 +129,7 @@ def cmd_results(args) -> int:
 
 def cmd_report(args) -> int:
     from hpsweep.report import build_report
-    from hpsweep.tracking import resolve_tracking_uri
+    from hpsweep.store import resolve_tracking_uri
 
     spec = _load(args.sweep)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
@@ -141,7 +141,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from hpsweep.tracking import resolve_tracking_uri
+    from hpsweep.store import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     if uri.startswith("http"):
@@ -166,7 +166,7 @@ def _print_results(spec, tracking_uri: str, group_by, limit: int = 0, metric: st
                    as_json: bool = False) -> None:
     from hpsweep.plan import plan
     from hpsweep.results import aggregate, results_table
-    from hpsweep.runs import load_sweep
+    from hpsweep.store import load_sweep
 
     metric = metric or spec.metric.name
     planned = plan(spec)

@@ -40,7 +40,7 @@ from hpsweep.live import LiveTable  # noqa: E402
 from hpsweep.plan import Cell, cell_id, plan, resolve_config  # noqa: E402
 from hpsweep.spec import GRID_KINDS, SweepSpec  # noqa: E402
 from hpsweep.storage import Storage, open_storage  # noqa: E402
-from hpsweep.tracking import CellTracker, SweepTracker, TAG, code_version  # noqa: E402
+from hpsweep.store import TAG, CellTracker, SweepTracker, code_version  # noqa: E402
 
 __all__ = ["SweepOutcome", "run_sweep"]
 

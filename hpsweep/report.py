@@ -25,17 +25,12 @@ from hpsweep.protocol import (
     pick_configuration, rank_configs,
 )
 from hpsweep.report_render import Links, Section, Table, fmt_value, render_html, render_markdown
-from hpsweep.runs import SweepRuns, completeness, fetch_histories, load_sweep
+from hpsweep.store import SweepRuns, completeness, fetch_histories, load_sweep, log_report, run_url
 
 __all__ = ["build_report", "render_report", "run_url"]
 
 _TOP = 20                 # configurations listed when the sweep declares no selection protocol
 _MATRIX_ROWS = 300        # beyond this, the completeness matrix lists only incomplete rows
-
-
-def run_url(tracking_ui: str, experiment_id: str | None, run_id: str) -> str:
-    """The MLflow UI address of one run."""
-    return f"{tracking_ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def _plan_cells(spec) -> list | None:
@@ -78,13 +73,7 @@ def build_report(tracking_uri: str | None, spec, out_dir: str | Path, *, cells=N
                                                   load_histories)
     t2 = time.perf_counter()
     if log_artifacts and runs.parent_run_id:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=uri)
-        client.log_artifact(runs.parent_run_id, str(html_path), "report")
-        client.log_artifact(runs.parent_run_id, str(md_path), "report")
-        for p in fig_paths:
-            client.log_artifact(runs.parent_run_id, str(p), "report/figures")
+        log_report(uri, runs.parent_run_id, [html_path, md_path], fig_paths)
     t3 = time.perf_counter()
     if timings is not None:
         h = spent["histories_s"]

@@ -10,7 +10,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from hpsweep.runs import Completeness, SweepRuns
+from hpsweep.store import Completeness, SweepRuns
 
 __all__ = ["aggregate", "results_table", "status_table", "Aggregate"]
 

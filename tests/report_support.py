@@ -1,5 +1,5 @@
 """Helpers for the report tests and bench/report.py: log a sweep's runs to MLflow directly,
-following the tracking conventions (see hpsweep/runs.py), with statuses chosen by the test."""
+following the tracking conventions (see hpsweep/store.py), with statuses chosen by the test."""
 
 from __future__ import annotations
 

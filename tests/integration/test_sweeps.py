@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hpsweep.plan import plan
-from hpsweep.runs import completeness, load_sweep
+from hpsweep.store import completeness, load_sweep
 from hpsweep.spec import load_spec
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from hpsweep.protocol import (
     Claim, Selection, apply_selection, judge_claims, observations, rank_configs, stat,
 )
-from hpsweep.runs import CellRun, SweepRuns, completeness
+from hpsweep.store import CellRun, SweepRuns, completeness
 
 
 def _sweep(results, statuses=None):

@@ -18,7 +18,7 @@ from report_support import ReportPage  # noqa: E402
 
 from hpsweep.protocol import Claim, Selection
 from hpsweep.report import render_report, run_url
-from hpsweep.runs import CellRun, SweepRuns, load_sweep
+from hpsweep.store import CellRun, SweepRuns, load_sweep
 
 
 def _spec(**kw):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import hpsweep.tracking as tracking
+import hpsweep.store as tracking
 from hpsweep.plan import Cell
 
 
