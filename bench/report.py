@@ -105,7 +105,7 @@ def main() -> None:
     from servers import VENV_BIN, free_port, group_cpu_seconds, http_ok, start_server, wait_settled, wait_until
 
     from hpsweep.plan import plan
-    from hpsweep.report import build_report
+    from hpsweep.views.report import build_report
     from hpsweep.store import load_sweep
     from hpsweep.spec import load_spec_text
     from report_support import log_sweep

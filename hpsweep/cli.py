@@ -94,9 +94,9 @@ def cmd_status(args) -> int:
     if not args.sweep:
         raise UserError("status: give a sweep file (or --address URL [JOB] for cluster jobs)")
     from hpsweep.plan import plan
-    from hpsweep.store import completeness, load_sweep
-    from hpsweep.results import status_table
-    from hpsweep.store import resolve_tracking_uri
+    from hpsweep.stats import completeness
+    from hpsweep.store import load_sweep, resolve_tracking_uri
+    from hpsweep.views.tables import status_table
 
     spec = _load(args.sweep)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
@@ -128,8 +128,8 @@ def cmd_results(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from hpsweep.report import build_report
     from hpsweep.store import resolve_tracking_uri
+    from hpsweep.views.report import build_report
 
     spec = _load(args.sweep)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
@@ -165,31 +165,29 @@ def cmd_schema(args) -> int:
 def _print_results(spec, tracking_uri: str, group_by, limit: int = 0, metric: str | None = None,
                    as_json: bool = False) -> None:
     from hpsweep.plan import plan
-    from hpsweep.results import aggregate, results_table
+    from hpsweep.stats import aggregate, observations
     from hpsweep.store import load_sweep
+    from hpsweep.views.tables import results_json, results_table
 
     metric = metric or spec.metric.name
-    planned = plan(spec)
     runs = load_sweep(tracking_uri, spec.name)
-    if not planned:  # optuna: the cells are whatever ran
-        planned = [_RunCell(r) for r in runs.cells.values()]
-    groups = aggregate(runs, planned, metric, spec.metric.mode, group_by)
+    # optuna plans no cells: they are whatever ran
+    obs = observations(plan(spec) or None, runs)
+    groups = aggregate(obs, metric, spec.metric.mode, group_by)
     if as_json:
-        print(json.dumps(groups, default=str, indent=1))
+        print(json.dumps(results_json(groups), default=str, indent=1))
         return
     console.print(results_table(groups, metric, spec.metric.mode, f"{spec.name}: results", limit=limit))
 
 
-class _RunCell:
-    def __init__(self, run) -> None:
-        self.id, self.params, self.seed = run.cell_id, run.params, run.seed
-
-
 def _print_ui_hint(tracking_uri: str, experiment_id: str) -> None:
+    from hpsweep.store import experiment_url
+
     if tracking_uri.startswith("http"):
-        console.print(f"browse the runs: {tracking_uri.rstrip('/')}/#/experiments/{experiment_id}")
+        console.print(f"browse the runs: {experiment_url(tracking_uri, experiment_id)}")
     else:
-        console.print(f"browse the runs: hpsweep ui   (then http://127.0.0.1:5000/#/experiments/{experiment_id})")
+        console.print("browse the runs: hpsweep ui   (then "
+                      f"{experiment_url('http://127.0.0.1:5000', experiment_id)})")
 
 
 def _check_tracking(uri: str) -> None:

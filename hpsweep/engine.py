@@ -36,7 +36,7 @@ os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
 
-from hpsweep.live import LiveTable  # noqa: E402
+from hpsweep.views.live import LiveTable  # noqa: E402
 from hpsweep.plan import Cell, cell_id, plan, resolve_config  # noqa: E402
 from hpsweep.spec import GRID_KINDS, SweepSpec  # noqa: E402
 from hpsweep.storage import Storage, open_storage  # noqa: E402
@@ -349,7 +349,7 @@ def run_sweep(spec: SweepSpec, spec_text: str, *, tracking_uri: str, storage_uri
 
 
 class _Silent(tune.ProgressReporter):
-    """Tune's own table is replaced by :class:`hpsweep.live.LiveTable`."""
+    """Tune's own table is replaced by :class:`hpsweep.views.live.LiveTable`."""
 
     def should_report(self, trials, done=False):
         return False

@@ -18,9 +18,14 @@ import itertools
 import json
 import math
 import random
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
-from hpsweep.spec import GRID_KINDS, SweepSpec
+from hpsweep.domains import GRID_KINDS
+from hpsweep.fmt import fmt_value
+
+if TYPE_CHECKING:  # spec.py imports this module (trial_configs): no cycle at run time
+    from hpsweep.spec import SweepSpec
 
 __all__ = ["Cell", "plan", "cell_id", "trial_configs", "resolve_config"]
 
@@ -34,12 +39,8 @@ class Cell:
     config: dict            # the full resolved trainer config, seed included
 
     def label(self) -> str:
-        shown = " ".join(f"{k}={_short(v)}" for k, v in self.params.items())
+        shown = " ".join(f"{k}={fmt_value(v)}" for k, v in self.params.items())
         return f"{shown} seed={self.seed}".strip()
-
-
-def _short(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def cell_id(trainer: str, config: dict) -> str:

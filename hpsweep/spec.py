@@ -23,7 +23,7 @@ from pydantic import (BaseModel, Field, Tag, ValidationError,
 from hpsweep.domains import (GRID_KINDS, KINDS, SAMPLED_KINDS, Domain, Model, VariantValue,
                              wrap_fixed)
 from hpsweep.errors import UserError
-from hpsweep.protocol import Claim, Selection
+from hpsweep.spec_protocol import Claim, Selection
 from hpsweep.yamlload import LoadedYaml, load_yaml_text
 
 __all__ = ["SpecError", "SweepSpec", "load_spec", "load_spec_text", "Problem", "json_schema",
@@ -341,7 +341,7 @@ def _check_against_trainer(spec: SweepSpec, loaded: LoadedYaml) -> list[Problem]
     if not info.reports(spec.metric.name):
         add(("metric", "name"), f"trainer {spec.trainer!r} does not report {spec.metric.name!r}; "
                                 f"it reports: {', '.join(info.metrics)}")
-    problems += _check_protocol(spec, info, set(swept), add)
+    _check_protocol(spec, info, set(swept), add)
     sampled = [n for n, d in _all_domains(spec) if type(d) in SAMPLED_KINDS.values()]
     if spec.search.algorithm == "grid" and sampled:
         for name in dict.fromkeys(sampled):
@@ -384,8 +384,9 @@ def _check_against_trainer(spec: SweepSpec, loaded: LoadedYaml) -> list[Problem]
     return problems
 
 
-def _check_protocol(spec: SweepSpec, info, swept: set[str], add) -> list[Problem]:
-    """The selection protocol and the claims name swept parameters and reported metrics."""
+def _check_protocol(spec: SweepSpec, info, swept: set[str], add) -> None:
+    """The selection protocol and the claims name swept parameters and reported metrics; each
+    problem goes to ``add``."""
     params = swept | {"seed"}
 
     def metric(path: tuple, name: str) -> None:
@@ -419,7 +420,6 @@ def _check_protocol(spec: SweepSpec, info, swept: set[str], add) -> list[Problem
         for where, side in sides:
             for name in side or {}:
                 param(("claims", i, *where.split("."), name), name)
-    return []
 
 
 def _all_domains(spec: SweepSpec):

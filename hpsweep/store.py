@@ -28,8 +28,7 @@ when asked, metric histories; :func:`fetch_histories` reads the histories of cho
 on the server; requests in a thread pool) -- never one request per run per metric: measured
 side by side on a local server, 300 runs' histories took 1.2 s in bulk against 16 s one request
 a run with 8 threads (bench/report.py). A local SQL store is read through the store's own bulk
-query. :func:`completeness` lines the runs up against the plan: done / running / failed /
-pending per cell.
+query. What the runs mean (completeness, means over seeds) is :mod:`hpsweep.stats`'s business.
 """
 
 from __future__ import annotations
@@ -41,7 +40,6 @@ import os
 import subprocess
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,8 +49,7 @@ __all__ = [
     "TAG", "EXPERIMENT_KIND", "mlflow_client", "default_tracking_uri", "resolve_tracking_uri",
     "code_version", "experiment_url", "run_url", "log_report",
     "SweepTracker", "CellTracker",
-    "CellRun", "SweepRuns", "CellState", "Completeness", "STATES",
-    "load_sweep", "completeness", "fetch_histories", "run_state",
+    "CellRun", "SweepRuns", "STATES", "load_sweep", "fetch_histories", "run_state",
 ]
 
 DEFAULT_DIR = ".hpsweep"
@@ -439,40 +436,6 @@ class SweepRuns:
         return sorted({k for c in self.cells.values() for k in c.metrics})
 
 
-@dataclasses.dataclass(frozen=True)
-class CellState:
-    """One planned (or orphaned) cell and its state."""
-
-    cell_id: str
-    params: dict[str, Any]
-    seed: int | None
-    state: str                  # done | running | failed | pending | orphan
-    run_id: str | None
-
-
-@dataclasses.dataclass(frozen=True)
-class Completeness:
-    """The completeness matrix: rows are configurations (swept values), columns are seeds.
-
-    ``cells`` lists every planned cell in plan order; ``orphans`` are runs in MLflow that the
-    plan does not produce (the YAML changed since they ran); ``counts`` counts the states.
-    """
-
-    cells: list[CellState]
-    orphans: list[CellState]
-    seeds: list[int]
-    rows: list[tuple[dict[str, Any], dict[int, CellState]]]
-
-    @property
-    def counts(self) -> dict[str, int]:
-        c = Counter(s.state for s in self.cells)
-        return {state: c.get(state, 0) for state in STATES}
-
-    @property
-    def total(self) -> int:
-        return len(self.cells)
-
-
 def _search_all(client, experiment_ids: list[str], filter_string: str) -> list:
     runs, token = [], None
     while True:
@@ -663,31 +626,3 @@ def fetch_histories(sweep_runs: SweepRuns, wanted: Mapping[str, Iterable[str]],
         for cid, c in sweep_runs.cells.items()
     }
     return dataclasses.replace(sweep_runs, cells=cells)
-
-
-def completeness(cells_from_plan: Iterable[Any], sweep_runs: SweepRuns) -> Completeness:
-    """Line the plan's cells up against the runs: done / running / failed / pending per cell.
-
-    ``cells_from_plan``: objects with ``.id``, ``.params`` (swept values) and ``.seed`` (what
-    :func:`hpsweep.plan.plan` returns). A planned cell with no run is *pending*; runs whose cell
-    id the plan does not produce are listed as ``orphans`` (never mixed into the matrix).
-    """
-    cells: list[CellState] = []
-    planned = set()
-    for cell in cells_from_plan:
-        planned.add(cell.id)
-        run = sweep_runs.cells.get(cell.id)
-        cells.append(CellState(
-            cell.id, dict(cell.params), cell.seed,
-            run.status if run else "pending", run.run_id if run else None,
-        ))
-    orphans = [
-        CellState(cid, r.params, r.seed, "orphan", r.run_id)
-        for cid, r in sweep_runs.cells.items() if cid not in planned
-    ]
-    seeds = sorted({c.seed for c in cells if c.seed is not None})
-    rows: dict[str, tuple[dict, dict[int, CellState]]] = {}
-    for c in cells:
-        key = json.dumps(c.params, sort_keys=True, default=str)
-        rows.setdefault(key, (c.params, {}))[1][c.seed] = c
-    return Completeness(cells, orphans, seeds, list(rows.values()))

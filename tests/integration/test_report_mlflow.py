@@ -43,7 +43,7 @@ def tracked(mlflow_server):
 
 @pytest.fixture(scope="module")
 def report(tracked, tmp_path_factory):
-    from hpsweep.report import build_report
+    from hpsweep.views.report import build_report
 
     out = tmp_path_factory.mktemp("report")
     timings: dict = {}

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from hpsweep.plan import plan
-from hpsweep.store import completeness, load_sweep
+from hpsweep.stats import completeness
+from hpsweep.store import load_sweep
 from hpsweep.spec import load_spec
 
 pytestmark = pytest.mark.slow

@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import pytest
 from pydantic import ValidationError
 
-from hpsweep.protocol import (
-    Claim, Selection, apply_selection, judge_claims, observations, rank_configs, stat,
+from hpsweep.spec_protocol import Claim, Selection
+from hpsweep.stats import (
+    apply_selection, completeness, judge_claims, observations, rank_configs, stat,
 )
-from hpsweep.store import CellRun, SweepRuns, completeness
+from hpsweep.store import CellRun, SweepRuns
 
 
 def _sweep(results, statuses=None):

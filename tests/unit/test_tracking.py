@@ -51,7 +51,7 @@ CELL = Cell("abc123", 0, 1, {"x": 0.5}, {"x": 0.5, "seed": 1, "reports": 3})
 
 
 def make(monkeypatch, client: FakeClient, writes: list):
-    monkeypatch.setattr(tracking, "_client", lambda uri: client)
+    monkeypatch.setattr(tracking, "mlflow_client", lambda uri: client)
     monkeypatch.setattr(tracking, "_FLUSH_S", 0.01)
     return tracking.CellTracker("http://unused", "1", "parent", "sweep", CELL,
                                 write_checkpoint=lambda data: writes.append(("checkpoint", data)) or

@@ -1,4 +1,12 @@
-"""A sweep's selection protocol and claims: the YAML models, and applying them to results.
+"""Statistics of a sweep's results, the one place they are computed: used by ``hpsweep results``,
+``status`` and ``report`` alike.
+
+Observations: one per planned cell (:func:`observations`). Aggregation over seeds (:func:`stat`,
+:func:`aggregate`): mean and sample std (ddof=1) over the finished cells with a finite value,
+``n`` finished of ``N`` planned, the rest missing -- never averaged away. With n = 1 the std is
+undefined (NaN, shown as a dash everywhere); with n = 0 so is the mean.
+
+The selection protocol and the claims (models in :mod:`hpsweep.spec_protocol`):
 
 ``selection`` says how the paper picked what it reports: within each group (``group_by``), the
 value of the ``over`` parameters with the best mean ``select_by`` over replicates; then the
@@ -35,76 +43,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Iterable, Literal, Sequence, Union
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from hpsweep.fmt import fmt_value
+from hpsweep.spec_protocol import Claim, Match, Selection
+from hpsweep.store import STATES
 
 __all__ = [
-    "Selection", "Claim", "Obs", "Stat", "GroupChoice", "Verdict",
-    "observations", "matches", "stat", "apply_selection", "rank_configs", "judge_claims",
-    "pick_configuration",
+    "Obs", "Stat", "GroupChoice", "Verdict", "CellState", "Completeness",
+    "observations", "completeness", "matches", "mean_std", "stat", "aggregate", "rank_configs",
+    "apply_selection", "judge_claims", "pick_configuration",
 ]
-
-Scalar = Union[bool, int, float, str]
-Match = dict[str, Union[Scalar, None, list[Union[Scalar, None]]]]
-
-
-class Selection(BaseModel):
-    """The paper's selection protocol (the ``selection:`` block of a sweep YAML)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    group_by: list[str] = Field(default_factory=list, description="one result per group")
-    select_by: str = Field(description="metric whose mean over replicates picks the configuration")
-    mode: Literal["min", "max"] | None = Field(None, description="default: the sweep metric's mode")
-    over: list[str] = Field(min_length=1, description="parameters chosen within each group")
-    report: list[str] = Field(default_factory=list, description="metrics reported, mean +- std (n)")
-    select_on: Match = Field(default_factory=dict, description="only these cells choose")
-    report_on: Match = Field(default_factory=dict, description="only these cells report")
-    report_exclude: Match = Field(default_factory=dict, description="these cells never report")
-
-    @model_validator(mode="after")
-    def _disjoint(self) -> "Selection":
-        both = sorted(set(self.group_by) & set(self.over))
-        if both:
-            raise ValueError(f"group_by and over must not share parameters, both name {both}")
-        return self
-
-
-class Claim(BaseModel):
-    """One qualitative claim of the paper (an entry of the ``claims:`` list)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    text: str
-    kind: Literal["less", "greater", "within", "order"]
-    metric: str
-    left: Match | None = None
-    right: Match | None = None
-    order: list[Match] | None = Field(None, description="kind=order: the sides, in order")
-    direction: Literal["increasing", "decreasing"] = "increasing"
-    margin: float = Field(0.0, ge=0.0)
-    pair_by: list[str] = Field(default_factory=list, description="compare within these values")
-    alpha: float = Field(0.05, gt=0.0, lt=0.5)
-    min_n: int = Field(2, ge=2, description="fewer finished replicates a side: inconclusive")
-    source: str | None = Field(None, description="where the paper says it (table, figure)")
-
-    @model_validator(mode="after")
-    def _sides(self) -> "Claim":
-        if self.kind == "order":
-            if not self.order or len(self.order) < 2:
-                raise ValueError("kind 'order' needs `order`: a list of at least two sides")
-            if self.left is not None or self.right is not None:
-                raise ValueError("kind 'order' takes `order`, not `left`/`right`")
-        else:
-            if self.left is None or self.right is None:
-                raise ValueError(f"kind {self.kind!r} needs both `left` and `right`")
-            if self.order is not None:
-                raise ValueError(f"kind {self.kind!r} takes `left`/`right`, not `order`")
-        if self.kind == "within" and self.margin <= 0:
-            raise ValueError(f"kind 'within' needs margin > 0, got margin={self.margin}")
-        return self
 
 
 # -- observations ----------------------------------------------------------------------------
@@ -137,6 +88,70 @@ def observations(cells_from_plan: Iterable[Any] | None, sweep_runs) -> list[Obs]
     return out
 
 
+# -- completeness ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CellState:
+    """One planned (or orphaned) cell and its state."""
+
+    cell_id: str
+    params: dict[str, Any]
+    seed: int | None
+    state: str                  # done | running | failed | pending | orphan
+    run_id: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Completeness:
+    """The completeness matrix: rows are configurations (swept values), columns are seeds.
+
+    ``cells`` lists every planned cell in plan order; ``orphans`` are runs in MLflow that the
+    plan does not produce (the YAML changed since they ran); ``counts`` counts the states.
+    """
+
+    cells: list[CellState]
+    orphans: list[CellState]
+    seeds: list[int]
+    rows: list[tuple[dict[str, Any], dict[int, CellState]]]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        c = Counter(s.state for s in self.cells)
+        return {state: c.get(state, 0) for state in STATES}
+
+    @property
+    def total(self) -> int:
+        return len(self.cells)
+
+
+def completeness(cells_from_plan: Iterable[Any], sweep_runs) -> Completeness:
+    """Line the plan's cells up against the runs: done / running / failed / pending per cell.
+
+    ``cells_from_plan``: objects with ``.id``, ``.params`` (swept values) and ``.seed`` (what
+    :func:`hpsweep.plan.plan` returns). A planned cell with no run is *pending*; runs whose cell
+    id the plan does not produce are listed as ``orphans`` (never mixed into the matrix).
+    """
+    cells: list[CellState] = []
+    planned = set()
+    for cell in cells_from_plan:
+        planned.add(cell.id)
+        run = sweep_runs.cells.get(cell.id)
+        cells.append(CellState(
+            cell.id, dict(cell.params), cell.seed,
+            run.status if run else "pending", run.run_id if run else None,
+        ))
+    orphans = [
+        CellState(cid, r.params, r.seed, "orphan", r.run_id)
+        for cid, r in sweep_runs.cells.items() if cid not in planned
+    ]
+    seeds = sorted({c.seed for c in cells if c.seed is not None})
+    rows: dict[str, tuple[dict, dict[int, CellState]]] = {}
+    for c in cells:
+        key = json.dumps(c.params, sort_keys=True, default=str)
+        rows.setdefault(key, (c.params, {}))[1][c.seed] = c
+    return Completeness(cells, orphans, seeds, list(rows.values()))
+
+
 def _same(a: Any, b: Any) -> bool:
     if a is None or b is None:
         return a is b
@@ -157,6 +172,9 @@ def matches(params: dict[str, Any], match: Match) -> bool:
     return True
 
 
+DASH = "—"   # an undefined number (no finished cell; a std of one value)
+
+
 def _key(params: dict[str, Any], names: Sequence[str]) -> tuple:
     return tuple(json.dumps(params.get(n), sort_keys=True, default=str) for n in names)
 
@@ -172,23 +190,47 @@ class Stat:
     values: tuple[float, ...]
     run_ids: tuple[str, ...]
     metric: str = ""
+    seeds: tuple[Any, ...] = ()
 
-    def fmt(self, digits: int = 4) -> str:
+    @property
+    def missing(self) -> int:
+        """Planned cells without a finished, finite value (pending, running, failed)."""
+        return self.N - self.n
+
+    def mean_text(self) -> str:
+        return DASH if self.n == 0 else fmt_value(self.mean)
+
+    def std_text(self) -> str:
+        return DASH if math.isnan(self.std) else fmt_value(self.std)
+
+    def fmt(self) -> str:
         if self.n == 0:
-            return f"— (0/{self.N})"
-        std = "—" if math.isnan(self.std) else f"{self.std:.{digits}g}"
-        return f"{self.mean:.{digits}g} ± {std} (n={self.n}/{self.N})"
+            return f"{DASH} (0/{self.N})"
+        return f"{self.mean_text()} ± {self.std_text()} (n={self.n}/{self.N})"
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able: undefined mean / std as None."""
+        return {"mean": None if self.n == 0 else self.mean,
+                "std": None if math.isnan(self.std) else self.std, "n": self.n,
+                "missing": self.missing, "values": list(self.values), "seeds": list(self.seeds)}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std (ddof=1) of ``values``: NaN where undefined (no value; one value)."""
+    n = len(values)
+    mean = math.fsum(values) / n if n else math.nan
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
+    return mean, std
 
 
 def stat(obs: Sequence[Obs], metric: str) -> Stat:
     """Mean and sample std of ``metric`` over the done cells in ``obs`` (N counts them all)."""
-    got = [(o.metrics[metric], o.run_id) for o in obs
+    got = [(float(o.metrics[metric]), o.run_id, o.params.get("seed")) for o in obs
            if o.state == "done" and metric in o.metrics and math.isfinite(o.metrics[metric])]
-    vals = [v for v, _ in got]
-    n = len(vals)
-    mean = sum(vals) / n if n else math.nan
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else math.nan
-    return Stat(mean, std, n, len(obs), tuple(vals), tuple(r for _, r in got), metric)
+    vals = [v for v, _, _ in got]
+    mean, std = mean_std(vals)
+    return Stat(mean, std, len(vals), len(obs), tuple(vals), tuple(r for _, r, _ in got), metric,
+                tuple(s for _, _, s in got))
 
 
 def _better(mode: str):
@@ -202,16 +244,23 @@ def _configs(obs: Sequence[Obs], names: Sequence[str]) -> dict[tuple, list[Obs]]
     return out
 
 
-def rank_configs(obs: Sequence[Obs], metric: str, mode: str) -> list[tuple[dict, Stat]]:
-    """Configurations (every swept value but the seed) ranked by mean ``metric`` over seeds;
-    configurations with no finished seed come last."""
-    names = sorted({k for o in obs for k in o.params if k != "seed"})
-    ranked = []
-    for group in _configs(obs, names).values():
-        ranked.append(({n: group[0].params.get(n) for n in names}, stat(group, metric)))
+def aggregate(obs: Sequence[Obs], metric: str, mode: str,
+              group_by: Sequence[str] | None = None) -> list[tuple[dict, Stat]]:
+    """``metric`` over the replicates of each configuration (every swept value but the seed),
+    or of each ``group_by`` group (aggregating over the other parameters too): best mean first
+    (``mode``), groups with no finished cell last, in plan order among equals."""
+    names = list(group_by) if group_by is not None else list(
+        dict.fromkeys(k for o in obs for k in o.params if k != "seed"))
+    ranked = [({n: group[0].params.get(n) for n in names}, stat(group, metric))
+              for group in _configs(obs, names).values()]
     sign = 1 if mode == "min" else -1
     ranked.sort(key=lambda cs: (cs[1].n == 0, sign * cs[1].mean if cs[1].n else 0.0))
     return ranked
+
+
+def rank_configs(obs: Sequence[Obs], metric: str, mode: str) -> list[tuple[dict, Stat]]:
+    """Configurations (every swept value but the seed) ranked by mean ``metric`` over seeds."""
+    return aggregate(obs, metric, mode)
 
 
 # -- selection ---------------------------------------------------------------------------------
@@ -392,7 +441,8 @@ def _describe(c: dict, claim: Claim) -> str:
         return f"{side}; {c['why']} -> {c['verdict']}"
     lo, hi = c["ci"]
     conf = round(100 * (1 - 2 * claim.alpha))
-    return f"{side}; d={c['d']:.4g}, {conf}% CI [{lo:.4g}, {hi:.4g}] -> {c['verdict']}"
+    return (f"{side}; d={fmt_value(c['d'])}, {conf}% CI [{fmt_value(lo)}, {fmt_value(hi)}] "
+            f"-> {c['verdict']}")
 
 
 def _m(match: Match) -> str:

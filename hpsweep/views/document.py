@@ -1,7 +1,7 @@
 """Rendering the report's sections to a self-contained HTML page and a Markdown twin.
 
 The report is built as plain data (:class:`Section`, :class:`Table`, cells that are scalars,
-:class:`~hpsweep.protocol.Stat` or :class:`Links`); this module only turns it into text.
+:class:`~hpsweep.stats.Stat` or :class:`Links`); this module only turns it into text.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import math
 import re
 from typing import Any, Sequence
 
-from hpsweep.protocol import Stat
+from hpsweep.fmt import fmt_value
+from hpsweep.stats import Stat
 
-__all__ = ["Links", "Table", "Section", "render_html", "render_markdown", "fmt_value"]
+__all__ = ["Links", "Table", "Section", "render_html", "render_markdown"]
 
 
 @dataclasses.dataclass
@@ -42,13 +43,7 @@ class Section:
     figures: list[tuple[str, bytes]] = dataclasses.field(default_factory=list)
 
 
-def fmt_value(v: Any) -> str:
-    """A parameter value as a table shows it."""
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
+PARAM_DIGITS = 6   # parameter values in the report's tables (10^-2.5 stays distinguishable)
 
 
 # -- HTML ------------------------------------------------------------------------------------
@@ -91,7 +86,7 @@ def _cell_html(v: Any) -> str:
                  for lab, u in v.items]
         cls = f' class="{v.state}"' if v.state else ""
         return f"<td{cls}>{' '.join(parts)}</td>"
-    text = fmt_value(v)
+    text = fmt_value(v, PARAM_DIGITS)
     if text in ("reproduced", "not reproduced", "inconclusive"):
         return f'<td class="v-{text.replace(" ", "-")}"><b>{text}</b></td>'
     return f"<td>{html.escape(text)}</td>"
@@ -133,7 +128,7 @@ def _cell_md(v: Any) -> str:
     elif isinstance(v, Links):
         text = " ".join(f"[{lab}]({u})" if u else lab for lab, u in v.items)
     else:
-        text = fmt_value(v)
+        text = fmt_value(v, PARAM_DIGITS)
         if text in ("reproduced", "not reproduced", "inconclusive"):
             text = f"**{text}**"
     return text.replace("|", "\\|").replace("\n", " ")

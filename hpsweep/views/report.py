@@ -1,10 +1,10 @@
 """``hpsweep report``: a sweep's runs in MLflow become the paper's tables, figures and claims.
 
-:func:`build_report` reads the sweep back from MLflow (:func:`hpsweep.runs.load_sweep`, in
+:func:`build_report` reads the sweep back from MLflow (:func:`hpsweep.store.load_sweep`, in
 bulk), lines it up against the plan (missing cells stay visible as missing: every statistic
 says ``n=finished/planned``), applies the sweep's selection protocol (or ranks configurations
-by the sweep metric when there is none), judges the claims (:mod:`hpsweep.protocol`), draws
-the figures (:mod:`hpsweep.figures`) and writes a self-contained HTML page (figures embedded
+by the sweep metric when there is none), judges the claims (:mod:`hpsweep.stats`), draws
+the figures (:mod:`hpsweep.views.figures`) and writes a self-contained HTML page (figures embedded
 as base64 PNG) and a Markdown twin, then logs both as artifacts of the sweep's parent run.
 
 Every statistic cell in the HTML carries ``data-metric``, ``data-mean``, ``data-std``,
@@ -19,15 +19,18 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from hpsweep import figures as figs
-from hpsweep.protocol import (
-    GroupChoice, Obs, Verdict, apply_selection, judge_claims, observations,
+from hpsweep.fmt import fmt_value
+from hpsweep.stats import (
+    GroupChoice, Obs, Verdict, apply_selection, completeness, judge_claims, observations,
     pick_configuration, rank_configs,
 )
-from hpsweep.report_render import Links, Section, Table, fmt_value, render_html, render_markdown
-from hpsweep.store import SweepRuns, completeness, fetch_histories, load_sweep, log_report, run_url
+from hpsweep.store import SweepRuns, fetch_histories, load_sweep, log_report, run_url
+from hpsweep.views import figures as figs
+from hpsweep.views.document import (
+    PARAM_DIGITS, Links, Section, Table, render_html, render_markdown,
+)
 
-__all__ = ["build_report", "render_report", "run_url"]
+__all__ = ["build_report", "render_report"]
 
 _TOP = 20                 # configurations listed when the sweep declares no selection protocol
 _MATRIX_ROWS = 300        # beyond this, the completeness matrix lists only incomplete rows
@@ -97,7 +100,7 @@ class _Ctx:
                           and len({str(c.params.get(k)) for c in cells}) > 1})
 
         def label(o: Obs) -> str:
-            extra = "".join(f"{k}={fmt_value(o.params.get(k))} " for k in varying)
+            extra = "".join(f"{k}={fmt_value(o.params.get(k), PARAM_DIGITS)} " for k in varying)
             state = "" if o.state == "done" else f" ({o.state})"
             return f"{extra}s{o.params.get('seed')}{state}"
 
@@ -292,7 +295,7 @@ def _series(cells: Sequence[Obs], runs: SweepRuns, metric: str) -> list:
 
 
 def _label(d: dict) -> str:
-    return ", ".join(f"{k}={fmt_value(v)}" for k, v in d.items()) or "all"
+    return ", ".join(f"{k}={fmt_value(v, PARAM_DIGITS)}" for k, v in d.items()) or "all"
 
 
 CurveSpec = tuple[str, str, list[tuple[str, list[Obs]]]]   # title, metric, [(label, cells)]

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 
-from hpsweep.protocol import Obs  # noqa: E402
+from hpsweep.stats import Obs, mean_std  # noqa: E402
 
 __all__ = ["Figure", "curves", "sensitivity", "parallel_coordinates", "per_task", "heatmap",
            "band", "MAX_LINES"]
@@ -42,11 +42,18 @@ def band(series: Sequence[Sequence[tuple[int, float]]]) -> tuple[np.ndarray, np.
         for step, value in s:
             if math.isfinite(value):
                 by_step.setdefault(step, []).append(value)
-    steps = np.array(sorted(by_step), dtype=float)
-    mean = np.array([np.mean(by_step[int(k)]) for k in steps])
-    std = np.array([np.std(by_step[int(k)], ddof=1) if len(by_step[int(k)]) > 1 else 0.0
-                    for k in steps])
-    return steps, mean, std
+    steps = sorted(by_step)
+    mean, std = _mean_std_arrays([by_step[k] for k in steps])
+    return np.array(steps, dtype=float), mean, std
+
+
+def _mean_std_arrays(samples: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`hpsweep.stats.mean_std` of each sample; an undefined std (one value) draws as a
+    zero-width band."""
+    pairs = [mean_std(list(v)) for v in samples]
+    mean = np.array([m for m, _ in pairs], dtype=float)
+    std = np.nan_to_num(np.array([s for _, s in pairs], dtype=float), nan=0.0)
+    return mean, std
 
 
 def curves(title: str, metric: str, groups: Sequence[tuple[str, Sequence[Sequence[tuple[int, float]]]]],
@@ -101,7 +108,7 @@ def sensitivity(metric: str, obs: Sequence[Obs], params: Sequence[str]) -> Figur
         rng = np.random.default_rng(0)
         ax.scatter(x + rng.uniform(-jitter, jitter, len(x)), y, s=6, alpha=0.35)
         keys = sorted(pos, key=pos.get)
-        means = [np.mean(y[x == pos[k]]) for k in keys]
+        means, _ = _mean_std_arrays([y[x == pos[k]].tolist() for k in keys])
         ax.plot([pos[k] for k in keys], means, "k-o", ms=3, lw=1)
         if log:
             ax.set_xscale("log")
@@ -178,8 +185,7 @@ def per_task(title: str, groups: Sequence[tuple[str, Mapping[int, Sequence[float
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, per in groups:
         tasks = sorted(per)
-        mean = np.array([np.mean(per[t]) for t in tasks])
-        std = np.array([np.std(per[t], ddof=1) if len(per[t]) > 1 else 0.0 for t in tasks])
+        mean, std = _mean_std_arrays([per[t] for t in tasks])
         ax.errorbar(tasks, mean, yerr=std, marker="o", ms=3, capsize=2,
                     label=f"{label} (mean {mean.mean():.3g})")
     ax.set_xlabel("task")

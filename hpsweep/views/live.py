@@ -4,22 +4,16 @@ and one line per finished trial elsewhere (CI logs, pipes)."""
 from __future__ import annotations
 
 import time
-from typing import Any
-
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from hpsweep.fmt import fmt_value
+
 __all__ = ["LiveTable"]
 
 _SHOWN_RECENT = 8
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
 
 
 class LiveTable:
@@ -59,7 +53,7 @@ class LiveTable:
     # -- events
     def started(self, trial_id: str, config: dict) -> None:
         cell = config.get("cell")
-        label = self.labels.get(cell) or " ".join(f"{k}={_fmt(v)}" for k, v in config.items())
+        label = self.labels.get(cell) or " ".join(f"{k}={fmt_value(v)}" for k, v in config.items())
         self.rows[trial_id] = {"label": label, "status": "running", "step": None, "metric": None,
                                "start": time.time(), "end": None}
         self._redraw()
@@ -81,7 +75,7 @@ class LiveTable:
         self.counts[status] = self.counts.get(status, 0) + 1
         if not self.enabled:
             finished = self.skipped + self.counts["done"] + self.counts["failed"]
-            metric = f"{self.spec.metric.name}={_fmt(row['metric'])}" if row["metric"] is not None else ""
+            metric = f"{self.spec.metric.name}={fmt_value(row['metric'])}" if row["metric"] is not None else ""
             why = f"  ({error.strip().splitlines()[-1][:120]})" if error.strip() else ""
             self.console.print(f"[{finished}/{self.total}] {status:<6} {row['label']}  {metric}"
                                f"  {row['end'] - row['start']:.1f}s{why}", highlight=False)
@@ -108,8 +102,8 @@ class LiveTable:
         for row in recent + running:
             style = {"done": "green", "failed": "red", "running": "yellow"}.get(row["status"], "")
             elapsed = (row["end"] or now) - row["start"]
-            table.add_row(row["label"], Text(row["status"], style=style), _fmt(row["step"] or ""),
-                          _fmt(row["metric"]) if row["metric"] is not None else "", f"{elapsed:.1f}s")
+            table.add_row(row["label"], Text(row["status"], style=style), fmt_value(row["step"] or ""),
+                          fmt_value(row["metric"]) if row["metric"] is not None else "", f"{elapsed:.1f}s")
         done = self.skipped + self.counts["done"]
         summary = Text(f"done {done}/{self.total}  running {len(running)}  failed {self.counts['failed']}"
                        f"  pending {self.total - done - len(running) - self.counts['failed']}"

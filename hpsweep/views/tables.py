@@ -1,0 +1,64 @@
+"""Tables a person reads in a terminal: results over seeds (``hpsweep results``, and after
+``hpsweep run``) and the completeness matrix (``hpsweep status``). The numbers come from
+:mod:`hpsweep.stats`; an undefined one (no finished cell, the std of one value) is a dash."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from hpsweep.fmt import fmt_value
+from hpsweep.stats import Completeness, Stat
+
+__all__ = ["results_table", "results_json", "status_table"]
+
+_MARK = {"done": ("●", "green"), "running": ("◐", "yellow"), "failed": ("✗", "red"),
+         "pending": ("·", "dim")}
+
+def results_json(groups: list[tuple[dict, Stat]]) -> list[dict[str, Any]]:
+    """The groups of :func:`hpsweep.stats.aggregate`, JSON-able (undefined numbers as null)."""
+    return [{"params": params, **s.as_dict()} for params, s in groups]
+
+def results_table(groups: list[tuple[dict, Stat]], metric: str, mode: str, title: str,
+                  limit: int = 0) -> Table:
+    """The groups of :func:`hpsweep.stats.aggregate` (best first): mean, std, n, missing."""
+    names = list(dict.fromkeys(k for params, _ in groups for k in params))
+    table = Table(title=title, caption=f"{metric}: final value, mean ± std over seeds "
+                                       f"({'lower' if mode == 'min' else 'higher'} is better)")
+    table.add_column("#", justify="right")
+    for name in names:
+        table.add_column(name)
+    for col in ("mean", "± std", "n", "missing"):
+        table.add_column(col, justify="right")
+    shown = groups[:limit] if limit else groups
+    for i, (params, s) in enumerate(shown, 1):
+        style = "bold green" if i == 1 and s.n else ""
+        table.add_row(str(i), *(fmt_value(params.get(n)) for n in names),
+                      Text(s.mean_text(), style=style), s.std_text(), str(s.n),
+                      Text(str(s.missing), style="red" if s.missing else "dim"))
+    if limit and len(groups) > limit:
+        table.add_row("…", *([""] * len(names)), f"{len(groups) - limit} more", "", "", "")
+    return table
+
+def status_table(matrix: Completeness, title: str, limit: int = 0) -> Table:
+    """Rows are configurations, columns are seeds; each cell is done / running / failed / pending."""
+    names = list(dict.fromkeys(k for params, _ in matrix.rows for k in params))
+    table = Table(title=title, caption="● done  ◐ running  ✗ failed  · pending")
+    for name in names:
+        table.add_column(name)
+    for seed in matrix.seeds:
+        table.add_column(f"seed {seed}", justify="center")
+    rows = matrix.rows[:limit] if limit else matrix.rows
+    for params, by_seed in rows:
+        marks = []
+        for seed in matrix.seeds:
+            state = by_seed[seed].state if seed in by_seed else "pending"
+            mark, style = _MARK.get(state, ("?", ""))
+            marks.append(Text(mark, style=style))
+        table.add_row(*(fmt_value(params.get(n)) for n in names), *marks)
+    if limit and len(matrix.rows) > limit:
+        table.add_row(f"… {len(matrix.rows) - limit} more rows",
+                      *([""] * (len(names) + len(matrix.seeds) - 1)))
+    return table
