@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 
 from hpsweep import __version__
-from hpsweep.errors import UserError
+from hpsweep.errors import TrackingUnreachable, UsageError, UserError
 
 __all__ = ["main", "build_parser"]
 
@@ -48,11 +48,9 @@ def cmd_validate(args) -> int:
     for path in args.sweeps:
         try:
             spec = _load(path)
-        except SpecError as exc:
+        except SpecError as exc:  # every file is checked: report this one and go on
             bad += 1
-            if args.debug:
-                traceback.print_exc()
-            err_console.print(str(exc), markup=False)
+            _print_user_error(exc, args.debug)
             continue
         cells = plan(spec)
         what = f"{len(cells)} cells" if cells else f"{spec.search.samples} optuna samples"
@@ -92,7 +90,7 @@ def cmd_status(args) -> int:
 
         return job_status(args.address, args.sweep)
     if not args.sweep:
-        raise UserError("status: give a sweep file (or --address URL [JOB] for cluster jobs)")
+        raise UsageError("status: give a sweep file (or --address URL [JOB] for cluster jobs)")
     from hpsweep.plan import plan
     from hpsweep.stats import completeness
     from hpsweep.store import load_sweep, resolve_tracking_uri
@@ -121,7 +119,7 @@ def cmd_results(args) -> int:
     if group_by:
         unknown = [g for g in group_by if g not in spec.swept_names()]
         if unknown:
-            raise UserError(f"--group-by: {', '.join(unknown)} not swept in {args.sweep}; "
+            raise UsageError(f"--group-by: {', '.join(unknown)} not swept in {args.sweep}; "
                             f"swept: {', '.join(spec.swept_names())}")
     _print_results(spec, tracking_uri, group_by, limit=args.limit, metric=args.metric, as_json=args.json)
     return 0
@@ -200,7 +198,7 @@ def _check_tracking(uri: str) -> None:
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).read()
     except (urllib.error.URLError, OSError) as exc:
-        raise UserError(f"--tracking-uri {uri}: no MLflow server answers there ({exc}); "
+        raise TrackingUnreachable(f"--tracking-uri {uri}: no MLflow server answers there ({exc}); "
                         "start one with `mlflow server` or leave the flag out for local SQLite") from None
 
 
@@ -209,17 +207,7 @@ def _check_storage(uri: str | None, endpoint: str | None) -> None:
         return
     from hpsweep.storage import open_storage
 
-    storage = open_storage(uri, endpoint)
-    bucket = storage.root.split("/", 1)[0]
-    try:
-        info = storage.fs.get_file_info(bucket)
-    except OSError as exc:
-        raise UserError(f"--storage {uri}: cannot reach the bucket ({exc}); check AWS_ENDPOINT_URL "
-                        "and your AWS credentials") from None
-    import pyarrow.fs as pafs
-
-    if info.type == pafs.FileType.NotFound:
-        raise UserError(f"--storage {uri}: bucket {bucket!r} does not exist; create it first")
+    open_storage(uri, endpoint).check_reachable()
 
 
 # --- the parser -----------------------------------------------------------------------------
@@ -283,6 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_user_error(exc: UserError, debug: bool) -> int:
+    """The one printer of user errors: the message on stderr, no traceback (unless
+    ``--debug``); returns the exit code (2)."""
+    if debug:
+        traceback.print_exception(exc)
+    err_console.print(str(exc), markup=False)
+    return exc.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     # MLflow's INFO lines (schema migrations of a new SQLite store) are not for the console.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -291,10 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        if args.debug:
-            traceback.print_exc()
-        err_console.print(str(exc), markup=False)
-        return exc.exit_code
+        return _print_user_error(exc, args.debug)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as _dt
-import functools
 import os
 import re
 import secrets
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from hpsweep.errors import UserError
+from hpsweep.errors import ClusterError, SweepFileMissing, UnknownJob, UsageError
 
 __all__ = [
     "register",
@@ -66,7 +65,7 @@ def resolve_address(address: str | None) -> str:
     for name in ADDRESS_ENV_VARS:
         if os.environ.get(name):
             return os.environ[name].rstrip("/")
-    raise UserError(
+    raise UsageError(
         "no cluster address: pass --address http://HEAD:8265 "
         "(or set HPSWEEP_RAY_ADDRESS / RAY_ADDRESS)"
     )
@@ -100,56 +99,41 @@ def _client(address: str):
         return JobSubmissionClient(address, headers=auth_headers())
     except AuthenticationError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise UserError(
+        raise ClusterError(
             f"{address}: {first}; put the cluster's token in ~/.ray/auth_token, "
             "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN"
         ) from None
     except (ConnectionError, OSError) as exc:
-        raise UserError(
+        raise ClusterError(
             f"cannot reach the Ray Jobs API at {address}: {exc} "
             "(is the cluster up, and the dashboard port 8265 forwarded?)"
         ) from None
     except ValueError as exc:  # an address Ray cannot parse
-        raise UserError(f"bad cluster address {address!r}: {exc}") from None
+        raise UsageError(f"bad cluster address {address!r}: {exc}") from None
 
 
-def _unknown_job(exc: Exception, job_id: str, address: str) -> UserError | None:
-    text = str(exc)
-    if "404" in text or "does not exist" in text or "not found" in text.lower():
-        return UserError(f"no job {job_id!r} on {address} (`hpsweep status --address {address}` lists them)")
-    return None
-
-
-def _call(address: str, job_id: str, fn: Callable[[], Any]) -> Any:
-    """Run a client call; an unknown job id or a lost connection becomes a UserError."""
+def _call(client: Any, address: str, job_id: str, fn: Callable[[], Any]) -> Any:
+    """Run a client call; an unknown job id becomes :class:`UnknownJob`, a lost connection a
+    :class:`ClusterError`. Ray's client raises a bare RuntimeError for any refused request, so
+    whether the job exists is asked of the cluster, never read from the error's text."""
     try:
         return fn()
-    except RuntimeError as exc:
-        err = _unknown_job(exc, job_id, address)
-        if err is not None:
-            raise err from None
+    except RuntimeError:
+        try:
+            known = {j.submission_id or j.job_id for j in client.list_jobs()}
+        except (RuntimeError, ConnectionError):
+            known = {job_id}  # cannot tell: let the original error through
+        if job_id not in known:
+            raise UnknownJob(f"no job {job_id!r} on {address} "
+                             f"(`hpsweep status --address {address}` lists them)") from None
         raise
     except ConnectionError as exc:
-        raise UserError(f"lost the Ray Jobs API at {address}: {exc}") from None
-
-
-def _reports_user_errors(fn: Callable[..., int]) -> Callable[..., int]:
-    """Print a UserError as one line on stderr and return its exit code (2)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> int:
-        try:
-            return fn(*args, **kwargs)
-        except UserError as exc:
-            print(f"hpsweep: error: {exc}", file=sys.stderr)
-            return exc.exit_code
-
-    return wrapper
+        raise ClusterError(f"lost the Ray Jobs API at {address}: {exc}") from None
 
 
 def _no_credentials(flag: str, uri: str | None) -> None:
     if uri and urlsplit(uri).password:
-        raise UserError(
+        raise UsageError(
             f"{flag} {uri.split('@')[-1]!r} carries a password; give credentials to the cluster "
             "through its environment (Kubernetes Secrets, MLFLOW_TRACKING_PASSWORD), never the job"
         )
@@ -182,7 +166,7 @@ def build_submission(
 
     sweep = Path(sweep)
     if not sweep.is_file():
-        raise UserError(f"{sweep}: no such sweep file")
+        raise SweepFileMissing(f"{sweep}: no such sweep file")
     spec = load_spec(sweep)  # raises SpecError listing every problem
     _no_credentials("--tracking-uri", tracking_uri)
     _no_credentials("--storage", storage)
@@ -216,7 +200,7 @@ def build_submission(
         # Ray runs image_uri jobs with env_vars only: the sweep travels as text, and the
         # entrypoint writes it to a file inside the container before running it
         if pip or working_dir:
-            raise UserError("--image runs the code inside the image: drop --pip and --working-dir")
+            raise UsageError("--image runs the code inside the image: drop --pip and --working-dir")
         runtime_env["image_uri"] = image
         env_vars["HPSWEEP_SWEEP_YAML"] = sweep.read_text()
         target = f"/tmp/hpsweep-{sweep.name}"
@@ -226,11 +210,11 @@ def build_submission(
     else:
         root = (working_dir or Path.cwd()).resolve()
         if not root.is_dir():
-            raise UserError(f"--working-dir {root}: not a directory")
+            raise UsageError(f"--working-dir {root}: not a directory")
         try:
             relative = sweep.resolve().relative_to(root)
         except ValueError:
-            raise UserError(
+            raise UsageError(
                 f"{sweep}: the sweep file must be inside the working directory {root} "
                 "that is shipped to the cluster (pass --working-dir)"
             ) from None
@@ -247,7 +231,6 @@ def build_submission(
     }
 
 
-@_reports_user_errors
 def submit(args: argparse.Namespace) -> int:
     """``hpsweep submit``: validate the sweep, submit it as a Ray job, print the job id."""
     address = resolve_address(args.address)
@@ -264,7 +247,7 @@ def submit(args: argparse.Namespace) -> int:
     try:
         job_id = client.submit_job(**submission)
     except RuntimeError as exc:  # the Jobs API refused it (e.g. a runtime_env it cannot build)
-        raise UserError(f"{address} refused the job: {exc}") from None
+        raise ClusterError(f"{address} refused the job: {exc}") from None
     print(job_id)
     print(
         f"hpsweep: submitted {submission['metadata']['hpsweep.sweep']} to {address}; "
@@ -287,7 +270,7 @@ def _follow(client: Any, address: str, job_id: str) -> int:
             sys.stdout.write(chunk)
             sys.stdout.flush()
 
-    _call(address, job_id, lambda: client.get_job_status(job_id))  # unknown id: a clean error
+    _call(client, address, job_id, lambda: client.get_job_status(job_id))  # unknown id: a clean error
     try:
         asyncio.run(tail())
     except KeyboardInterrupt:
@@ -300,29 +283,27 @@ def _follow(client: Any, address: str, job_id: str) -> int:
 def _wait_terminal(client: Any, address: str, job_id: str, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while True:
-        status = str(_call(address, job_id, lambda: client.get_job_status(job_id)).value)
+        status = str(_call(client, address, job_id, lambda: client.get_job_status(job_id)).value)
         if status in _TERMINAL or time.monotonic() > deadline:
             return status
         time.sleep(0.5)
 
 
-@_reports_user_errors
 def logs(args: argparse.Namespace) -> int:
     """``hpsweep logs JOB [--follow]``: print (or stream) a job's driver log."""
     address = resolve_address(args.address)
     client = _client(address)
     if args.follow:
         return _follow(client, address, args.job)
-    sys.stdout.write(_call(address, args.job, lambda: client.get_job_logs(args.job)))
+    sys.stdout.write(_call(client, address, args.job, lambda: client.get_job_logs(args.job)))
     return 0
 
 
-@_reports_user_errors
 def stop(args: argparse.Namespace) -> int:
     """``hpsweep stop JOB``: ask Ray to stop the job and wait until it has stopped."""
     address = resolve_address(args.address)
     client = _client(address)
-    _call(address, args.job, lambda: client.stop_job(args.job))
+    _call(client, address, args.job, lambda: client.stop_job(args.job))
     status = _wait_terminal(client, address, args.job, timeout=args.timeout)
     print(f"{args.job} {status}")
     return 0 if status in _TERMINAL else 1
@@ -340,13 +321,12 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-@_reports_user_errors
 def job_status(address: str | None, job_id: str | None) -> int:
     """Print the cluster's submitted jobs as a table, or one job's status; return the exit code."""
     address = resolve_address(address)
     client = _client(address)
     if job_id is None:
-        jobs = [j for j in _call(address, "", client.list_jobs) if j.submission_id]
+        jobs = [j for j in _call(client, address, "", client.list_jobs) if j.submission_id]
         jobs.sort(key=lambda j: j.start_time or 0)
         rows = [
             [
@@ -363,7 +343,7 @@ def job_status(address: str | None, job_id: str | None) -> int:
         else:
             print(_table(rows, ["JOB", "STATUS", "SWEEP", "STARTED", "ENDED"]))
         return 0
-    info = _call(address, job_id, lambda: client.get_job_info(job_id))
+    info = _call(client, address, job_id, lambda: client.get_job_info(job_id))
     print(f"job:        {job_id}")
     print(f"status:     {info.status.value}")
     print(f"sweep:      {(info.metadata or {}).get('hpsweep.sweep', '-')}")

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from hpsweep import __version__
-from hpsweep.errors import UserError
+from hpsweep.errors import SweepFileMissing, UsageError
 
 __all__ = [
     "IMAGE_REPOSITORY",
@@ -121,11 +121,11 @@ def rayjob_manifests(
 
     sweep = Path(sweep)
     if not sweep.is_file():
-        raise UserError(f"{sweep}: no such sweep file")
+        raise SweepFileMissing(f"{sweep}: no such sweep file")
     spec = load_spec(sweep)
     for flag, value in (("--max-cpu-workers", max_cpu_workers), ("--max-gpu-workers", max_gpu_workers)):
         if value < 0:
-            raise UserError(f"{flag} must be >= 0, got {value}")
+            raise UsageError(f"{flag} must be >= 0, got {value}")
     gpu = spec.resources.gpus > 0
     image = image or default_image(gpu)
     name = k8s_name(spec.name)
@@ -237,20 +237,16 @@ def to_yaml(docs: list[dict[str, Any]]) -> str:
 
 
 def _render_rayjob(args: argparse.Namespace) -> int:
-    try:
-        docs = rayjob_manifests(
-            Path(args.sweep),
-            image=args.image,
-            tracking_uri=args.tracking_uri,
-            storage=args.storage,
-            s3_endpoint=args.s3_endpoint,
-            namespace=args.namespace,
-            max_cpu_workers=args.max_cpu_workers,
-            max_gpu_workers=args.max_gpu_workers,
-        )
-    except UserError as exc:
-        print(f"hpsweep: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    docs = rayjob_manifests(
+        Path(args.sweep),
+        image=args.image,
+        tracking_uri=args.tracking_uri,
+        storage=args.storage,
+        s3_endpoint=args.s3_endpoint,
+        namespace=args.namespace,
+        max_cpu_workers=args.max_cpu_workers,
+        max_gpu_workers=args.max_gpu_workers,
+    )
     text = to_yaml(docs)
     if args.output and args.output != "-":
         Path(args.output).write_text(text)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from hpsweep.errors import StorageUnreachable
+
 __all__ = ["Storage", "open_storage", "DEFAULT_STORAGE"]
 
 DEFAULT_STORAGE = ".hpsweep/storage"
@@ -46,9 +48,11 @@ class Storage:
         try:
             with self.fs.open_input_stream(self.path(*parts)) as f:
                 return f.read()
-        except (FileNotFoundError, OSError) as exc:
-            if isinstance(exc, FileNotFoundError) or "not found" in str(exc).lower() \
-                    or "does not exist" in str(exc).lower() or "NoSuchKey" in str(exc):
+        except FileNotFoundError:
+            return None
+        except OSError:
+            # pyarrow's S3 raises a plain OSError for a missing key: ask whether it exists
+            if not self.exists(*parts):
                 return None
             raise
 
@@ -67,6 +71,22 @@ class Storage:
 
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def check_reachable(self) -> None:
+        """For S3: the bucket answers and exists, else :class:`StorageUnreachable` (before a
+        sweep starts). A local directory always does (it is created on open)."""
+        if not self.is_s3:
+            return
+        bucket = self.root.split("/", 1)[0]
+        try:
+            info = self.fs.get_file_info(bucket)
+        except OSError as exc:
+            raise StorageUnreachable(
+                f"--storage {self.uri}: cannot reach the bucket ({exc}); check AWS_ENDPOINT_URL "
+                "and your AWS credentials") from None
+        if info.type == pafs.FileType.NotFound:
+            raise StorageUnreachable(f"--storage {self.uri}: bucket {bucket!r} does not exist; "
+                                     "create it first")
 
     def spec(self) -> dict:
         """What a worker needs to reopen this storage (no credentials: workers read their own)."""

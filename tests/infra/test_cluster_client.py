@@ -4,7 +4,6 @@ in tests/integration/test_cluster.py."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from hpsweep import cluster
+from hpsweep.cli import main
 from hpsweep.errors import UserError
 
 SWEEP = """\
@@ -40,10 +40,8 @@ def project(tmp_path, monkeypatch) -> Path:
 
 
 def _cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    cluster.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(list(argv))
-    return args.func(args)
+    # the CLI's one user-error printer (cluster.py raises, prints nothing)
+    return main(list(argv))
 
 
 def test_submission_ships_the_working_dir_and_runs_the_same_command(project):
@@ -219,7 +217,7 @@ def test_submit_status_and_unknown_jobs_against_the_jobs_api(project, jobs_api, 
     assert cluster.job_status(jobs_api, job_id) == 0
     assert "status:     PENDING" in capsys.readouterr().out
 
-    assert cluster.job_status(jobs_api, "nope") == 2
+    assert _cli("status", "nope", "--address", jobs_api) == 2
     assert "no job 'nope'" in capsys.readouterr().err
     assert _cli("logs", "nope", "--address", jobs_api) == 2
 
@@ -230,7 +228,7 @@ def test_unreachable_cluster_is_one_clear_line(project, capsys):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         address = f"http://127.0.0.1:{s.getsockname()[1]}"
-    assert cluster.job_status(address, None) == 2
+    assert _cli("status", "--address", address) == 2
     assert _cli("stop", "job1", "--address", address) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all("cannot reach the Ray Jobs API" in line for line in err)

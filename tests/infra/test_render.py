@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 
 import pytest
 import yaml
 
 from hpsweep import __version__, render
+from hpsweep.cli import main
 from hpsweep.errors import UserError
 from k8s_tools import REPO, containers, validate
 
@@ -26,10 +26,8 @@ resources: {cpus: 1, gpus: 0.25}
 
 
 def _cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    render.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(list(argv))
-    return args.func(args)
+    # the CLI's one user-error printer (render.py raises, prints nothing)
+    return main(list(argv))
 
 
 def test_the_repository_has_sweeps_to_render():
