@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run test test-fast test-slow bench browser clean venv
+.PHONY: run lint test test-fast test-slow bench browser clean venv
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,13 +26,17 @@ run: $(STAMP)
 browser:
 	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 
-# The whole suite: the fast tier, then the tests that start servers (Ray, mlflow, moto).
-test: $(STAMP) browser
+# ruff (rules in pyproject.toml) over the whole tree.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# The whole suite: lint, the fast tier, then the tests that start servers (Ray, mlflow, moto).
+test: $(STAMP) browser lint
 	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
 	$(BIN)/python -m pytest -q -m "slow" -p no:cacheprovider
 
-# Unit tests only, no servers: under two minutes.
-test-fast: $(STAMP)
+# Lint and the unit tests, no servers: under two minutes.
+test-fast: $(STAMP) lint
 	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
 
 test-slow: $(STAMP) browser

@@ -22,8 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainers.mbpa.adapt import (adapt_predict, adapt_predict_loop, adapt_predict_mlp,  # noqa: E402
-                                first_step_terms, linear_fn, mlp_layers)
+from trainers.mbpa.adapt import (  # noqa: E402
+    adapt_predict,
+    adapt_predict_loop,
+    adapt_predict_mlp,
+    first_step_terms,
+    linear_fn,
+    mlp_layers,
+)
 from trainers.mbpa.data import read_idx  # noqa: E402
 from trainers.mbpa.lm_adapt import softmax_explicit, softmax_sgd_correction  # noqa: E402
 from trainers.mbpa.memory import DEFAULT_NPROBE, EpisodicMemory, kernel_weights, knn  # noqa: E402
@@ -135,7 +141,7 @@ def bench_knn(rows: list, quick: bool, x: torch.Tensor) -> None:
             recall = {}
             for k in (K, 32):   # 32: the incremental sweep's K
                 found = ivf.nearest(q, k)[1].tolist()
-                recall[k] = sum(len(set(f) & set(e[:k])) for f, e in zip(found, truth)) / (B * k)
+                recall[k] = sum(len(set(f) & set(e[:k])) for f, e in zip(found, truth, strict=True)) / (B * k)
             rows.append((f"  ... IVF nprobe={nprobe} nlist={ivf._ivf.nlist} (build {build:.1f} s)",
                          f"{t_ivf * 1e3:.1f} ms", f"recall {recall[K]:.3f} ({recall[32]:.3f}@32)", t / t_ivf,
                          target if nprobe == DEFAULT_NPROBE else ""))

@@ -61,7 +61,8 @@ def populate_sql(db: Path, template_run_id: str, cells, curve_of) -> None:
 
     con = sqlite3.connect(db)
     cols = [r[1] for r in con.execute("PRAGMA table_info(runs)")]
-    tmpl = dict(zip(cols, con.execute("SELECT * FROM runs WHERE run_uuid=?", (template_run_id,)).fetchone()))
+    row = con.execute("SELECT * FROM runs WHERE run_uuid=?", (template_run_id,)).fetchone()
+    tmpl = dict(zip(cols, row, strict=True))
     tags = dict(con.execute("SELECT key, value FROM tags WHERE run_uuid=?", (template_run_id,)))
     now = int(time.time() * 1000)
     runs, tag_rows, param_rows, metric_rows, latest_rows = [], [], [], [], []
@@ -102,13 +103,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from mlflow.tracking import MlflowClient
+    from report_support import log_sweep
     from servers import VENV_BIN, free_port, group_cpu_seconds, http_ok, start_server, wait_settled, wait_until
 
     from hpsweep.plan import plan
-    from hpsweep.views.report import build_report
-    from hpsweep.store import load_sweep
     from hpsweep.spec import load_spec_text
-    from report_support import log_sweep
+    from hpsweep.store import load_sweep
+    from hpsweep.views.report import build_report
 
     n_sleep = 10
     n_x = max(1, args.configs // n_sleep)

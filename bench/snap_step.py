@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     min_time = args.min_time or (0.05 if args.quick else 0.4)
     bandwidth = copy_bandwidth(device, 64 if args.quick else 512)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device: {name}; {args.clock} clock; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); batch {BATCH}; "
+    print(f"device: {name}; {args.clock} clock; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); "
+          f"batch {BATCH}; "
           f"bptt window {WINDOW}; float32")
     header = (f"{'cell':5} {'hidden':>6} {'sparse':>6} {'method':7} {'ms/step':>10} {'x bptt':>8} {'x dense':>8} "
               f"{'floor ms':>9} {'x floor':>8}")

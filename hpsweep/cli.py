@@ -213,7 +213,8 @@ def _check_storage(uri: str | None, endpoint: str | None) -> None:
 # --- the parser -----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hpsweep", description="Run hyperparameter sweeps with Ray Tune, tracked in MLflow.")
+    parser = argparse.ArgumentParser(
+        prog="hpsweep", description="Run hyperparameter sweeps with Ray Tune, tracked in MLflow.")
     parser.add_argument("--version", action="version", version=f"hpsweep {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

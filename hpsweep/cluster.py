@@ -27,8 +27,9 @@ import secrets
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from hpsweep.errors import ClusterError, SweepFileMissing, UnknownJob, UsageError
@@ -143,7 +144,7 @@ def _no_credentials(flag: str, uri: str | None) -> None:
 
 
 def _submission_id(name: str) -> str:
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
     safe = re.sub(r"[^A-Za-z0-9_.-]", "-", name)[:40]
     return f"hpsweep-{safe}-{stamp}-{secrets.token_hex(2)}"
 
@@ -317,7 +318,7 @@ def _fmt_time(ms: int | None) -> str:
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in [header, *rows]]
     return "\n".join(lines)
 
 

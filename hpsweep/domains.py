@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 __all__ = ["Model", "Scalar", "Grid", "Pow10", "Range", "Choice", "Uniform", "LogUniform", "RandInt",
            "Fixed", "GRID_KINDS", "SAMPLED_KINDS", "KINDS", "Domain", "VariantValue", "wrap_fixed"]
 
-Scalar = Union[bool, int, float, str, None]
+Scalar = bool | int | float | str | None
 
 
 class Model(BaseModel):
@@ -118,12 +118,12 @@ def _variant_tag(v: Any) -> str | None:
 
 _ONE_OF = "one of " + ", ".join(KINDS)
 Domain = Annotated[
-    Union[tuple(Annotated[cls, Tag(name)] for name, cls in KINDS.items())],
+    Union[tuple(Annotated[cls, Tag(name)] for name, cls in KINDS.items())],  # noqa: UP007 (built at run time)
     Discriminator(_param_tag, custom_error_type="domain",
                   custom_error_message=f"must be a mapping with exactly one key: {_ONE_OF}"),
 ]
 VariantValue = Annotated[
-    Union[tuple(Annotated[cls, Tag(name)] for name, cls in KINDS.items())
+    Union[tuple(Annotated[cls, Tag(name)] for name, cls in KINDS.items())  # noqa: UP007
           + (Annotated[Fixed, Tag("value")],)],
     Discriminator(_variant_tag, custom_error_type="domain",
                   custom_error_message=f"must be a scalar or a mapping with exactly one key: {_ONE_OF}"),

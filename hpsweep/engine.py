@@ -36,11 +36,11 @@ os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
 
-from hpsweep.views.live import LiveTable  # noqa: E402
 from hpsweep.plan import Cell, cell_id, plan, resolve_config  # noqa: E402
 from hpsweep.spec import GRID_KINDS, SweepSpec  # noqa: E402
 from hpsweep.storage import Storage, open_storage  # noqa: E402
 from hpsweep.store import TAG, CellTracker, SweepTracker, code_version  # noqa: E402
+from hpsweep.views.live import LiveTable  # noqa: E402
 
 __all__ = ["SweepOutcome", "run_sweep"]
 

@@ -67,7 +67,7 @@ def _combos(domains: dict) -> Iterator[dict]:
             if type(d) in GRID_KINDS.values() or hasattr(d, "value")}
     keys = list(grid)
     for combo in itertools.product(*(grid[k] for k in keys)):
-        yield dict(zip(keys, combo))
+        yield dict(zip(keys, combo, strict=True))
 
 
 def _sampled(domains: dict) -> dict:
@@ -149,4 +149,4 @@ def trial_configs(spec: SweepSpec) -> Iterator[dict]:
                 yield combo
                 continue
             for corner in itertools.product(*extremes.values()):
-                yield {**combo, **dict(zip(extremes, corner))}
+                yield {**combo, **dict(zip(extremes, corner, strict=True))}

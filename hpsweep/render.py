@@ -268,8 +268,8 @@ def register(subparsers: Any) -> None:
         "RayCluster (head, CPU group, GPU group from zero).",
     )
     r.add_argument("sweep", metavar="SWEEP.yaml")
-    r.add_argument("--image", help="trainer image (default: %s)" % default_image(False)
-                   + ", or the -cuda tag when the sweep asks for GPUs")
+    r.add_argument("--image", help=f"trainer image (default: {default_image(False)})"
+                   ", or the -cuda tag when the sweep asks for GPUs")
     r.add_argument("--tracking-uri", help="MLflow tracking server as the pods reach it, "
                    "e.g. http://mlflow:5000")
     r.add_argument("--storage", help="checkpoint storage, e.g. s3://hpsweep/checkpoints")

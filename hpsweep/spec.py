@@ -17,11 +17,9 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, Field, Tag, ValidationError,
-                      field_validator, model_validator)
+from pydantic import BaseModel, Field, Tag, ValidationError, field_validator, model_validator
 
-from hpsweep.domains import (GRID_KINDS, KINDS, SAMPLED_KINDS, Domain, Model, VariantValue,
-                             wrap_fixed)
+from hpsweep.domains import GRID_KINDS, KINDS, SAMPLED_KINDS, Domain, Model, VariantValue, wrap_fixed
 from hpsweep.errors import UserError
 from hpsweep.spec_protocol import Claim, Selection
 from hpsweep.yamlload import LoadedYaml, load_yaml_text
@@ -41,7 +39,7 @@ class Search(Model):
     samples: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
-    def _samples(self) -> "Search":
+    def _samples(self) -> Search:
         if self.algorithm == "grid" and self.samples is not None:
             raise ValueError("samples is for random and optuna searches; a grid runs every cell "
                              "(repeat it with seeds instead)")
@@ -62,14 +60,14 @@ class Asha(Model):
     reduction_factor: float = Field(default=3.0, gt=1)
 
     @model_validator(mode="after")
-    def _grace(self) -> "Asha":
+    def _grace(self) -> Asha:
         if self.grace_period > self.max_t:
             raise ValueError(f"grace_period must be <= max_t, got grace_period={self.grace_period} "
                              f"max_t={self.max_t}")
         return self
 
 
-Scheduler = Annotated[Union[Fifo, Asha], Field(discriminator="type")]
+Scheduler = Annotated[Fifo | Asha, Field(discriminator="type")]
 
 
 class Resources(Model):
@@ -423,8 +421,7 @@ def _check_protocol(spec: SweepSpec, info, swept: set[str], add) -> None:
 
 
 def _all_domains(spec: SweepSpec):
-    for name, domain in spec.parameters.items():
-        yield name, domain
+    yield from spec.parameters.items()
     for variant in spec.variants:
         yield from variant.items()
 

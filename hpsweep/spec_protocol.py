@@ -7,14 +7,14 @@ says what a sweep file may write.
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["Selection", "Claim", "Match"]
 
-Scalar = Union[bool, int, float, str]
-Match = dict[str, Union[Scalar, None, list[Union[Scalar, None]]]]
+Scalar = bool | int | float | str
+Match = dict[str, Scalar | None | list[Scalar | None]]
 
 
 class Selection(BaseModel):
@@ -32,7 +32,7 @@ class Selection(BaseModel):
     report_exclude: Match = Field(default_factory=dict, description="these cells never report")
 
     @model_validator(mode="after")
-    def _disjoint(self) -> "Selection":
+    def _disjoint(self) -> Selection:
         both = sorted(set(self.group_by) & set(self.over))
         if both:
             raise ValueError(f"group_by and over must not share parameters, both name {both}")
@@ -59,7 +59,7 @@ class Claim(BaseModel):
     source: str | None = Field(None, description="where the paper says it (table, figure)")
 
     @model_validator(mode="after")
-    def _sides(self) -> "Claim":
+    def _sides(self) -> Claim:
         if self.kind == "order":
             if not self.order or len(self.order) < 2:
                 raise ValueError("kind 'order' needs `order`: a list of at least two sides")

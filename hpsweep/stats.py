@@ -408,7 +408,7 @@ def judge_claims(
         keys = sorted({_key(o.params, claim.pair_by) for o in obs}) if claim.pair_by else [()]
         comps = []
         for k in keys:
-            pin = dict(zip(claim.pair_by, (json.loads(x) for x in k)))
+            pin = dict(zip(claim.pair_by, (json.loads(x) for x in k), strict=True))
             for kind, lm, rm in pairs:
                 lcfg, ls = _side(obs, {**lm, **pin}, chosen, choose_by, choose_mode, claim.metric)
                 rcfg, rs = _side(obs, {**rm, **pin}, chosen, choose_by, choose_mode, claim.metric)
@@ -435,8 +435,8 @@ def judge_claims(
 def _describe(c: dict, claim: Claim) -> str:
     where = ", ".join(f"{k}={v}" for k, v in c["pair"].items())
     head = f"[{where}] " if where else ""
-    l, r = c["left"], c["right"]
-    side = f"{head}{_m(c['left_match'])}: {l.fmt()} vs {_m(c['right_match'])}: {r.fmt()}"
+    left, right = c["left"], c["right"]
+    side = f"{head}{_m(c['left_match'])}: {left.fmt()} vs {_m(c['right_match'])}: {right.fmt()}"
     if "ci" not in c:
         return f"{side}; {c['why']} -> {c['verdict']}"
     lo, hi = c["ci"]

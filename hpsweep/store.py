@@ -553,7 +553,8 @@ def _histories(client, runs: Mapping[str, set[str]]) -> dict[str, dict[str, list
         jobs += [(ordered[i:i + size], key) for i in range(0, len(ordered), size)]
     out: dict[str, dict[str, list]] = {}
     with ThreadPoolExecutor(max_workers=_THREADS) as pool:
-        for (ids, key), rows in zip(jobs, pool.map(lambda j: _fetch_batch(fetch, j[0], j[1], bulk), jobs)):
+        rows_per_job = pool.map(lambda j: _fetch_batch(fetch, j[0], j[1], bulk), jobs)
+        for (_ids, key), rows in zip(jobs, rows_per_job, strict=True):
             # Several values at one step (a resumed trial re-reporting): keep the latest write.
             latest: dict[tuple[str, int], tuple[int, float]] = {}
             for run_id, step, value, ts in rows:

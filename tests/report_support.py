@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import time
-from html.parser import HTMLParser
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Mapping, Sequence
+from html.parser import HTMLParser
 
 __all__ = ["SLEEP_SPEC", "CollectRun", "run_sleep", "log_sweep"]
 

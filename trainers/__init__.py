@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["TRAINERS", "TrainerInfo", "UnknownTrainer", "load_trainer"]
 

@@ -11,7 +11,8 @@ import dataclasses
 import html
 import math
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from hpsweep.fmt import fmt_value
 from hpsweep.stats import Stat

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -99,7 +100,7 @@ def sensitivity(metric: str, obs: Sequence[Obs], params: Sequence[str]) -> Figur
     cols = min(3, len(params))
     rows = math.ceil(len(params) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    for ax, p in zip(axes.flat, params):
+    for ax, p in zip(axes.flat, params, strict=False):
         vals = [_hashable(o.params.get(p)) for o in done]
         pos, log = _axis_positions(vals)
         x = np.array([pos[v] for v in vals])
@@ -165,7 +166,7 @@ def parallel_coordinates(metric: str, configs: Sequence[tuple[dict, float]],
     ax.set_yticks([])
     for x in xs:
         ax.axvline(x, color="k", lw=0.5)
-    for x, lab in zip(xs, labels):
+    for x, lab in zip(xs, labels, strict=False):
         for y, v in (lab if len(lab) <= 8 else [lab[0], lab[-1]]):
             text = f"{v:.3g}" if isinstance(v, float) else str(v)
             ax.text(x + 0.03, y, text, fontsize=6, va="center",

@@ -4,6 +4,7 @@ and one line per finished trial elsewhere (CI logs, pipes)."""
 from __future__ import annotations
 
 import time
+
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -33,7 +34,7 @@ class LiveTable:
         self._last_draw = 0.0
 
     # -- context: the Live display only while Tune runs
-    def __enter__(self) -> "LiveTable":
+    def __enter__(self) -> LiveTable:
         self.note(f"sweep {self.spec.name!r}: {self.total} cells, {self.skipped} already finished, "
                   f"{self.total - self.skipped} to run")
         if self.enabled:

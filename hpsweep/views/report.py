@@ -16,18 +16,31 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from hpsweep.fmt import fmt_value
 from hpsweep.stats import (
-    GroupChoice, Obs, Verdict, apply_selection, completeness, judge_claims, observations,
-    pick_configuration, rank_configs,
+    GroupChoice,
+    Obs,
+    Verdict,
+    apply_selection,
+    completeness,
+    judge_claims,
+    observations,
+    pick_configuration,
+    rank_configs,
 )
 from hpsweep.store import SweepRuns, fetch_histories, load_sweep, log_report, run_url
 from hpsweep.views import figures as figs
 from hpsweep.views.document import (
-    PARAM_DIGITS, Links, Section, Table, render_html, render_markdown,
+    PARAM_DIGITS,
+    Links,
+    Section,
+    Table,
+    render_html,
+    render_markdown,
 )
 
 __all__ = ["build_report", "render_report"]
@@ -311,7 +324,7 @@ def _curve_specs(ctx: _Ctx) -> list[CurveSpec]:
         groups = [(_label({**g.group, **g.chosen}), g.cells) for g in ctx.chosen if g.chosen]
     else:
         groups = []
-        for cfg, s in rank_configs(obs, m, mode)[:8]:
+        for cfg, _s in rank_configs(obs, m, mode)[:8]:
             groups.append((_label(cfg), [o for o in obs
                                          if all(o.params.get(k) == v for k, v in cfg.items())]))
     out = [(f"Learning curves of {m} (mean ± std over seeds)", m, groups[:figs.MAX_LINES])]

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import jsonpatch
 import jsonschema
@@ -116,7 +117,7 @@ def _translate(node: Any) -> Any:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crd_schema(api_version: str, kind: str) -> dict[str, Any]:
     """The JSON Schema for a KubeRay kind, from the CRD in ``shared/schemas/kuberay``."""
     # the CRDs are megabytes of YAML: the C loader reads them ten times faster

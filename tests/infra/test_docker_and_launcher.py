@@ -12,7 +12,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-
 from k8s_tools import REPO
 from pins import IMAGE, MLFLOW_IMAGE, project_version, pyproject_pins
 

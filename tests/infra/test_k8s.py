@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from k8s_tools import REPO, containers, kustomize_build, load_documents, validate
 
 K8S = REPO / "infra" / "k8s"

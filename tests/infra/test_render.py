@@ -6,11 +6,11 @@ import importlib.metadata
 
 import pytest
 import yaml
+from k8s_tools import REPO, containers, validate
 
 from hpsweep import __version__, render
 from hpsweep.cli import main
 from hpsweep.errors import UserError
-from k8s_tools import REPO, containers, validate
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 

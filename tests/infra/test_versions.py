@@ -6,11 +6,11 @@ from __future__ import annotations
 import re
 
 import yaml
+from k8s_tools import REPO, containers, kustomize_build
+from pins import IMAGE, MLFLOW_IMAGE, lock_pins, project_version, pyproject_pins
 
 import hpsweep
 from hpsweep import render
-from k8s_tools import REPO, containers, kustomize_build
-from pins import IMAGE, MLFLOW_IMAGE, lock_pins, project_version, pyproject_pins
 
 DOCKER = REPO / "docker"
 #: every text file that names an image or a version (manifests, compose, launcher, Dockerfiles)

@@ -23,7 +23,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from servers import (
     MlflowServer,
     MotoServer,

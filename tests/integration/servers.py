@@ -19,8 +19,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 __all__ = [
     "ServerProcess",
@@ -168,7 +168,7 @@ def group_cpu_seconds(pgid: int) -> float:
     return total / tick
 
 
-def wait_settled(server: "ServerProcess", timeout: float = 120.0, quiet_cpu_s: float = 0.1) -> float:
+def wait_settled(server: ServerProcess, timeout: float = 120.0, quiet_cpu_s: float = 0.1) -> float:
     """Wait until ``server`` uses less than ``quiet_cpu_s`` CPU seconds in one second: an
     ``mlflow server`` keeps starting things for a while after /health answers, and timings
     are taken against a settled server, as a user meets it. Returns the seconds waited."""
@@ -390,8 +390,8 @@ def ray_env(home: Path, temp_dir: Path) -> dict[str, str]:
 def _cluster_resources(env: Mapping[str, str], gcs_address: str) -> dict[str, float]:
     """The cluster's total resources, asked in a child process (so this one stays Ray-free)."""
     code = (
-        "import json, ray; ray.init(address=%r, logging_level='ERROR'); "
-        "print(json.dumps(ray.cluster_resources()))" % gcs_address
+        f"import json, ray; ray.init(address={gcs_address!r}, logging_level='ERROR'); "
+        "print(json.dumps(ray.cluster_resources()))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],

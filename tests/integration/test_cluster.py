@@ -62,9 +62,8 @@ def _submit(cluster, wd: Path, name: str, mlflow_server, moto_server, bucket: st
 def _nodes(cluster) -> dict[str, dict[str, float]]:
     """Node id -> total resources, of the cluster's live nodes."""
     code = (
-        "import json, ray; ray.init(address=%r, logging_level='ERROR'); "
+        f"import json, ray; ray.init(address={cluster.gcs_address!r}, logging_level='ERROR'); "
         "print(json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))"
-        % cluster.gcs_address
     )
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **cluster.env},
                          capture_output=True, text=True, timeout=60)

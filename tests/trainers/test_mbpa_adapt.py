@@ -12,8 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainers.mbpa.adapt import (adapt_predict, adapt_predict_loop, adapt_predict_mlp, first_step_terms, linear_fn,
-                                 mlp_layers)
+from trainers.mbpa.adapt import (
+    adapt_predict,
+    adapt_predict_loop,
+    adapt_predict_mlp,
+    first_step_terms,
+    linear_fn,
+    mlp_layers,
+)
 from trainers.mbpa.data import read_idx
 from trainers.mbpa.memory import kernel_weights, knn
 from trainers.mbpa.models import MLP

@@ -10,7 +10,12 @@ from pydantic import ValidationError
 
 from hpsweep.spec_protocol import Claim, Selection
 from hpsweep.stats import (
-    apply_selection, completeness, judge_claims, observations, rank_configs, stat,
+    apply_selection,
+    completeness,
+    judge_claims,
+    observations,
+    rank_configs,
+    stat,
 )
 from hpsweep.store import CellRun, SweepRuns
 

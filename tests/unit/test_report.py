@@ -120,8 +120,8 @@ def test_report_without_selection_ranks_configurations_and_mbpa_figures(tmp_path
 
 @pytest.mark.slow  # creating an MLflow SQLite schema takes seconds on a loaded machine
 def test_load_sweep_reads_a_local_store(tmp_path):
-    from mlflow.tracking import MlflowClient
     from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     c = MlflowClient(uri)

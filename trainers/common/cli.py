@@ -10,7 +10,8 @@ import argparse
 import dataclasses
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from trainers.common.config import build_config, config_fields, parse_text
 from trainers.common.run import LocalRun
@@ -33,7 +34,8 @@ def main(name: str, config_cls: type, train: Callable[[Any, Any], None], argv: S
     for item in args.options:
         key, sep, text = item.partition("=")
         if not sep:
-            print(f"error: {item!r}: expected key=value; options: {', '.join(config_fields(config_cls))}", file=sys.stderr)
+            print(f"error: {item!r}: expected key=value; options: {', '.join(config_fields(config_cls))}",
+                  file=sys.stderr)
             return 2
         values[key] = parse_text(text)
     config, problems = build_config(config_cls, values)

@@ -11,7 +11,8 @@ import difflib
 import functools
 import types
 import typing
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 __all__ = ["ConfigProblem", "build_config", "config_fields", "coerce", "parse_text"]
 
@@ -22,7 +23,7 @@ class ConfigProblem:
     message: str
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def config_fields(config_cls: type) -> dict[str, Any]:
     """Field name -> resolved type annotation (cached: resolving annotations is slow)."""
     hints = typing.get_type_hints(config_cls)
@@ -119,7 +120,8 @@ def build_config(config_cls: type, values: Mapping[str, Any]) -> tuple[Any | Non
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(ConfigProblem(key, f"unknown option of {config_cls.__module__}.{config_cls.__qualname__}{hint}"))
+            where = f"{config_cls.__module__}.{config_cls.__qualname__}"
+            problems.append(ConfigProblem(key, f"unknown option of {where}{hint}"))
             continue
         try:
             kwargs[key] = coerce(value, fields[key])

@@ -22,7 +22,8 @@ copy per query: the reference for tests and the baseline for the benchmark.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -204,7 +205,8 @@ def _first_step_sgd(layers: Layers, nb_x, nb_y, nb_w, queries, lr: float, nb_idx
         a = queries
         for i, (w, b) in enumerate(layers):
             if i == 0 and nb_d2 is not None:
-                dots = 0.5 * ((queries * queries).sum(1, keepdim=True) + terms.sqnorms.index_select(0, col).view(B, K) - nb_d2)
+                sq = terms.sqnorms.index_select(0, col).view(B, K)
+                dots = 0.5 * ((queries * queries).sum(1, keepdim=True) + sq - nb_d2)
                 dots = dots.masked_fill_(torch.isinf(nb_d2), 0.0)   # empty slots (d2 = inf) have w = 0
             else:
                 dots = torch.sparse.sampled_addmm(pattern, a, terms.inputs[i].T, beta=0.0).values().view(B, K)

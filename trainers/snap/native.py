@@ -25,7 +25,8 @@ nonlinearities stay vectorised torch operations).
 
 The source, ``snap1_kernels.c`` beside this module, is compiled once per machine with the
 system C compiler (``$CC``, else ``cc`` or ``gcc``; about a second) into
-``~/.cache/hpsweep/snap1`` (``$XDG_CACHE_HOME``) and called through :mod:`ctypes`, which releases the GIL: several threads run disjoint unit ranges.
+``~/.cache/hpsweep/snap1`` (``$XDG_CACHE_HOME``) and called through :mod:`ctypes`, which
+releases the GIL: several threads run disjoint unit ranges.
 :func:`library` returns None where nothing compiles; SnAp-1 then runs its eager torch path.
 """
 

@@ -107,7 +107,7 @@ class ByteCorpus:
                                  f"the data ({n} bytes) is too small for valid_fraction={valid_fraction}")
 
     @classmethod
-    def load(cls, path: str | Path, valid_fraction: float = 0.05, min_length: int = 2) -> "ByteCorpus":
+    def load(cls, path: str | Path, valid_fraction: float = 0.05, min_length: int = 2) -> ByteCorpus:
         """A corpus from a text file (``.bz2``/``.gz`` allowed) or a directory of split files."""
         path = Path(path)
         if not path.is_dir():

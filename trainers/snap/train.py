@@ -136,7 +136,8 @@ def train(config: Config, run) -> None:
         if corpus is None:
             x, y = copy_batch(length, config.batch, gen)
         elif gen is None:
-            x, y = ByteCorpus.encode(corpus.fixed_crops(split, config.batch * config.eval_batches, config.seq_len), dtype)
+            crops = corpus.fixed_crops(split, config.batch * config.eval_batches, config.seq_len)
+            x, y = ByteCorpus.encode(crops, dtype)
         else:
             x, y = ByteCorpus.encode(corpus.crops(split, config.batch, config.seq_len, gen), dtype)
         return x.to(device=device, dtype=dtype), y.to(device)
