@@ -80,7 +80,7 @@ def cmd_run(args) -> int:
         console.print(f"interrupted: run the same command again to resume the "
                       f"{outcome.interrupted} unfinished cells (finished ones are not re-run)")
     _print_results(spec, tracking_uri, group_by=None, limit=15)
-    _print_ui_hint(tracking_uri, outcome.experiment_id)
+    _print_ui_hint(tracking_uri, outcome.experiment_id, spec)
     return outcome.exit_code
 
 
@@ -178,14 +178,16 @@ def _print_results(spec, tracking_uri: str, group_by, limit: int = 0, metric: st
     console.print(results_table(groups, metric, spec.metric.mode, f"{spec.name}: results", limit=limit))
 
 
-def _print_ui_hint(tracking_uri: str, experiment_id: str) -> None:
+def _print_ui_hint(tracking_uri: str, experiment_id: str, spec) -> None:
     from hpsweep.store import experiment_url
 
+    def url(ui: str) -> str:
+        return experiment_url(ui, experiment_id, spec.metric.name, spec.metric.mode)
+
     if tracking_uri.startswith("http"):
-        console.print(f"browse the runs: {experiment_url(tracking_uri, experiment_id)}")
+        console.print(f"browse the runs: {url(tracking_uri)}")
     else:
-        console.print("browse the runs: hpsweep ui   (then "
-                      f"{experiment_url('http://127.0.0.1:5000', experiment_id)})")
+        console.print(f"browse the runs: hpsweep ui   (then {url('http://127.0.0.1:5000')})")
 
 
 def _check_tracking(uri: str) -> None:

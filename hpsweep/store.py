@@ -40,6 +40,7 @@ import os
 import subprocess
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -101,9 +102,18 @@ def mlflow_client(tracking_uri: str | None):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def experiment_url(tracking_ui: str, experiment_id: str | None) -> str:
-    """The MLflow UI page of a sweep's runs (the experiment's runs table)."""
-    return f"{tracking_ui.rstrip('/')}/#/experiments/{experiment_id}/runs"
+def experiment_url(tracking_ui: str, experiment_id: str | None, metric: str | None = None,
+                   mode: str = "min") -> str:
+    """The MLflow UI page of a sweep's runs: the experiment's runs table (route
+    ``/experiments/:experimentId/runs`` of the 3.x UI), sorted by ``metric``, best first.
+
+    Sorted by anything but the start time, the UI lists the cells' runs flat, not collapsed
+    under the sweep's parent run, so that a person lands on the cells themselves."""
+    url = f"{tracking_ui.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    if metric:
+        key = urllib.parse.quote(f"metrics.`{metric}`", safe="")
+        url += f"?orderByKey={key}&orderByAsc={'true' if mode == 'min' else 'false'}"
+    return url
 
 
 def run_url(tracking_ui: str, experiment_id: str | None, run_id: str) -> str:
