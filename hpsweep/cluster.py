@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from hpsweep.errors import ClusterError, SweepFileMissing, UnknownJob, UsageError
+from hpsweep.store import TAG  # a job is labelled with its sweep as its runs are
 
 __all__ = [
     "register",
@@ -228,7 +229,7 @@ def build_submission(
         "entrypoint": entrypoint,
         "submission_id": _submission_id(spec.name),
         "runtime_env": runtime_env,
-        "metadata": {"hpsweep.sweep": spec.name, "hpsweep.file": sweep.name},
+        "metadata": {TAG["sweep"]: spec.name, "hpsweep.file": sweep.name},
     }
 
 
@@ -251,7 +252,7 @@ def submit(args: argparse.Namespace) -> int:
         raise ClusterError(f"{address} refused the job: {exc}") from None
     print(job_id)
     print(
-        f"hpsweep: submitted {submission['metadata']['hpsweep.sweep']} to {address}; "
+        f"hpsweep: submitted {submission['metadata'][TAG['sweep']]} to {address}; "
         f"follow it with `hpsweep logs {job_id} --follow --address {address}`",
         file=sys.stderr,
     )
@@ -333,7 +334,7 @@ def job_status(address: str | None, job_id: str | None) -> int:
             [
                 j.submission_id,
                 str(j.status.value),
-                (j.metadata or {}).get("hpsweep.sweep", "-"),
+                (j.metadata or {}).get(TAG["sweep"], "-"),
                 _fmt_time(j.start_time),
                 _fmt_time(j.end_time),
             ]
@@ -347,7 +348,7 @@ def job_status(address: str | None, job_id: str | None) -> int:
     info = _call(client, address, job_id, lambda: client.get_job_info(job_id))
     print(f"job:        {job_id}")
     print(f"status:     {info.status.value}")
-    print(f"sweep:      {(info.metadata or {}).get('hpsweep.sweep', '-')}")
+    print(f"sweep:      {(info.metadata or {}).get(TAG['sweep'], '-')}")
     print(f"entrypoint: {info.entrypoint}")
     print(f"started:    {_fmt_time(info.start_time)}")
     print(f"ended:      {_fmt_time(info.end_time)}")
