@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any
 
 # Set before ray.tune is imported: no per-result JSON/CSV/TensorBoard files (MLflow has the
 # metrics), and trials run in the caller's working directory so relative data paths work.
@@ -37,7 +36,7 @@ import ray  # noqa: E402
 from ray import tune  # noqa: E402
 
 from hpsweep.plan import Cell, cell_id, plan, resolve_config  # noqa: E402
-from hpsweep.spec import GRID_KINDS, SweepSpec  # noqa: E402
+from hpsweep.spec import SweepSpec  # noqa: E402
 from hpsweep.storage import Storage, open_storage  # noqa: E402
 from hpsweep.store import TAG, CellTracker, SweepTracker, code_version  # noqa: E402
 from hpsweep.views.live import LiveTable  # noqa: E402
@@ -120,18 +119,17 @@ def _trial(tune_config: dict, context: dict) -> None:
     import torch
 
     from trainers import load_trainer
-    from trainers.common.config import build_config
+    from trainers.common.config import trusted
 
     if "cell" in tune_config:
         cell = context["cells"][tune_config["cell"]]
-    else:  # optuna: the sampler chose the values
+    else:  # optuna: the sampler chose the values; validated here, once
         values = {k: tune_config[k] for k in context["swept"]}
         config = resolve_config(context["spec"], values, context["seed"])
         cell = Cell(cell_id(context["trainer"], config), -1, context["seed"], values, config)
     info = load_trainer(context["trainer"])
-    trainer_config, problems = build_config(info.Config, cell.config)
-    if problems:
-        raise ValueError(f"cell {cell.id}: {problems}")
+    # The planner validated this config (hpsweep.points); the trial trusts it.
+    trainer_config = trusted(info.Config, cell.config)
     gpus = ray.get_gpu_ids()
     device = torch.device("cuda") if gpus and torch.cuda.is_available() else torch.device("cpu")
     torch.set_num_threads(max(1, int(context["cpus"])))
@@ -164,20 +162,6 @@ def _trial(tune_config: dict, context: dict) -> None:
 
 
 # --- the driver -----------------------------------------------------------------------------
-
-def _domain(d: Any):
-    if type(d) in GRID_KINDS.values():
-        return tune.choice(d.values())
-    if hasattr(d, "choice"):
-        return tune.choice(d.choice)
-    if hasattr(d, "uniform"):
-        return tune.uniform(*d.uniform)
-    if hasattr(d, "loguniform"):
-        return tune.loguniform(*d.loguniform)
-    if hasattr(d, "randint"):
-        return tune.randint(d.randint[0], d.randint[1] + 1)
-    raise TypeError(d)
-
 
 def _scheduler(spec: SweepSpec):
     if spec.scheduler.type == "asha":
@@ -301,7 +285,7 @@ def run_sweep(spec: SweepSpec, spec_text: str, *, tracking_uri: str, storage_uri
         from ray.tune.search.optuna import OptunaSearch
 
         domains = dict(spec.parameters)
-        param_space = {k: _domain(d) for k, d in domains.items()}
+        param_space = {k: d.to_tune(tune) for k, d in domains.items()}
         context.update({"swept": list(domains), "seed": spec.seed_list[0], "spec": spec})
         search_alg = OptunaSearch(metric=spec.metric.name, mode=spec.metric.mode)
     else:

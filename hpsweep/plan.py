@@ -6,28 +6,24 @@ and a cell's id does not change when a default value is spelled out in the YAML.
 
 Order: seeds outermost (every configuration gets its first seed before any gets a second),
 then variants in file order, then the product of the parameters in declaration order.
-Random search draws its samples here, from a generator seeded by the sweep's name, so the
-cells of a random sweep are as fixed as a grid's.
+The points (swept values, random samples included) and their validated configs come from
+:mod:`hpsweep.points`, once per distinct config; this module crosses them with the seeds.
+A cell id is the sha256 of :func:`hpsweep.points.id_text`, built from pieces encoded once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
-import json
-import math
-import random
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from hpsweep.domains import GRID_KINDS
 from hpsweep.fmt import fmt_value
+from hpsweep.points import Resolved, id_text, resolve
 
-if TYPE_CHECKING:  # spec.py imports this module (trial_configs): no cycle at run time
+if TYPE_CHECKING:
     from hpsweep.spec import SweepSpec
 
-__all__ = ["Cell", "plan", "cell_id", "trial_configs", "resolve_config"]
+__all__ = ["Cell", "plan", "cell_id", "resolve_config"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,82 +41,36 @@ class Cell:
 
 def cell_id(trainer: str, config: dict) -> str:
     """Content id of a cell: hash of the trainer name and its full config (seed included)."""
-    text = json.dumps({"trainer": trainer, "config": config}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return hashlib.sha256(id_text(trainer, config).encode()).hexdigest()[:16]
 
 
 def resolve_config(spec: SweepSpec, values: dict, seed: int) -> dict:
-    """The trainer's Config for these swept values and seed, as a JSON-able dict (defaults in)."""
-    from trainers import load_trainer
+    """The trainer's Config for these swept values and seed, as a JSON-able dict (defaults in):
+    for values no plan knew in advance (an optuna sampler's), validated here, once."""
+    import json
+
+    from trainers import load_config
     from trainers.common.config import build_config
 
-    info = load_trainer(spec.trainer)
-    config, problems = build_config(info.Config, {**spec.config, **values, "seed": seed})
-    if problems:  # load_spec has already checked every cell; reaching here is a bug
-        raise ValueError(f"cell {values} seed={seed}: {problems}")
+    config, problems = build_config(load_config(spec.trainer).Config, {**spec.config, **values, "seed": seed})
+    if problems:
+        raise ValueError(f"cell {values} seed={seed}: " + "; ".join(
+            f"{p.field}: {p.message}" if p.field else p.message for p in problems))
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def _combos(domains: dict) -> Iterator[dict]:
-    """The product of the grid domains, in declaration order (sampled ones left out)."""
-    grid = {k: d.values() if hasattr(d, "values") else [d.value] for k, d in domains.items()
-            if type(d) in GRID_KINDS.values() or hasattr(d, "value")}
-    keys = list(grid)
-    for combo in itertools.product(*(grid[k] for k in keys)):
-        yield dict(zip(keys, combo, strict=True))
+def _resolved(spec: SweepSpec) -> Resolved:
+    """The spec's validated points: kept by ``load_spec`` when it checked them, else made here."""
+    cached = getattr(spec, "_points", None)
+    if cached is not None:
+        return cached
+    from trainers import load_config
 
-
-def _sampled(domains: dict) -> dict:
-    return {k: d for k, d in domains.items() if not (type(d) in GRID_KINDS.values() or hasattr(d, "value"))}
-
-
-def _blocks(spec: SweepSpec) -> list[dict]:
-    """The parameter domains of each variant (or the one block when there are no variants)."""
-    if not spec.variants:
-        return [dict(spec.parameters)]
-    return [{**spec.parameters, **variant} for variant in spec.variants]
-
-
-def _excluded(spec: SweepSpec, values: dict) -> bool:
-    for rule in spec.exclude:
-        if all(k in values and (values[k] in v if isinstance(v, list) else values[k] == v)
-               for k, v in rule.items()):
-            return True
-    return False
-
-
-def _draw(domain: Any, rng: random.Random) -> Any:
-    if hasattr(domain, "choice"):
-        return rng.choice(domain.choice)
-    if hasattr(domain, "uniform"):
-        return rng.uniform(*domain.uniform)
-    if hasattr(domain, "loguniform"):
-        lo, hi = domain.loguniform
-        return math.exp(rng.uniform(math.log(lo), math.log(hi)))
-    if hasattr(domain, "randint"):
-        return rng.randint(*domain.randint)
-    raise TypeError(domain)
-
-
-def _points(spec: SweepSpec) -> list[dict]:
-    """Every configuration of the sweep (without seeds), in order, duplicates removed."""
-    points: list[dict] = []
-    seen: set[str] = set()
-    rng = random.Random(f"hpsweep:{spec.name}")
-    samples = spec.search.samples if spec.search.algorithm == "random" else 1
-    for block in _blocks(spec):
-        sampled = _sampled(block)
-        for combo in _combos(block):
-            for _ in range(samples):
-                values = {**combo, **{k: _draw(d, rng) for k, d in sampled.items()}}
-                ordered = {k: values[k] for k in block}
-                if _excluded(spec, ordered):
-                    continue
-                key = json.dumps(ordered, sort_keys=True, default=str)
-                if key not in seen:
-                    seen.add(key)
-                    points.append(ordered)
-    return points
+    resolved, failures = resolve(spec, load_config(spec.trainer).Config)
+    if failures:  # load_spec reports these with their lines; reaching here is a bug
+        values, problems = failures[0]
+        raise ValueError(f"cell {values}: {problems}")
+    return resolved
 
 
 def plan(spec: SweepSpec) -> list[Cell]:
@@ -128,25 +78,16 @@ def plan(spec: SweepSpec) -> list[Cell]:
     advance (the sampler chooses them as results arrive): this returns []."""
     if spec.search.algorithm == "optuna":
         return []
+    r = _resolved(spec)
+    sha256 = hashlib.sha256
     cells: list[Cell] = []
+    index = 0
     for seed in spec.seed_list:
-        for values in _points(spec):
-            config = resolve_config(spec, values, seed)
-            cells.append(Cell(cell_id(spec.trainer, config), len(cells), seed, values, config))
+        text_seed = str(int(seed))
+        for values, base, head, tail in zip(r.values, r.configs, r.prefixes, r.suffixes, strict=True):
+            config = dict(base)
+            config["seed"] = seed
+            cid = sha256((head + text_seed + tail).encode()).hexdigest()[:16]
+            cells.append(Cell(cid, index, seed, values, config))
+            index += 1
     return cells
-
-
-def trial_configs(spec: SweepSpec) -> Iterator[dict]:
-    """Swept values to check against the trainer's Config: every grid point, and for sampled
-    domains their extremes (low and high, every choice)."""
-    for block in _blocks(spec):
-        sampled = _sampled(block)
-        extremes = {k: (d.choice if hasattr(d, "choice") else
-                        list(getattr(d, "uniform", None) or getattr(d, "loguniform", None) or d.randint))
-                    for k, d in sampled.items()}
-        for combo in _combos(block):
-            if not extremes:
-                yield combo
-                continue
-            for corner in itertools.product(*extremes.values()):
-                yield {**combo, **dict(zip(extremes, corner, strict=True))}

@@ -13,11 +13,12 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, Tag, ValidationError, field_validator, model_validator
 
 from hpsweep.domains import GRID_KINDS, KINDS, SAMPLED_KINDS, Domain, Model, VariantValue, wrap_fixed
 from hpsweep.errors import UserError
@@ -105,6 +106,8 @@ class SweepSpec(Model):
     checkpoint: Checkpointing = Checkpointing()
     selection: Selection | None = None
     claims: list[Claim] = Field(default_factory=list)
+    # the validated points and configs, kept by load_spec for plan() (hpsweep.points)
+    _points: Any = PrivateAttr(default=None)
 
     @field_validator("variants", mode="before")
     @classmethod
@@ -299,9 +302,10 @@ def load_spec_text(text: str, source: str = "<sweep>") -> SweepSpec:
 
 
 def _check_against_trainer(spec: SweepSpec, loaded: LoadedYaml) -> list[Problem]:
-    """Checks that need the trainer: its options, its metrics, every cell's config."""
-    from trainers import UnknownTrainer, load_trainer
-    from trainers.common.config import build_config, config_fields
+    """Checks that need the trainer: its options, its metrics, every distinct config once
+    (through the trainer's own Config, imported without its numeric code)."""
+    from trainers import UnknownTrainer, load_config
+    from trainers.common.config import config_fields
 
     problems: list[Problem] = []
 
@@ -309,7 +313,7 @@ def _check_against_trainer(spec: SweepSpec, loaded: LoadedYaml) -> list[Problem]
         problems.append(Problem(loaded.line_of(path), ".".join(map(str, path)), message))
 
     try:
-        info = load_trainer(spec.trainer)
+        info = load_config(spec.trainer)
     except UnknownTrainer as exc:
         add(("trainer",), str(exc))
         return problems
@@ -340,7 +344,7 @@ def _check_against_trainer(spec: SweepSpec, loaded: LoadedYaml) -> list[Problem]
         add(("metric", "name"), f"trainer {spec.trainer!r} does not report {spec.metric.name!r}; "
                                 f"it reports: {', '.join(info.metrics)}")
     _check_protocol(spec, info, set(swept), add)
-    sampled = [n for n, d in _all_domains(spec) if type(d) in SAMPLED_KINDS.values()]
+    sampled = [n for n, d in _all_domains(spec) if d.sampled]
     if spec.search.algorithm == "grid" and sampled:
         for name in dict.fromkeys(sampled):
             add(swept[name], "a sampled domain needs search.algorithm random or optuna "
@@ -352,33 +356,73 @@ def _check_against_trainer(spec: SweepSpec, loaded: LoadedYaml) -> list[Problem]
         if spec.variants or spec.exclude:
             add(("variants",) if spec.variants else ("exclude",),
                 "variants and exclude describe grids; optuna searches one space")
-    # The fixed options alone, then every distinct cell through the trainer's own Config.
-    _, fixed_problems = build_config(info.Config, {**spec.config, "seed": spec.seed_list[0]})
-    bad_fixed = {p.field for p in fixed_problems if p.field}
-    for p in fixed_problems:
-        if p.field:
-            add(("config", p.field), p.message)
     if problems:
         return problems
-    from hpsweep.plan import trial_configs
+    return _check_configs(spec, info, swept, loaded)
 
-    seen: set[str] = set()
-    for values in trial_configs(spec):
-        _, config_problems = build_config(info.Config, {**spec.config, **values, "seed": spec.seed_list[0]})
+
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _named(message: str, names) -> list[str]:
+    """The names (of ``names``) that a message mentions as whole words, in ``names``' order."""
+    words = set(_WORD.findall(message))
+    return [n for n in names if n in words]
+
+
+def _check_configs(spec: SweepSpec, info, swept: dict[str, tuple], loaded: LoadedYaml) -> list[Problem]:
+    """Every distinct config once (:mod:`hpsweep.points`), and the fixed options with each
+    seed; each problem reported once, at the line of what causes it: a fixed option under
+    ``config`` at its own line (not once per cell), a swept value at its parameter."""
+    from hpsweep.points import resolve
+    from trainers.common.config import build_config
+
+    problems: list[Problem] = []
+    seen: set[tuple] = set()
+    fixed = {k: v for k, v in spec.config.items() if k != "seed"}
+
+    def add(path: tuple, message: str, line_path: tuple | None = None) -> None:
+        if (path, message) not in seen:
+            seen.add((path, message))
+            problems.append(Problem(loaded.line_of(line_path or path), ".".join(map(str, path)), message))
+
+    def add_fixed(part: str) -> None:
+        named = _named(part, fixed)
+        add(("config",), part, ("config", named[0]) if named else ("config",))
+
+    # The fixed options with each seed: their types, and what a seed alone can break.
+    bad_fixed: set[str] = set()
+    for seed in spec.seed_list:
+        _, fixed_problems = build_config(info.Config, {**fixed, "seed": seed})
+        for p in fixed_problems:
+            if p.field and p.field not in swept:
+                bad_fixed.add(p.field)
+                add(("seeds",) if p.field == "seed" else ("config", p.field), p.message)
+            elif not p.field:
+                for part in p.message.split("; "):
+                    if "seed" in _named(part, ["seed"]) and not _named(part, swept):
+                        add(("seeds",), part)
+    # Every distinct config: a part of an invariant that names no swept value is the fixed
+    # options' own (reported once at config); one that does is the cell's, at its parameter.
+    resolved, failures = resolve(spec, info.Config)
+    for values, config_problems in failures:
         for p in config_problems:
             if p.field in bad_fixed:
                 continue
             if p.field in values:
-                path, message = swept[p.field], p.message
-            else:  # an invariant of the whole config: blame the swept values it names
-                named = [n for n in values if n in p.message] or list(values)
-                path = swept[named[0]] if named else ("config",)
-                shown = ", ".join(f"{n}={values[n]!r}" for n in named)
-                message = f"{p.message} (in the cell with {shown})" if shown else p.message
-            key = f"{path}:{message}"
-            if key not in seen:
-                seen.add(key)
-                add(path, message)
+                add(swept[p.field], p.message)
+            elif p.field:
+                add(("config", p.field), p.message)
+            else:
+                for part in p.message.split("; "):
+                    named = _named(part, values)
+                    if not named:
+                        add_fixed(part)
+                        continue
+                    shown = ", ".join(f"{n}={values[n]!r}" for n in named)
+                    add(swept[named[0]], f"{part} (in the cell with {shown})")
+    if resolved is not None and not problems:
+        spec._points = resolved  # plan() crosses these with the seeds; nothing validates twice
     return problems
 
 

@@ -149,7 +149,7 @@ def test_byte_corpus_from_a_directory_of_splits(tmp_path):
 
 
 def test_relative_data_path_resolves_from_project_root(tmp_path, monkeypatch):
-    from trainers.snap.train import resolve_data
+    from trainers.snap.training import resolve_data
 
     monkeypatch.chdir(tmp_path)  # a trial directory somewhere else
     resolved = resolve_data("../shared/data/enwiki/enwiki-sample.xml.bz2")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import tracemalloc
 
 import pytest
@@ -105,15 +104,14 @@ def test_alias_bomb_is_refused_quickly_without_memory() -> None:
         prev = f"*a{i - 1}"
         lines.append(f"a{i}: &a{i} [{', '.join([prev] * 9)}]")
     text = HEAD + "\n".join(lines) + "\n"  # 9**10 = 3.5 billion leaves if expanded
+    # Expanding it would take billions of nodes; refusing it must cost next to no memory (a
+    # bound on work, not on wall time, which depends on the machine's load).
     tracemalloc.start()
-    start = time.perf_counter()
     with pytest.raises(SpecError) as info:
         load_spec_text(text, "bomb.yaml")
-    elapsed = time.perf_counter() - start
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert "alias bomb" in str(info.value)
-    assert elapsed < 5, f"took {elapsed:.1f}s"
     assert peak < 200 * 2**20, f"peak {peak / 2**20:.0f} MiB"
 
 

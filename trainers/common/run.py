@@ -22,7 +22,7 @@ import torch
 
 from trainers.common.data import fetch
 
-__all__ = ["Run", "LocalRun", "dump_state", "load_state"]
+__all__ = ["Run", "LocalRun", "dump_state", "load_state", "safe_load", "UnsafeCheckpoint"]
 
 
 @runtime_checkable
@@ -43,9 +43,27 @@ def dump_state(state: dict) -> bytes:
     return buffer.getvalue()
 
 
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint holding more than tensors and plain containers: refused, never unpickled."""
+
+
+def safe_load(source, device: torch.device | str | None = None, what: str = "checkpoint"):
+    """``torch.load(weights_only=True)``: tensors, numbers, strings, lists, tuples and dicts only,
+    so that a pickle placed where a checkpoint is expected cannot run code. Every checkpoint
+    and model file the project reads goes through here."""
+    import pickle
+
+    try:
+        return torch.load(source, map_location=device or "cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsafeCheckpoint(f"{what}: refused to load: it holds objects other than tensors and "
+                               f"plain containers (loaded with weights_only=True): {first}") from None
+
+
 def load_state(data: bytes, device: torch.device | None = None) -> dict:
     """Inverse of :func:`dump_state`; tensors land on ``device`` (CPU by default)."""
-    return torch.load(io.BytesIO(data), map_location=device or "cpu", weights_only=False)
+    return safe_load(io.BytesIO(data), device)
 
 
 def default_device() -> torch.device:

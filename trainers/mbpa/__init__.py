@@ -5,12 +5,16 @@ of a query drive T gradient steps on a per-query copy of the output network, use
 thrown away. Experiments: permuted MNIST (against EWC and SGD), incremental classes on MNIST,
 and a word-level LSTM language model mixed with a neural cache and MbPA.
 
-Layout: ``config.py`` (Config), ``memory.py`` (memory, kNN, kernel weights), ``adapt.py``
-(batched local adaptation), ``lm_adapt.py`` (softmax correction, neural cache, mixture),
+Layout: ``config.py`` (Config, METRICS; no torch), ``training.py`` (``train``),
+``memory.py`` (memory, kNN, kernel weights), ``adapt.py`` (batched local adaptation),
+``lm_adapt.py`` (softmax correction, neural cache, mixture),
 ``data.py`` (MNIST IDX, PTB files), ``models.py``, ``classify.py`` and ``lm.py`` (the loops).
+Only ``Config`` and ``METRICS`` are imported with the package; ``train`` on first use.
 """
 
-from trainers.mbpa.config import Config
-from trainers.mbpa.train import METRICS, train
+from trainers import lazy_exports
+from trainers.mbpa.config import METRICS, Config
+
+__getattr__ = lazy_exports(__name__, {"train": "training"})
 
 __all__ = ["Config", "train", "METRICS"]

@@ -11,7 +11,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-__all__ = ["Config"]
+__all__ = ["Config", "METRICS"]
+
+#: every metric name ``train`` may report (fnmatch patterns)
+METRICS = (
+    # permuted_mnist: after each task (step = tasks done)
+    "acc/task_*", "acc/mean", "valid/acc_mean", "train/loss",
+    # incremental: step = updates since the new classes arrived
+    "acc/old", "acc/new", "acc/all",
+    # lm
+    "valid/ppl", "test/ppl", "valid/ppl_lstm", "test/ppl_lstm",
+)
 
 Experiment = Literal["permuted_mnist", "incremental", "lm"]
 Method = Literal["sgd", "ewc", "mbpa"]

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from trainers.common.run import safe_load
 from trainers.common.seeding import rng_state, seed_everything, set_rng_state
 from trainers.mbpa.config import Config
 from trainers.mbpa.data import PROJECT_ROOT, Corpus, load_corpus, resolve_uri
@@ -151,7 +152,7 @@ def save_model(model: LSTMLM, corpus: Corpus, cfg: Config, uri: str) -> Path:
 def load_model(run, uri: str, corpus: Corpus, device: torch.device) -> LSTMLM:
     """Load a model file written by :func:`save_model`; its vocabulary must match the corpus."""
     path = Path(run.data_path(resolve_uri(uri)))
-    blob = torch.load(path, map_location=device, weights_only=False)
+    blob = safe_load(path, device, what=f"lm_checkpoint {uri!r}")
     if blob["words"] != corpus.words:
         raise ValueError(f"lm_checkpoint {uri!r} was trained on a different vocabulary "
                          f"({len(blob['words'])} words) than data_dir/lm_prefix ({corpus.vocab_size} words)")

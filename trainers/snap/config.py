@@ -1,13 +1,27 @@
-"""The SnAp trainer's configuration; defaults are the paper's character-level LM settings."""
+"""The SnAp trainer's configuration; defaults are the paper's character-level LM settings.
+
+No torch here: validating a sweep imports this module alone.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Literal
 
-from trainers.snap.influence import parse_method
+__all__ = ["Config", "METRICS", "parse_method"]
 
-__all__ = ["Config", "METRICS"]
+_SNAP = re.compile(r"snap([1-9][0-9]*)")
+
+
+def parse_method(method: str) -> tuple[str, int]:
+    """``"bptt" | "rtrl" | "uoro" | "snapN"`` (N >= 1) -> ``(kind, N)`` (N = 0 unless snap)."""
+    if method in ("bptt", "rtrl", "uoro"):
+        return method, 0
+    m = _SNAP.fullmatch(method)
+    if m is None:
+        raise ValueError(f"method must be bptt, rtrl, uoro or snapN with N >= 1 (snap1, snap2, ...), got {method!r}")
+    return "snap", int(m.group(1))
 
 #: what ``train`` reports (fnmatch patterns allowed)
 METRICS = (

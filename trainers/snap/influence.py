@@ -32,29 +32,16 @@ index for the immediate Jacobian.
 
 from __future__ import annotations
 
-import re
 import warnings
 
 import torch
 
 from trainers.snap import native
 from trainers.snap.cells import Jacobian, SparseRNN
+from trainers.snap.config import parse_method
 from trainers.snap.snap1 import Snap1, native_library
 
 __all__ = ["Online", "parse_method", "reach_rows"]
-
-_SNAP = re.compile(r"snap([1-9][0-9]*)")
-
-
-def parse_method(method: str) -> tuple[str, int]:
-    """``"bptt" | "rtrl" | "uoro" | "snapN"`` (N >= 1) -> ``(kind, N)`` (N = 0 unless snap)."""
-    if method in ("bptt", "rtrl", "uoro"):
-        return method, 0
-    m = _SNAP.fullmatch(method)
-    if m is None:
-        raise ValueError(f"method must be bptt, rtrl, uoro or snapN with N >= 1 (snap1, snap2, ...), got {method!r}")
-    return "snap", int(m.group(1))
-
 
 def reach_rows(adjacency: torch.Tensor, n: int) -> torch.Tensor:
     """Units kept by SnAp-n for the parameters of each unit: ``(H, R)``, self first, padded with H.

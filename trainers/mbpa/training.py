@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-from trainers.mbpa.config import Config
+from trainers.mbpa.config import METRICS, Config
 
 __all__ = ["train", "METRICS"]
-
-#: every metric name ``train`` may report (fnmatch patterns)
-METRICS = (
-    # permuted_mnist: after each task (step = tasks done)
-    "acc/task_*", "acc/mean", "valid/acc_mean", "train/loss",
-    # incremental: step = updates since the new classes arrived
-    "acc/old", "acc/new", "acc/all",
-    # lm
-    "valid/ppl", "test/ppl", "valid/ppl_lstm", "test/ppl_lstm",
-)
 
 
 def train(config: Config, run) -> None:
