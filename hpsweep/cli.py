@@ -127,13 +127,18 @@ def cmd_results(args) -> int:
 
 def cmd_report(args) -> int:
     from hpsweep.store import resolve_tracking_uri
-    from hpsweep.views.report import build_report
+    from hpsweep.views.report import build_reports
 
-    spec = _load(args.sweep)
+    specs = [_load(path) for path in args.sweeps]
+    names = [spec.name for spec in specs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(f"report: the sweep {', '.join(map(repr, twice))} is named more than once; "
+                         "give each sweep file once")
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     _check_tracking(tracking_uri)
-    out = Path(args.out or f".hpsweep/reports/{spec.name}")
-    html, md = build_report(tracking_uri, spec, out)
+    out = Path(args.out or f".hpsweep/reports/{'+'.join(names)}")
+    html, md = build_reports(tracking_uri, specs, out)
     console.print(f"report: {html}\n        {md}")
     return 0
 
@@ -253,10 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_results)
 
-    p = sub.add_parser("report", help="HTML + Markdown report: tables, figures, the paper's claims")
-    p.add_argument("sweep", metavar="SWEEP.yaml")
+    p = sub.add_parser("report", help="HTML + Markdown report: tables, figures, the paper's claims "
+                       "(several sweeps: one page, one claims table)")
+    p.add_argument("sweeps", metavar="SWEEP.yaml", nargs="+")
     _add_tracking(p)
-    p.add_argument("--out", default=None, help="output directory (default .hpsweep/reports/NAME)")
+    p.add_argument("--out", default=None, help="output directory (default .hpsweep/reports/NAME[+NAME...])")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("ui", help="open the MLflow UI on the local tracking store")

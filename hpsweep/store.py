@@ -428,6 +428,7 @@ class CellRun:
     start_time: int | None
     end_time: int | None
     duplicates: int = 0         # other runs found for the same cell (crashes, re-runs)
+    code_version: str = ""      # the git sha (``+dirty``) the cell's trainer ran
 
 
 @dataclasses.dataclass(frozen=True)
@@ -490,6 +491,7 @@ def _to_cell(run, duplicates: int) -> CellRun:
         start_time=run.info.start_time,
         end_time=run.info.end_time,
         duplicates=duplicates,
+        code_version=tags.get(TAG["code"], ""),
     )
 
 

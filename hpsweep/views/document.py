@@ -115,7 +115,7 @@ def render_html(title: str, sections: Sequence[Section]) -> str:
             data = base64.b64encode(png).decode("ascii")
             parts.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,'
                          f'{data}"><figcaption>{html.escape(caption)}</figcaption></figure>')
-        if s.title == "Figures" and not s.figures:
+        if s.title.endswith("Figures") and not s.figures:
             parts.append("<p>No finished runs to draw yet.</p>")
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from hpsweep.views.document import (
     render_markdown,
 )
 
-__all__ = ["build_report", "render_report"]
+__all__ = ["build_report", "build_reports", "render_report", "render_reports"]
 
 _TOP = 20                 # configurations listed when the sweep declares no selection protocol
 _MATRIX_ROWS = 300        # beyond this, the completeness matrix lists only incomplete rows
@@ -68,12 +69,22 @@ def build_report(tracking_uri: str | None, spec, out_dir: str | Path, *, cells=N
     ``http://127.0.0.1:5000``, where ``mlflow ui`` serves a local store). ``timings``, when
     given, receives ``fetch_s``, ``render_s`` and ``log_s``. Returns (html path, md path).
     """
+    return build_reports(tracking_uri, [spec], out_dir, cells=None if cells is None else [cells],
+                         tracking_ui=tracking_ui, log_artifacts=log_artifacts, timings=timings)
+
+
+def build_reports(tracking_uri: str | None, specs: Sequence[Any], out_dir: str | Path, *,
+                  cells: Sequence[list | None] | None = None, tracking_ui: str | None = None,
+                  log_artifacts: bool = True, timings: dict | None = None) -> tuple[Path, Path]:
+    """One report page for one sweep or several (a family of reproductions): with several, the
+    claims of every sweep come first in one table, then each sweep's own sections under its
+    name. The page is logged to every sweep's parent run. See :func:`build_report`."""
     import mlflow
 
     uri = tracking_uri or mlflow.get_tracking_uri()
     t0 = time.perf_counter()
-    planned = cells if cells is not None else _plan_cells(spec)
-    runs = load_sweep(uri, spec.name)
+    plans = list(cells) if cells is not None else [_plan_cells(spec) for spec in specs]
+    all_runs = [load_sweep(uri, spec.name) for spec in specs]
     t1 = time.perf_counter()
     if tracking_ui is None:
         tracking_ui = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
@@ -85,16 +96,19 @@ def build_report(tracking_uri: str | None, spec, out_dir: str | Path, *, cells=N
         spent["histories_s"] += time.perf_counter() - t
         return r
 
-    html_path, md_path, fig_paths = render_report(spec, runs, planned, out_dir, tracking_ui,
-                                                  load_histories)
+    html_path, md_path, fig_paths = render_reports(
+        list(zip(specs, all_runs, plans, strict=True)), out_dir, tracking_ui, load_histories)
     t2 = time.perf_counter()
-    if log_artifacts and runs.parent_run_id:
-        log_report(uri, runs.parent_run_id, [html_path, md_path], fig_paths)
+    if log_artifacts:
+        for runs in all_runs:
+            if runs.parent_run_id:
+                log_report(uri, runs.parent_run_id, [html_path, md_path], fig_paths)
     t3 = time.perf_counter()
     if timings is not None:
         h = spent["histories_s"]
         timings.update(fetch_s=t1 - t0 + h, search_s=t1 - t0, histories_s=h,
-                       render_s=t2 - t1 - h, log_s=t3 - t2, runs=len(runs.cells))
+                       render_s=t2 - t1 - h, log_s=t3 - t2,
+                       runs=sum(len(r.cells) for r in all_runs))
     return html_path, md_path
 
 
@@ -132,8 +146,49 @@ def render_report(spec, runs: SweepRuns, planned, out_dir: str | Path, tracking_
     """Render fetched runs: returns (html, md, figure paths). ``load_histories(runs, {metric:
     run ids})`` fetches the few histories the curve figures draw; without it, the histories
     already in ``runs`` are used."""
+    return render_reports([(spec, runs, planned)], out_dir, tracking_ui, load_histories)
+
+
+def render_reports(sweeps: Sequence[tuple[Any, SweepRuns, list | None]], out_dir: str | Path,
+                   tracking_ui: str,
+                   load_histories: Callable[[SweepRuns, dict], SweepRuns] | None = None,
+                   ) -> tuple[Path, Path, list[Path]]:
+    """Render one or several sweeps' fetched runs to one page: (html, md, figure paths)."""
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
+    several = len(sweeps) > 1
+    sections: list[Section] = []
+    claim_rows: list[tuple[str, Verdict]] = []
+    for spec, runs, planned in sweeps:
+        own, verdicts = _sweep_sections(spec, runs, planned, tracking_ui, load_histories)
+        claim_rows += [(spec.name, v) for v in verdicts]
+        if several:
+            own = [dataclasses.replace(sec, title=f"{spec.name}: {sec.title}") for sec in own
+                   if sec.title != "Claims"]
+        sections += own
+    if several and claim_rows:
+        sections.insert(0, _claims(claim_rows, with_sweep=True))
+
+    figures = [f for sec in sections for f in sec.figures]
+    fig_paths = []
+    for i, (title, png) in enumerate(figures):
+        p = out / "figures" / f"{i:02d}-{_slug(title)}.png"
+        p.write_bytes(png)
+        fig_paths.append(p)
+    names = ", ".join(spec.name for spec, _, _ in sweeps)
+    title = f"hpsweep report: {names}"
+    html_path, md_path = out / "report.html", out / "report.md"
+    html_path.write_text(render_html(title, sections), encoding="utf-8")
+    md_path.write_text(render_markdown(title, sections, [f"figures/{p.name}" for p in fig_paths]),
+                       encoding="utf-8")
+    return html_path, md_path, fig_paths
+
+
+def _sweep_sections(spec, runs: SweepRuns, planned, tracking_ui: str,
+                    load_histories: Callable[[SweepRuns, dict], SweepRuns] | None,
+                    ) -> tuple[list[Section], list[Verdict]]:
+    """One sweep's sections (summary, completeness, selection or best, claims, figures) and
+    its claims' verdicts."""
     obs = observations(planned, runs)
     swept = _swept(spec, obs)
     comp = completeness(planned, runs) if planned is not None else None
@@ -147,24 +202,12 @@ def render_report(spec, runs: SweepRuns, planned, out_dir: str | Path, tracking_
     sections = [_summary(ctx, comp), _completeness(ctx, comp)]
     sections.append(_selection(ctx) if chosen is not None else _best(ctx))
     if spec.claims:
-        sections.append(_claims(verdicts))
+        sections.append(_claims([(spec.name, v) for v in verdicts]))
     specs = _curve_specs(ctx)
     if load_histories is not None:
         ctx.runs = runs = load_histories(runs, _needed_histories(specs))
-    figures = _figures(ctx, specs)
-    sections.append(Section("Figures", figures=figures))
-
-    fig_paths = []
-    for i, (title, png) in enumerate(figures):
-        p = out / "figures" / f"{i:02d}-{_slug(title)}.png"
-        p.write_bytes(png)
-        fig_paths.append(p)
-    title = f"hpsweep report: {spec.name}"
-    html_path, md_path = out / "report.html", out / "report.md"
-    html_path.write_text(render_html(title, sections), encoding="utf-8")
-    md_path.write_text(render_markdown(title, sections, [f"figures/{p.name}" for p in fig_paths]),
-                       encoding="utf-8")
-    return html_path, md_path, fig_paths
+    sections.append(Section("Figures", figures=_figures(ctx, specs)))
+    return sections, verdicts
 
 
 def _slug(s: str) -> str:
@@ -199,6 +242,11 @@ def _summary(ctx: _Ctx, comp) -> Section:
                         if comp.orphans else "") + ".")
     else:
         lines.append(f"Cells: {len(runs.cells)} runs found (no plan: missing cells unknown).")
+    versions = Counter(c.code_version or "unknown" for c in runs.cells.values()
+                       if c.status == "done")
+    if versions:
+        lines.append("Code version of the finished runs: " + ", ".join(
+            f"`{v}` ({n} run{'s' if n != 1 else ''})" for v, n in versions.most_common()) + ".")
     return Section("Summary", paragraphs=lines)
 
 
@@ -287,11 +335,13 @@ def _best(ctx: _Ctx) -> Section:
     return Section(f"Best configurations by {m}", paragraphs=p, tables=[table])
 
 
-def _claims(verdicts: Sequence[Verdict]) -> Section:
-    table = Table(["claim", "statement", "verdict", "evidence"], [], kind="claims")
-    for v in verdicts:
+def _claims(verdicts: Sequence[tuple[str, Verdict]], with_sweep: bool = False) -> Section:
+    head = ["claim", "statement", "verdict", "evidence"] + (["sweep"] if with_sweep else [])
+    table = Table(head, [], kind="claims")
+    for sweep, v in verdicts:
         src = f" ({v.claim.source})" if v.claim.source else ""
-        table.rows.append([v.claim.id, v.claim.text + src, v.verdict, v.reason])
+        table.rows.append([v.claim.id, v.claim.text + src, v.verdict, v.reason]
+                          + ([sweep] if with_sweep else []))
     p = ["Each side is one configuration (tuned on the selection metric, never on the claim's "
          "metric) and its finished replicates. Rule: the Welch 1−2α confidence interval of the "
          "difference of means (α=0.05 unless the claim says otherwise) must lie wholly on the "

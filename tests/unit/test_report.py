@@ -183,3 +183,36 @@ def test_shipped_paper_sweeps_render(name, tmp_path):
     if spec.selection is not None:   # every group reports its chosen configuration's cells
         sel = md.split("## Selection protocol")[1].split("##")[0]
         assert "(0/0)" not in sel
+
+
+def test_several_sweeps_share_one_page_with_one_claims_table(tmp_path):
+    """``hpsweep report A.yaml B.yaml``: every sweep's claims in one table (with the sweep
+    named), then each sweep's own sections under its name; figures numbered across both."""
+    from hpsweep.views.report import render_reports
+
+    plan_a, runs_a = _snap_sweep()
+    plan_b, runs_b = _snap_sweep(drop={"rtrl-0.001-0"})
+    runs_b = SweepRuns("u", runs_b.tracking_uri, "8", "parent-b", runs_b.cells)
+    ahead = Claim(id="snap1-ahead", text="snap1 below bptt", kind="less", metric="valid/bpc",
+                  left={"method": "snap1"}, right={"method": "bptt"}, source="Fig. 2")
+    behind = Claim(id="rtrl-behind", text="rtrl above bptt", kind="greater", metric="valid/bpc",
+                   left={"method": "rtrl"}, right={"method": "bptt"}, source="Table 1")
+    html_path, md_path, fig_paths = render_reports(
+        [(_spec(name="a", claims=[ahead]), runs_a, plan_a),
+         (_spec(name="u", claims=[behind]), runs_b, plan_b)], tmp_path, "http://ui")
+    md = md_path.read_text()
+    assert md.startswith("# hpsweep report: a, u")
+    # one claims section, first, naming each claim's sweep; no per-sweep claims sections
+    assert md.count("## Claims") == 1 and "## a: Claims" not in md and "## u: Claims" not in md
+    assert md.index("## Claims") < md.index("## a: Summary") < md.index("## u: Summary")
+    rows = [line for line in md.splitlines() if line.startswith("| snap1-ahead") or line.startswith("| rtrl-behind")]
+    assert len(rows) == 2
+    assert rows[0].rstrip(" |").endswith("a") and rows[1].rstrip(" |").endswith("u")
+    # snap1 (1.5 + ...) is below bptt (1.6 + ...): reproduced; rtrl (1.45) is not above bptt
+    assert "**reproduced**" in rows[0] and "**not reproduced**" in rows[1]
+    # u lost one rtrl cell: its own summary says so, a's does not
+    assert "Cells: 18 planned: 18 done" in md and "Cells: 18 planned: 17 done" in md
+    # every figure of both sweeps is a file, linked once, numbered across the page
+    assert len(fig_paths) == len(set(fig_paths)) >= 4
+    for p in fig_paths:
+        assert p.exists() and md.count(f"figures/{p.name}") == 1
