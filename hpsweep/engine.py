@@ -189,7 +189,31 @@ def _scheduler(spec: SweepSpec):
     return None
 
 
+#: credentials Ray Tune would copy from the driver's environment into every trainable's
+#: runtime environment (``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``), which Ray's
+#: runtime-env agent then writes to its log (and a job carries to a cluster)
+_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN",
+                   "AWS_SESSION_TOKEN")
+
+
+def _keep_credentials_out_of_runtime_envs() -> None:
+    """Stop Ray Tune copying the driver's AWS keys into the trials' runtime environments.
+
+    Ray 2.60 has no switch for it: the names are a module-level set read each time Tune
+    registers a trainable, so they are taken out of that set. Workers get credentials from
+    their own environment only: on one machine the process environment Ray's raylet inherits
+    at start-up, on a cluster the nodes' own (instance roles, Secrets).
+    tests/integration/test_hardening.py searches every file a sweep writes for a planted key.
+    """
+    from ray.tune.execution import class_cache
+
+    names = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if isinstance(names, set):
+        names.difference_update(_CREDENTIAL_ENV)
+
+
 def _init_ray(address: str | None, env: dict[str, str]) -> None:
+    _keep_credentials_out_of_runtime_envs()
     # Tune's end-of-run analysis looks for the per-result JSON/CSV files that hpsweep turns
     # off (the metrics are in MLflow); its warning about them is noise.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)

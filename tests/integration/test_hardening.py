@@ -1,0 +1,133 @@
+"""Hardening, tested from outside with real parts (issue 14): no credential in any file Ray or
+hpsweep writes, in-process Ray listening on loopback only, Ctrl-C during Ray start-up, a failing
+trainer's error shown once, errors a retry cannot fix not retried.
+
+Each sweep here runs ``hpsweep`` as a user would, in a process of its own with a private Ray
+temp dir and HOME, so that every file searched is this run's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+HPSWEEP = str(Path(sys.executable).with_name("hpsweep"))
+
+
+def _sweep(dir_: Path, body: str, name: str | None = None) -> tuple[Path, str]:
+    name = name or f"h-{secrets.token_hex(4)}"
+    path = dir_ / f"{name}.yaml"
+    path.write_text(f"name: {name}\ntrainer: sleep\nmetric: {{name: loss, mode: min}}\n"
+                    + textwrap.dedent(body))
+    return path, name
+
+
+def _hermetic(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A private Ray temp dir and HOME (short paths: Ray's unix sockets), no stray settings."""
+    base = Path(f"/tmp/hh{secrets.token_hex(3)}")
+    (base / "home").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AWS_", "MLFLOW_TRACKING", "HPSWEEP_", "RAY_"))}
+    env.update({"RAY_TMPDIR": str(base), "HOME": str(base / "home"),
+                "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+                "PYTHONPATH": str(REPO), **extra})
+    return env
+
+
+def _files_containing(roots: list[Path], needles: list[str]) -> dict[str, int]:
+    """Every regular file under ``roots`` that holds one of ``needles``: path -> count."""
+    found: dict[str, int] = {}
+    pattern = re.compile("|".join(re.escape(n) for n in needles).encode())
+    for root in roots:
+        for dirpath, _, names in os.walk(root):
+            for name in names:
+                path = Path(dirpath) / name
+                if path.is_symlink() or not path.is_file():
+                    continue
+                try:
+                    data = path.read_bytes()
+                except OSError:
+                    continue
+                hits = len(pattern.findall(data))
+                if hits:
+                    found[str(path)] = hits
+    return found
+
+
+# --- 1: credentials never reach Ray's runtime environments, logs or MLflow -------------------
+
+def test_no_credential_in_any_file_a_local_sweep_writes(tmp_path) -> None:
+    key_id = "AKIA" + secrets.token_hex(8).upper()
+    secret = "sk" + secrets.token_urlsafe(30)
+    token = "st" + secrets.token_urlsafe(30)
+    env = _hermetic(tmp_path, AWS_ACCESS_KEY_ID=key_id, AWS_SECRET_ACCESS_KEY=secret,
+                    AWS_SESSION_TOKEN=token)
+    path, name = _sweep(tmp_path, """
+        config: {reports: 2, sleep: 0.01}
+        parameters:
+          x: {grid: [0.0, 1.0]}
+    """)
+    proc = subprocess.run([HPSWEEP, "run", str(path), "--no-live"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ray_tmp, home = Path(env["RAY_TMPDIR"]), Path(env["HOME"])
+    logs = list(ray_tmp.glob("ray/session_*/logs/runtime_env_agent.log"))
+    assert logs, "Ray wrote no runtime-env agent log: the search below would prove nothing"
+    assert (tmp_path / ".hpsweep" / "mlflow.db").is_file()
+    leaks = _files_containing([ray_tmp, home, tmp_path], [key_id, secret, token])
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert not leaks, f"credentials written to: {leaks}"
+    assert proc.stdout.count(secret) == 0 and proc.stderr.count(secret) == 0
+
+
+def test_no_credential_in_any_file_a_submitted_sweep_writes(ray_cluster, mlflow_server, moto_server,
+                                                            tmp_path) -> None:
+    """The submitting shell's keys stay there; the nodes' own keys (moto's, in the nodes'
+    environment) reach the trials through the nodes' environment, never a runtime env."""
+    name = f"sec-{secrets.token_hex(3)}"
+    wd = tmp_path / "project"
+    for package in ("hpsweep", "trainers"):
+        shutil.copytree(REPO / package, wd / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (wd / "sweeps").mkdir()
+    sweep = {"name": name, "trainer": "sleep", "config": {"reports": 2, "sleep": 0.01},
+             "parameters": {"x": {"grid": [0.0, 1.0, 2.0]}}, "seeds": 1,
+             "metric": {"name": "loss", "mode": "min"}, "checkpoint": {"every": 1}}
+    (wd / "sweeps" / f"{name}.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+    planted = "sk" + secrets.token_urlsafe(30)
+    env = {**os.environ, **ray_cluster.env, "AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8),
+           "AWS_SECRET_ACCESS_KEY": planted}
+    env.pop("RAY_AUTH_MODE")
+    bucket = moto_server.create_bucket()
+    out = subprocess.run(
+        [HPSWEEP, "submit", f"sweeps/{name}.yaml", "--address", ray_cluster.dashboard_url,
+         "--tracking-uri", mlflow_server.url, "--storage", f"s3://{bucket}/ckpt",
+         "--s3-endpoint", moto_server.url, "--follow"],
+        cwd=wd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "3 cells finished" in out.stdout, out.stdout[-3000:]
+    node_secret = moto_server.env["AWS_SECRET_ACCESS_KEY"]
+    roots = [*ray_cluster.temp_dirs, mlflow_server.process.log_path.parent]
+    assert not _files_containing(roots, [planted]), "the submitting shell's key reached the cluster"
+    # the nodes' own key: never copied into a runtime environment (which the agents log)
+    agent_logs = [p for d in ray_cluster.temp_dirs for p in d.rglob("runtime_env_agent*.log")]
+    assert agent_logs
+    copied = re.compile(rb"AWS_(SECRET_ACCESS_KEY|ACCESS_KEY_ID|SESSION_TOKEN)\W{1,6}" + re.escape(node_secret.encode()))
+    leaks = [str(p) for p in agent_logs if copied.search(p.read_bytes())]
+    assert not leaks, f"the nodes' AWS keys were copied into runtime envs and logged: {leaks}"
+
