@@ -283,10 +283,28 @@ class _Outcomes(tune.Callback):
 def run_sweep(spec: SweepSpec, spec_text: str, *, tracking_uri: str, storage_uri: str | None = None,
               address: str | None = None, s3_endpoint: str | None = None, live: bool | None = None,
               console=None) -> SweepOutcome:
-    """Run every cell of ``spec`` that has no finished run yet; see the module docstring."""
+    """Run every cell of ``spec`` that has no finished run yet; see the module docstring.
+
+    The sweep's parent run never stays RUNNING when this raises: a Ctrl-C during Ray's
+    start-up (or any error before Tune takes over) ends it KILLED (FAILED for an error).
+    """
+    tracker = SweepTracker(tracking_uri, spec.name)
+    try:
+        return _run_sweep(spec, spec_text, tracker, tracking_uri=tracking_uri, storage_uri=storage_uri,
+                          address=address, s3_endpoint=s3_endpoint, live=live, console=console)
+    except BaseException as exc:
+        if tracker.parent_run_id is not None:
+            with contextlib.suppress(Exception):  # never mask the interruption or the error
+                if tracker.client.get_run(tracker.parent_run_id).info.status == "RUNNING":
+                    tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracking_uri: str,
+               storage_uri: str | None, address: str | None, s3_endpoint: str | None,
+               live: bool | None, console) -> SweepOutcome:
     started = time.time()
     storage = open_storage(storage_uri, s3_endpoint)
-    tracker = SweepTracker(tracking_uri, spec.name)
     parent = tracker.start(spec.spec_hash(), spec_text, spec.description)
     existing = tracker.cell_runs()
     finished = tracker.finished_cells(existing)

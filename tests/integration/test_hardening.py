@@ -131,3 +131,39 @@ def test_no_credential_in_any_file_a_submitted_sweep_writes(ray_cluster, mlflow_
     leaks = [str(p) for p in agent_logs if copied.search(p.read_bytes())]
     assert not leaks, f"the nodes' AWS keys were copied into runtime envs and logged: {leaks}"
 
+
+# --- 7: Ctrl-C during Ray's start-up leaves no run RUNNING -----------------------------------
+
+def test_ctrl_c_during_ray_start_up_leaves_no_run_running(tmp_path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    env = _hermetic(tmp_path)
+    path, name = _sweep(tmp_path, """
+        config: {reports: 2, sleep: 0.01}
+        parameters:
+          x: {grid: [0.0, 1.0]}
+    """)
+    ray_tmp = Path(env["RAY_TMPDIR"])
+    # Ctrl-C in a terminal: SIGINT to the whole foreground process group
+    proc = subprocess.Popen([HPSWEEP, "run", str(path), "--no-live"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(ray_tmp.glob("ray/session_*")):  # ray.init has begun
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "Ray never started"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # what the interrupted start left behind
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 130, out[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / '.hpsweep' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    roles = {r.data.tags.get("hpsweep.role") for r in runs}
+    assert roles == {"sweep"}, f"the interrupt came after the trials started: {roles}"
+    assert [r.info.status for r in runs] == ["KILLED"], out[-3000:]
