@@ -32,6 +32,13 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 # validation now and then); Tune's check that every result carries the sweep metric would
 # fail them. _TuneRun carries the latest value of the sweep metric forward instead.
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+# In-process Ray on loopback only. ray.init turns `_node_ip_address="127.0.0.1"` into the
+# machine's external address (ray._private.services.resolve_ip_for_localhost) unless Ray runs
+# without multi-node support, which this variable (read when ray is imported) switches off;
+# then the GCS, raylet, object manager, workers, driver and agents all bind 127.0.0.1 (see
+# README, "What listens where"). A driver joining a cluster (`--address`) takes the node's
+# address from the cluster instead, so this changes nothing there.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
@@ -224,9 +231,9 @@ def _init_ray(address: str | None, env: dict[str, str]) -> None:
         ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING",
                  log_to_driver=False)
     else:
-        # In-process Ray for one machine: loopback address, no dashboard. Ray's default token
-        # authentication stays on (it binds some ports on every interface; the token, under
-        # ~/.ray, guards them); only its notice about it is kept off the user's screen.
+        # In-process Ray for one machine: every port on loopback (see the top of this module),
+        # no dashboard. Ray's default token authentication stays on (the token is under
+        # ~/.ray); only its notice about it is kept off the user's screen.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=runtime_env,
                  logging_level="WARNING", log_to_driver=False, configure_logging=True)

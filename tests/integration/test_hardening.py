@@ -167,3 +167,116 @@ def test_ctrl_c_during_ray_start_up_leaves_no_run_running(tmp_path) -> None:
     roles = {r.data.tags.get("hpsweep.role") for r in runs}
     assert roles == {"sweep"}, f"the interrupt came after the trials started: {roles}"
     assert [r.info.status for r in runs] == ["KILLED"], out[-3000:]
+
+
+# --- 5: in-process Ray listens on loopback only ---------------------------------------------
+
+def _tree(root: int, marker: str) -> dict[int, str]:
+    """``root`` and its descendants, and every process whose command line names ``marker``
+    (this run's Ray temp dir): pid -> command name."""
+    parents, names, cmdlines = {}, {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdlines[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        name_end = stat.rindex(")")
+        names[int(entry.name)] = stat[stat.index("(") + 1:name_end]
+        parents[int(entry.name)] = int(stat[name_end + 2:].split()[1])
+    tree = {root}
+    changed = True
+    while changed:
+        new = {pid for pid, ppid in parents.items() if ppid in tree} - tree
+        changed = bool(new)
+        tree |= new
+    tree |= {pid for pid, cmd in cmdlines.items() if marker in cmd}
+    return {pid: cmdlines.get(pid, "").split(" ")[0] or names[pid] for pid in tree if pid in names}
+
+
+def _listening(pids: dict[int, str]) -> list[tuple[str, int, str]]:
+    """(address, port, process) of every TCP socket in LISTEN state that one of ``pids`` holds."""
+    import ipaddress
+
+    sockets: dict[str, tuple[str, int]] = {}
+    for table, family in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # LISTEN
+                continue
+            hex_ip, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_ip)
+            if family == 4:
+                ip = str(ipaddress.IPv4Address(raw[::-1]))
+            else:  # four little-endian 32-bit words
+                ip = str(ipaddress.IPv6Address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))))
+            sockets[fields[9]] = (ip, int(hex_port, 16))
+    found = []
+    for pid, name in pids.items():
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in sockets:
+                found.append((*sockets[target[8:-1]], name))
+    return sorted(set(found))
+
+
+def _is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def test_in_process_ray_listens_on_loopback_only(tmp_path) -> None:
+    import sqlite3
+
+    env = _hermetic(tmp_path)
+    path, name = _sweep(tmp_path, """
+        config: {reports: 200, sleep: 0.5}
+        parameters:
+          x: {grid: [0.0, 1.0]}
+    """)
+    ray_tmp = Path(env["RAY_TMPDIR"])
+    proc = subprocess.Popen([HPSWEEP, "run", str(path), "--no-live"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    db = tmp_path / ".hpsweep" / "mlflow.db"
+    try:
+        deadline = time.monotonic() + 240
+        while True:  # until both trials have opened their runs: every Ray process is up
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the trials never started"
+            if db.exists():
+                with contextlib.suppress(sqlite3.Error), contextlib.closing(sqlite3.connect(db, timeout=1)) as c:
+                    cells = c.execute("SELECT count(*) FROM tags WHERE key = 'hpsweep.role' "
+                                      "AND value = 'cell'").fetchone()[0]
+                    if cells >= 2:
+                        break
+            time.sleep(0.5)
+        time.sleep(2)
+        listening = _listening(_tree(proc.pid, str(ray_tmp)))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    names = " ".join(n for _, _, n in listening)
+    # not vacuous: Ray's servers, and the trials' workers, were found and listen
+    for server in ("gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::ImplicitFunc"):
+        assert server in names, f"{server} not among the listening processes: {listening}"
+    exposed = [s for s in listening if not _is_loopback(s[0])]
+    assert not exposed, f"listening beyond loopback: {exposed} (all: {listening})"
