@@ -155,6 +155,23 @@ def _no_credentials(flag: str, uri: str | None) -> None:
         )
 
 
+def _no_local_store(tracking_uri: str | None, storage: str | None) -> None:
+    """A tracking file or storage directory given to ``submit`` would be a path on the cluster's
+    nodes, inside the job's temporary working directory when relative: refused. Left out, the
+    nodes' own settings decide, and the job itself refuses local ones (``run --address``)."""
+    from hpsweep import preflight
+
+    if tracking_uri:
+        preflight.check_tracking_uri(tracking_uri)
+    given_tracking = tracking_uri if tracking_uri and preflight.local_tracking_path(tracking_uri) else None
+    given_storage = storage if storage and preflight.local_storage_path(storage) else None
+    if given_tracking or given_storage:
+        preflight.check_cluster_locations(
+            given_tracking or "http://unused", given_storage or "s3://unused",
+            where="a path given to submit is a path on the cluster's nodes (inside the job's "
+                  "temporary working directory when relative)")
+
+
 # --- submit ----------------------------------------------------------------------------------
 
 
@@ -173,6 +190,7 @@ def build_submission(
     image: str | None = None,
     working_dir: Path | None = None,
     pip: list[str] | None = None,
+    allow_local_store: bool = False,
 ) -> dict[str, Any]:
     """Validate ``sweep`` and build ``JobSubmissionClient.submit_job``'s keyword arguments.
 
@@ -186,6 +204,8 @@ def build_submission(
     spec = load_spec(sweep)  # raises SpecError listing every problem
     _no_credentials("--tracking-uri", tracking_uri)
     _no_credentials("--storage", storage)
+    if not allow_local_store:
+        _no_local_store(tracking_uri, storage)
 
     # only what the flags say: the submitting shell's own settings (a laptop's localhost
     # tracking URI) mean nothing on the cluster, whose nodes carry their own environment
@@ -210,6 +230,8 @@ def build_submission(
         flags += ["--storage", storage]
     if s3_endpoint:
         flags += ["--s3-endpoint", s3_endpoint]
+    if allow_local_store:
+        flags += ["--allow-local-store"]
 
     runtime_env: dict[str, Any] = {"env_vars": env_vars}
     if image:
@@ -259,6 +281,7 @@ def submit(args: argparse.Namespace) -> int:
         image=args.image,
         working_dir=Path(args.working_dir) if args.working_dir else None,
         pip=args.pip,
+        allow_local_store=args.allow_local_store,
     )
     client = _client(address)
     try:
@@ -269,6 +292,11 @@ def submit(args: argparse.Namespace) -> int:
     print(
         f"hpsweep: submitted {submission['metadata']['hpsweep.sweep']} to {address}; "
         f"follow it with `hpsweep logs {job_id} --follow --address {address}`",
+        file=sys.stderr,
+    )
+    print(
+        f"hpsweep: runs go to {args.tracking_uri or '$MLFLOW_TRACKING_URI as set on the cluster nodes'}, "
+        f"checkpoints to {args.storage or '$HPSWEEP_STORAGE as set on the cluster nodes'}",
         file=sys.stderr,
     )
     if args.follow:
@@ -410,6 +438,9 @@ def register(subparsers: Any) -> None:
                    "current one); must contain the sweep file")
     p.add_argument("--pip", nargs="+", metavar="REQ", help="extra pip requirements for the job")
     p.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
+    p.add_argument("--allow-local-store", action="store_true",
+                   help="allow a tracking file or storage directory on the nodes' disks "
+                        "(only when every node shares that disk and it outlives the job)")
     p.set_defaults(func=submit)
 
     p = subparsers.add_parser("logs", help="print a cluster job's log")

@@ -49,7 +49,7 @@ from hpsweep.spec import GRID_KINDS, SweepSpec  # noqa: E402
 from hpsweep.storage import Storage, open_storage  # noqa: E402
 from hpsweep.tracking import CellTracker, SweepTracker, TAG, code_version  # noqa: E402
 
-__all__ = ["SweepOutcome", "run_sweep"]
+__all__ = ["SweepOutcome", "run_sweep", "cluster_nodes"]
 
 _FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
                   "MLFLOW_DISABLE_TELEMETRY", "HPSWEEP_DATA_CACHE", "HPSWEEP_SHARED_DATA")
@@ -237,6 +237,18 @@ def _init_ray(address: str | None, env: dict[str, str]) -> None:
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=runtime_env,
                  logging_level="WARNING", log_to_driver=False, configure_logging=True)
+
+
+def cluster_nodes(address: str) -> list[str]:
+    """The addresses of the alive nodes of the cluster at ``address`` (connects, then lets go:
+    ``run_sweep`` connects again with the trials' runtime environment)."""
+    if ray.is_initialized():
+        return sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
+    ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    try:
+        return sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
+    finally:
+        ray.shutdown()
 
 
 class _Outcomes(tune.Callback):
