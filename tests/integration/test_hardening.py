@@ -110,6 +110,11 @@ def test_no_credential_in_any_file_a_submitted_sweep_writes(ray_cluster, mlflow_
              "metric": {"name": "loss", "mode": "min"}, "checkpoint": {"every": 1}}
     (wd / "sweeps" / f"{name}.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
     planted = "sk" + secrets.token_urlsafe(30)
+    # 4: credential files in the project directory, each holding a unique value
+    in_files = "cf" + secrets.token_urlsafe(30)
+    for cred in (".env", "secrets.env", ".netrc", "id_rsa", ".aws/credentials", "hpsweep/.env"):
+        (wd / cred).parent.mkdir(parents=True, exist_ok=True)
+        (wd / cred).write_text(f"AWS_SECRET_ACCESS_KEY={in_files}\n")
     env = {**os.environ, **ray_cluster.env, "AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8),
            "AWS_SECRET_ACCESS_KEY": planted}
     env.pop("RAY_AUTH_MODE")
@@ -124,6 +129,10 @@ def test_no_credential_in_any_file_a_submitted_sweep_writes(ray_cluster, mlflow_
     node_secret = moto_server.env["AWS_SECRET_ACCESS_KEY"]
     roots = [*ray_cluster.temp_dirs, mlflow_server.process.log_path.parent]
     assert not _files_containing(roots, [planted]), "the submitting shell's key reached the cluster"
+    packages = [p for d in ray_cluster.temp_dirs for p in d.rglob("_ray_pkg_*") if p.is_dir()]
+    assert any((p / "sweeps" / f"{name}.yaml").is_file() for p in packages), packages
+    shipped = _files_containing(roots, [in_files])
+    assert not shipped, f"credential files shipped with the job: {shipped}"
     # the nodes' own key: never copied into a runtime environment (which the agents log)
     agent_logs = [p for d in ray_cluster.temp_dirs for p in d.rglob("runtime_env_agent*.log")]
     assert agent_logs
@@ -280,3 +289,4 @@ def test_in_process_ray_listens_on_loopback_only(tmp_path) -> None:
         assert server in names, f"{server} not among the listening processes: {listening}"
     exposed = [s for s in listening if not _is_loopback(s[0])]
     assert not exposed, f"listening beyond loopback: {exposed} (all: {listening})"
+
