@@ -290,3 +290,81 @@ def test_in_process_ray_listens_on_loopback_only(tmp_path) -> None:
     exposed = [s for s in listening if not _is_loopback(s[0])]
     assert not exposed, f"listening beyond loopback: {exposed} (all: {listening})"
 
+
+# --- 9, 10: a failing trainer's error shown once, in its own terms; no retry that cannot help -
+
+def _run_failing(tmp_path: Path, body: str, name: str, trainer: str = "sleep") -> tuple[subprocess.CompletedProcess, str]:
+    env = _hermetic(tmp_path)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"name: {name}\ntrainer: {trainer}\n" + textwrap.dedent(body))
+    proc = subprocess.run([HPSWEEP, "run", str(path), "--no-live"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=400)
+    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    return proc, f"sqlite:///{tmp_path / '.hpsweep' / 'mlflow.db'}"
+
+
+def _cell_runs(uri: str, name: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    return client.search_runs([exp.experiment_id], "tags.`hpsweep.role` = 'cell'", max_results=100)
+
+
+def test_a_trainer_failing_on_every_cell_is_reported_once_in_its_own_terms(tmp_path) -> None:
+    name = f"fail-{secrets.token_hex(3)}"
+    proc, uri = _run_failing(tmp_path, """
+        metric: {name: loss, mode: min}
+        config: {reports: 3, sleep: 0.01, fail_at: 1}
+        parameters:
+          x: {grid: [0.0, 1.0, 2.0, 3.0]}
+        retries: 1
+    """, name)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    message = "InjectedFailure: fail_at=1: failing on purpose at report 1"
+    # once per distinct error (all four cells raise the same one), with the trainer's frame
+    assert out.count(f"failed (retried first), and 3 more cells with the same error:\n{message}") == 1, out
+    assert "trainers/sleep/__init__.py:" in out and "in train: raise InjectedFailure" in out
+    # no Ray traceback on the user's screen
+    assert "Traceback" not in out and "ray/tune" not in out and "RayTaskError" not in out, out
+    # each per-trial "failed" line carries the message
+    failed_lines = [line for line in out.splitlines() if " failed " in f" {line} " and line.startswith("[")]
+    assert len(failed_lines) == 4 and all(message in line for line in failed_lines), failed_lines
+    assert len(out.splitlines()) < 60, f"{len(out.splitlines())} lines:\n{out}"
+    # the full traceback is kept in each cell's run
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = _cell_runs(uri, name)
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FAILED"}
+    for run in runs:
+        assert run.data.tags["hpsweep.error"] == message
+        local = client.download_artifacts(run.info.run_id, "error.txt", str(tmp_path))
+        text = Path(local).read_text()
+        assert text.startswith("Traceback") and "trainers/sleep/__init__.py" in text and message in text
+
+
+def test_an_error_a_retry_cannot_fix_is_not_retried(tmp_path) -> None:
+    """A corpus directory without a training file: found by the trainer (it exists, so the
+    pre-launch check passes), a ValueError: each cell fails once although retries: 3."""
+    (tmp_path / "corpus").mkdir()
+    name = f"noretry-{secrets.token_hex(3)}"
+    proc, uri = _run_failing(tmp_path, f"""
+        metric: {{name: valid/bpc, mode: min}}
+        config: {{task: charlm, data: {tmp_path / 'corpus'}, cell: gru, hidden: 8, batch: 2,
+                  seq_len: 8, window: 8, steps: 4, eval_every: 2, eval_batches: 1, threads: 1}}
+        parameters:
+          lr: {{grid: [0.01, 0.001]}}
+        retries: 3
+    """, name, trainer="snap")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "expected one file named like *train* in the directory" in out
+    assert "retried first" not in out
+    runs = _cell_runs(uri, name)
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}
+    # one attempt per cell: the cell's run was opened once
+    attempts = [r.data.tags.get("hpsweep.attempts", "1") for r in runs]
+    assert attempts == ["1", "1"], attempts
+
