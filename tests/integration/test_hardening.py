@@ -368,3 +368,37 @@ def test_an_error_a_retry_cannot_fix_is_not_retried(tmp_path) -> None:
     attempts = [r.data.tags.get("hpsweep.attempts", "1") for r in runs]
     assert attempts == ["1", "1"], attempts
 
+
+# --- 13: a sweep on a cluster refuses stores that would be lost -------------------------------
+
+def test_a_job_without_a_tracking_server_is_refused_on_the_cluster(ray_cluster, tmp_path) -> None:
+    """``submit`` with no flags, to nodes that set no MLFLOW_TRACKING_URI: the job itself
+    refuses (exit 2) instead of writing its runs into Ray's temporary package directory."""
+    name = f"lost-{secrets.token_hex(3)}"
+    wd = tmp_path / "project"
+    for package in ("hpsweep", "trainers"):
+        shutil.copytree(REPO / package, wd / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (wd / "sweeps").mkdir()
+    path, _ = _sweep(wd / "sweeps", """
+        config: {reports: 2, sleep: 0.01}
+        parameters:
+          x: {grid: [0.0, 1.0]}
+    """, name)
+    env = {**os.environ, **ray_cluster.env}
+    env.pop("RAY_AUTH_MODE")
+    for key in ("MLFLOW_TRACKING_URI", "HPSWEEP_STORAGE"):
+        env.pop(key, None)
+    out = subprocess.run([HPSWEEP, "submit", f"sweeps/{path.name}", "--address", ray_cluster.dashboard_url,
+                          "--follow"], cwd=wd, env=env, capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-3000:]
+    assert "runs go to $MLFLOW_TRACKING_URI as set on the cluster nodes" in text
+    assert "a sweep on a cluster must keep its runs and checkpoints where every node" in text, text[-3000:]
+    assert "Ray's temporary copy of the working directory" in text
+    assert "pass --tracking-uri http://MLFLOW-SERVER:5000" in text and "pass --storage s3://BUCKET/PREFIX" in text
+    assert "Traceback" not in text
+    assert "FAILED" in text
+    # nothing was tracked in the job's directory
+    for temp in ray_cluster.temp_dirs:
+        assert not [p for p in temp.rglob("mlflow.db") if "_ray_pkg_" in str(p)]
