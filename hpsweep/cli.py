@@ -59,6 +59,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from hpsweep import preflight
     from hpsweep.store import resolve_tracking_uri
 
     spec = _load(args.sweep)  # every problem reported before Ray starts
@@ -67,9 +68,12 @@ def cmd_run(args) -> int:
     _check_tracking(tracking_uri)
     storage = args.storage or os.environ.get("HPSWEEP_STORAGE")
     _check_storage(storage, args.s3_endpoint)
+    preflight.check_data(spec, args.sweep)
+    address = args.address or os.environ.get("HPSWEEP_RAY_ADDRESS")
+    if address and not args.allow_local_store:
+        _check_cluster_store(address, tracking_uri, storage)
     from hpsweep.engine import run_sweep
 
-    address = args.address or os.environ.get("HPSWEEP_RAY_ADDRESS")
     outcome = run_sweep(spec, spec_text, tracking_uri=tracking_uri, storage_uri=storage,
                         address=address, s3_endpoint=args.s3_endpoint,
                         live=False if args.no_live else None, console=console)
@@ -81,7 +85,34 @@ def cmd_run(args) -> int:
                       f"{outcome.interrupted} unfinished cells (finished ones are not re-run)")
     _print_results(spec, tracking_uri, group_by=None, limit=15)
     _print_ui_hint(tracking_uri, outcome.experiment_id, spec)
+    from hpsweep.storage import open_storage
+
+    console.print(f"runs: {tracking_uri} (experiment {spec.name!r}); checkpoints: "
+                  f"{open_storage(storage, args.s3_endpoint).uri}", markup=False)
     return outcome.exit_code
+
+
+def _check_cluster_store(address: str, tracking_uri: str, storage: str | None) -> None:
+    """``run --address``: refuse runs or checkpoints on a disk that the cluster's other nodes,
+    or the user after the job, cannot reach: the job's working directory (which Ray deletes)
+    or one node's disk of a multi-node cluster."""
+    from hpsweep import preflight
+
+    if preflight.local_tracking_path(tracking_uri) is None and preflight.local_storage_path(storage) is None:
+        return
+    cwd = Path.cwd().resolve()
+    if "runtime_resources" in cwd.parts or any(p.startswith("_ray_pkg_") for p in cwd.parts):
+        where = f"this job runs in Ray's temporary copy of the working directory ({cwd}), deleted with it"
+    elif address.startswith("ray://"):
+        where = "a Ray Client address runs the driver on the cluster, not on this machine"
+    else:
+        from hpsweep.engine import cluster_nodes
+
+        nodes = cluster_nodes(address)
+        if len(nodes) <= 1:
+            return  # one machine: its disk is every node's disk
+        where = f"the cluster at {address} has {len(nodes)} nodes ({', '.join(sorted(nodes))}), each with its own disk"
+    preflight.check_cluster_locations(tracking_uri, storage, where=where)
 
 
 def cmd_status(args) -> int:
@@ -197,6 +228,9 @@ def _print_ui_hint(tracking_uri: str, experiment_id: str, spec) -> None:
 
 def _check_tracking(uri: str) -> None:
     """Fail fast, before Ray starts, when a tracking server is not there."""
+    from hpsweep.preflight import check_tracking_uri
+
+    check_tracking_uri(uri)  # a scheme, file or driver MLflow cannot use
     if not uri.startswith("http"):
         return
     import urllib.error
@@ -210,6 +244,9 @@ def _check_tracking(uri: str) -> None:
 
 
 def _check_storage(uri: str | None, endpoint: str | None) -> None:
+    from hpsweep.preflight import check_local_storage
+
+    check_local_storage(uri)  # a directory that cannot be written, a path under a file
     if not uri or not uri.startswith("s3://"):
         return
     from hpsweep.storage import open_storage
@@ -240,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: in-process Ray)")
     p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
     p.add_argument("--no-live", action="store_true", help="print a line per trial instead of a live table")
+    p.add_argument("--allow-local-store", action="store_true",
+                   help="with --address: allow a local tracking file or storage directory on a "
+                        "multi-node cluster (only when that disk is shared by every node and kept)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="the completeness matrix of a sweep; or cluster jobs with --address")

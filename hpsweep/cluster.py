@@ -4,7 +4,10 @@ A submitted sweep is one Ray job whose entrypoint is ``hpsweep run SWEEP.yaml --
 the same command a laptop runs, executed on the head node, with Ray Tune spreading the trials
 over the cluster's workers by their resources. The sweep file travels in the job's runtime
 environment (the working directory), or, where the cluster runs containers (``--image``), in
-an environment variable written to a file by the entrypoint.
+an environment variable written to a file by the entrypoint. The working directory shipped is
+an allow-list (``stage_working_dir``): the ``hpsweep`` and ``trainers`` packages, the sweep
+file and the files it names inside the project; credential files (``.env``, ``.netrc``,
+``id_rsa``, ``.aws/``...) are never shipped.
 
 Tracking URI, storage and S3 endpoint are what the cluster's nodes see: given as flags, they
 reach the job as flags and environment variables; left out, the nodes' own environment decides
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from hpsweep.errors import ClusterError, SweepFileMissing, UnknownJob, UsageError
+from hpsweep.errors import ClusterError, CredentialRefused, SweepFileMissing, UnknownJob, UsageError
 from hpsweep.store import TAG  # a job is labelled with its sweep as its runs are
 
 __all__ = [
@@ -53,6 +56,25 @@ WORKING_DIR_EXCLUDES = [
     ".git", ".venv", "venv", ".hpsweep", "runs", "mlruns", "mlartifacts",
     "**/__pycache__", "*.pyc", ".pytest_cache", "*.egg-info", "build", "out",
 ]
+
+#: what a job's working directory holds: these packages, the sweep file, and the files the
+#: sweep names inside the project (see ``stage_working_dir``); nothing else
+SHIPPED_PACKAGES = ("hpsweep", "trainers")
+
+#: file and directory names that hold credentials: never shipped (stripped from the packages
+#: with a message; refused when the sweep itself names one)
+CREDENTIAL_NAMES = (
+    ".env", ".env.*", "*.env", ".envrc", ".netrc", "_netrc", ".pgpass", ".pypirc", ".npmrc",
+    ".git-credentials", ".dockercfg", "credentials", "credentials.*", "secrets", "secrets.*",
+    "*secret*", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.pem", "*.key", "*.p12",
+    "*.pfx", "*.keystore", "*.jks", "auth_token", ".aws", ".ssh", ".gnupg", ".docker", ".kube",
+    ".azure", ".config",
+)
+
+#: query-string keys that carry a credential (a presigned URL, a token in the URL)
+_SECRET_QUERY_KEYS = ("token", "access_token", "auth", "authorization", "password", "passwd",
+                      "pwd", "secret", "key", "api_key", "apikey", "sig", "signature",
+                      "x-amz-signature", "x-amz-credential", "x-amz-security-token", "sas")
 
 _TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -139,6 +161,117 @@ def _no_credentials(flag: str, uri: str | None) -> None:
             f"{flag} {uri.split('@')[-1]!r} carries a password; give credentials to the cluster "
             "through its environment (Kubernetes Secrets, MLFLOW_TRACKING_PASSWORD), never the job"
         )
+    if uri:
+        from urllib.parse import parse_qsl
+
+        parts = urlsplit(uri)
+        keys = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True)
+                if k.lower() in _SECRET_QUERY_KEYS or "token" in k.lower() or "secret" in k.lower()]
+        if keys:
+            shown = f"{parts.scheme}://{parts.netloc.split('@')[-1]}{parts.path}"
+            raise CredentialRefused(
+                f"{flag} {shown!r} carries a credential in its query string ({', '.join(keys)}); "
+                "give credentials to the cluster through its environment (Kubernetes Secrets, "
+                "MLFLOW_TRACKING_TOKEN), never the job"
+            )
+
+
+def _is_credential(name: str) -> bool:
+    import fnmatch
+
+    lowered = name.lower()
+    return any(fnmatch.fnmatchcase(lowered, pattern) for pattern in CREDENTIAL_NAMES)
+
+
+def _named_files(spec: Any, root: Path, sweep_dir: Path) -> list[Path]:
+    """Files and directories inside ``root`` that the sweep's config or parameter values name
+    (relative to the working directory or the sweep file)."""
+    values: list[str] = []
+    for value in (spec.config or {}).values():
+        if isinstance(value, str):
+            values.append(value)
+    for domain in (spec.parameters or {}).values():
+        for attr in ("values", "choice"):
+            got = getattr(domain, attr, None)
+            got = got() if callable(got) else got
+            if isinstance(got, (list, tuple)):
+                values.extend(v for v in got if isinstance(v, str))
+    found = []
+    for value in values:
+        if "://" in value or not value.strip():
+            continue
+        for base in (root, sweep_dir):
+            path = (base / value).resolve()
+            if path.exists() and path.is_relative_to(root) and path != root:
+                found.append(path)
+                break
+    return found
+
+
+def stage_working_dir(root: Path, sweep: Path, spec: Any) -> tuple[Path, list[str]]:
+    """Copy what the job needs into a fresh directory: the packages (``SHIPPED_PACKAGES`` found
+    in ``root``), the sweep file and what it names inside ``root``, at the same relative paths.
+
+    Credential files are left out of the packages (returned, for a message); a sweep file, or a
+    file it names, that looks like one is refused.
+    """
+    import shutil
+    import tempfile
+
+    stripped: list[str] = []
+
+    def ignore(directory: str, names: list[str]) -> list[str]:
+        skip = []
+        for name in names:
+            full = Path(directory) / name
+            if _is_credential(name):
+                skip.append(name)
+                stripped.append(str(full.relative_to(root)))
+            elif name == "__pycache__" or name.endswith((".pyc", ".egg-info")) or full.is_symlink():
+                skip.append(name)
+        return skip
+
+    wanted = [sweep.resolve(), *_named_files(spec, root, sweep.resolve().parent)]
+    for path in wanted:
+        relative = path.relative_to(root)
+        if any(_is_credential(part) for part in relative.parts):
+            raise CredentialRefused(f"{relative}: looks like a credentials file; it is never shipped to a "
+                            "cluster (give the nodes their credentials through their environment)")
+    stage = Path(tempfile.mkdtemp(prefix="hpsweep-job-"))
+    try:
+        for package in SHIPPED_PACKAGES:
+            if (root / package).is_dir():
+                shutil.copytree(root / package, stage / package, ignore=ignore)
+        for path in wanted:
+            target = stage / path.relative_to(root)
+            if target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_dir():
+                shutil.copytree(path, target, ignore=ignore)
+            else:
+                shutil.copy2(path, target)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return stage, stripped
+
+
+def _no_local_store(tracking_uri: str | None, storage: str | None) -> None:
+    """A tracking file or storage directory given to ``submit`` would be a path on the cluster's
+    nodes, inside the job's temporary working directory when relative: refused. Left out, the
+    nodes' own settings decide, and the job itself refuses local ones (``run --address``)."""
+    from hpsweep import preflight
+
+    if tracking_uri:
+        preflight.check_tracking_uri(tracking_uri)
+    given_tracking = tracking_uri if tracking_uri and preflight.local_tracking_path(tracking_uri) else None
+    given_storage = storage if storage and preflight.local_storage_path(storage) else None
+    if given_tracking or given_storage:
+        preflight.check_cluster_locations(
+            given_tracking or "http://unused", given_storage or "s3://unused",
+            where="a path given to submit is a path on the cluster's nodes (inside the job's "
+                  "temporary working directory when relative)")
 
 
 # --- submit ----------------------------------------------------------------------------------
@@ -159,10 +292,12 @@ def build_submission(
     image: str | None = None,
     working_dir: Path | None = None,
     pip: list[str] | None = None,
+    allow_local_store: bool = False,
 ) -> dict[str, Any]:
     """Validate ``sweep`` and build ``JobSubmissionClient.submit_job``'s keyword arguments.
 
-    Raises :class:`UserError` (``SpecError`` for a bad sweep file) before anything is sent.
+    Raises a :class:`hpsweep.errors.UserError` (``SpecError`` for a bad sweep file) before
+    anything is sent.
     """
     from hpsweep.spec import load_spec  # lazily: ``hpsweep logs`` needs no spec machinery
 
@@ -172,6 +307,8 @@ def build_submission(
     spec = load_spec(sweep)  # raises SpecError listing every problem
     _no_credentials("--tracking-uri", tracking_uri)
     _no_credentials("--storage", storage)
+    if not allow_local_store:
+        _no_local_store(tracking_uri, storage)
 
     # only what the flags say: the submitting shell's own settings (a laptop's localhost
     # tracking URI) mean nothing on the cluster, whose nodes carry their own environment
@@ -196,6 +333,8 @@ def build_submission(
         flags += ["--storage", storage]
     if s3_endpoint:
         flags += ["--s3-endpoint", s3_endpoint]
+    if allow_local_store:
+        flags += ["--allow-local-store"]
 
     runtime_env: dict[str, Any] = {"env_vars": env_vars}
     if image:
@@ -220,7 +359,11 @@ def build_submission(
                 f"{sweep}: the sweep file must be inside the working directory {root} "
                 "that is shipped to the cluster (pass --working-dir)"
             ) from None
-        runtime_env.update(working_dir=str(root), excludes=list(WORKING_DIR_EXCLUDES))
+        staged, stripped = stage_working_dir(root, sweep, spec)
+        if stripped:
+            print(f"hpsweep: left out of the job (credentials never travel with it): "
+                  f"{', '.join(sorted(stripped))}", file=sys.stderr)
+        runtime_env.update(working_dir=str(staged), excludes=list(WORKING_DIR_EXCLUDES))
         if pip:
             runtime_env["pip"] = list(pip)
         entrypoint = shlex.join(["hpsweep", "run", relative.as_posix(), *flags])
@@ -244,16 +387,29 @@ def submit(args: argparse.Namespace) -> int:
         image=args.image,
         working_dir=Path(args.working_dir) if args.working_dir else None,
         pip=args.pip,
+        allow_local_store=args.allow_local_store,
     )
-    client = _client(address)
+    staged = submission["runtime_env"].get("working_dir")
     try:
-        job_id = client.submit_job(**submission)
-    except RuntimeError as exc:  # the Jobs API refused it (e.g. a runtime_env it cannot build)
-        raise ClusterError(f"{address} refused the job: {exc}") from None
+        client = _client(address)
+        try:
+            job_id = client.submit_job(**submission)  # uploads the working directory
+        except RuntimeError as exc:  # the Jobs API refused it (e.g. a runtime_env it cannot build)
+            raise ClusterError(f"{address} refused the job: {exc}") from None
+    finally:
+        if staged and Path(staged).name.startswith("hpsweep-job-"):
+            import shutil
+
+            shutil.rmtree(staged, ignore_errors=True)
     print(job_id)
     print(
         f"hpsweep: submitted {submission['metadata'][TAG['sweep']]} to {address}; "
         f"follow it with `hpsweep logs {job_id} --follow --address {address}`",
+        file=sys.stderr,
+    )
+    print(
+        f"hpsweep: runs go to {args.tracking_uri or '$MLFLOW_TRACKING_URI as set on the cluster nodes'}, "
+        f"checkpoints to {args.storage or '$HPSWEEP_STORAGE as set on the cluster nodes'}",
         file=sys.stderr,
     )
     if args.follow:
@@ -392,6 +548,9 @@ def register(subparsers: Any) -> None:
                    "current one); must contain the sweep file")
     p.add_argument("--pip", nargs="+", metavar="REQ", help="extra pip requirements for the job")
     p.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
+    p.add_argument("--allow-local-store", action="store_true",
+                   help="allow a tracking file or storage directory on the nodes' disks "
+                        "(only when every node shares that disk and it outlives the job)")
     p.set_defaults(func=submit)
 
     p = subparsers.add_parser("logs", help="print a cluster job's log")

@@ -31,6 +31,16 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 # validation now and then); Tune's check that every result carries the sweep metric would
 # fail them. _TuneRun carries the latest value of the sweep metric forward instead.
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+# A failed trial's error is shown once per distinct error, in the trainer's own terms
+# (_Outcomes.report_failures), not as Tune's log of every attempt's full Ray traceback.
+os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+# In-process Ray on loopback only. ray.init turns `_node_ip_address="127.0.0.1"` into the
+# machine's external address (ray._private.services.resolve_ip_for_localhost) unless Ray runs
+# without multi-node support, which this variable (read when ray is imported) switches off;
+# then the GCS, raylet, object manager, workers, driver and agents all bind 127.0.0.1 (see
+# README, "What listens where"). A driver joining a cluster (`--address`) takes the node's
+# address from the cluster instead, so this changes nothing there.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
@@ -41,7 +51,7 @@ from hpsweep.storage import Storage, open_storage  # noqa: E402
 from hpsweep.store import TAG, CellTracker, SweepTracker, code_version  # noqa: E402
 from hpsweep.views.live import LiveTable  # noqa: E402
 
-__all__ = ["SweepOutcome", "run_sweep"]
+__all__ = ["SweepOutcome", "run_sweep", "cluster_nodes"]
 
 _FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
                   "MLFLOW_DISABLE_TELEMETRY", "HPSWEEP_DATA_CACHE", "HPSWEEP_SHARED_DATA")
@@ -114,6 +124,74 @@ class _TuneRun:
         return fetch(uri)
 
 
+#: errors a retry cannot fix (a missing file, a bad value, a bug): the trial fails at once
+_PERMANENT = (LookupError, ValueError, TypeError, AttributeError, ImportError, NotImplementedError,
+              FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+              ArithmeticError, AssertionError)
+#: the result key by which a trial tells the driver not to retry it (see _Outcomes)
+_NO_RETRY = "hpsweep/no_retry"
+
+
+class CellFailed(Exception):
+    """A trainer's exception as the driver shows it: the cell, the exception's type and message,
+    and the trainer's own frames; the full traceback is in the cell's MLflow run (error.txt)."""
+
+    # every argument has a default: Ray rebuilds exceptions on the driver in ways that call
+    # the constructor with fewer of them (the fields come back from the pickled __dict__)
+    def __init__(self, cell: str = "", summary: str = "", permanent: bool = False,
+                 run_id: str | None = None) -> None:
+        super().__init__(cell, summary, permanent, run_id)
+        self.cell, self.summary, self.permanent, self.run_id = cell, summary, permanent, run_id
+
+    def __str__(self) -> str:
+        return f"cell {self.cell}: {self.summary}"
+
+    @property
+    def headline(self) -> str:
+        return self.summary.splitlines()[0]
+
+
+def _summary(exc: BaseException) -> str:
+    """``Type: message`` and the frames of the traceback inside ``trainers/`` (the trainer's own
+    code; not hpsweep's, Ray's or a library's)."""
+    import traceback
+    from pathlib import Path
+
+    import trainers
+
+    root = Path(trainers.__file__).resolve().parent
+    head = f"{type(exc).__name__}: {exc}".strip()
+    lines = [head.splitlines()[0][:500] if head else type(exc).__name__]
+    for frame in traceback.extract_tb(exc.__traceback__):
+        path = Path(frame.filename).resolve()
+        if path.is_relative_to(root):
+            lines.append(f"  {path.relative_to(root.parent)}:{frame.lineno} in {frame.name}: "
+                         f"{(frame.line or '').strip()}")
+    return "\n".join(lines[:1] + lines[1:][-6:])
+
+
+def _fail(exc: Exception, cell: Cell, tracker: CellTracker | None, run: _TuneRun | None,
+          context: dict) -> CellFailed:
+    """Record the trainer's exception in the cell's run (tag and full traceback) and tell Tune
+    not to retry a permanent one; returns what the trial raises instead."""
+    import traceback
+
+    summary = _summary(exc)
+    permanent = isinstance(exc, _PERMANENT)
+    run_id = None
+    if tracker is not None:
+        with contextlib.suppress(Exception):  # never mask the trainer's own error
+            tracker.finish("FAILED", tags={"hpsweep.error": summary.splitlines()[0][:5000]})
+            run_id = tracker.run_id
+            tracker.client.log_text(run_id, "".join(traceback.format_exception(exc)), "error.txt")
+    latest = run._latest if run is not None else {}
+    # Optuna's searcher reads the metric from every result: no marker before it is known.
+    if permanent and (context["metric"] in latest or not context.get("optuna")):
+        with contextlib.suppress(BaseException):  # a scheduler's stop (SystemExit) included
+            tune.report({**latest, "step": -1, _NO_RETRY: 1})
+    return CellFailed(cell.id, summary, permanent, run_id)
+
+
 def _trial(tune_config: dict, context: dict) -> None:
     """One cell: open (or reuse) its MLflow run, run the trainer, close the run."""
     import torch
@@ -154,6 +232,9 @@ def _trial(tune_config: dict, context: dict) -> None:
             if tracker.client.get_run(tracker.run_id).info.status == "RUNNING":
                 tracker.client.set_terminated(tracker.run_id, status="KILLED")
         raise
+    except Exception as exc:
+        # Tune gets the short form; the full traceback is kept in the run and in Ray's log
+        raise _fail(exc, cell, tracker, run, context) from exc
     except BaseException:
         with contextlib.suppress(Exception):  # never mask the trainer's own error
             tracker.finish("FAILED")
@@ -173,7 +254,31 @@ def _scheduler(spec: SweepSpec):
     return None
 
 
+#: credentials Ray Tune would copy from the driver's environment into every trainable's
+#: runtime environment (``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``), which Ray's
+#: runtime-env agent then writes to its log (and a job carries to a cluster)
+_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN",
+                   "AWS_SESSION_TOKEN")
+
+
+def _keep_credentials_out_of_runtime_envs() -> None:
+    """Stop Ray Tune copying the driver's AWS keys into the trials' runtime environments.
+
+    Ray 2.60 has no switch for it: the names are a module-level set read each time Tune
+    registers a trainable, so they are taken out of that set. Workers get credentials from
+    their own environment only: on one machine the process environment Ray's raylet inherits
+    at start-up, on a cluster the nodes' own (instance roles, Secrets).
+    tests/integration/test_hardening.py searches every file a sweep writes for a planted key.
+    """
+    from ray.tune.execution import class_cache
+
+    names = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if isinstance(names, set):
+        names.difference_update(_CREDENTIAL_ENV)
+
+
 def _init_ray(address: str | None, env: dict[str, str]) -> None:
+    _keep_credentials_out_of_runtime_envs()
     # Tune's end-of-run analysis looks for the per-result JSON/CSV files that hpsweep turns
     # off (the metrics are in MLflow); its warning about them is noise.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
@@ -184,12 +289,52 @@ def _init_ray(address: str | None, env: dict[str, str]) -> None:
         ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING",
                  log_to_driver=False)
     else:
-        # In-process Ray for one machine: loopback address, no dashboard. Ray's default token
-        # authentication stays on (it binds some ports on every interface; the token, under
-        # ~/.ray, guards them); only its notice about it is kept off the user's screen.
+        # In-process Ray for one machine: every port on loopback (see the top of this module),
+        # no dashboard. Ray's default token authentication stays on (the token is under
+        # ~/.ray); only its notice about it is kept off the user's screen.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=runtime_env,
                  logging_level="WARNING", log_to_driver=False, configure_logging=True)
+
+
+def cluster_nodes(address: str) -> list[str]:
+    """The addresses of the alive nodes of the cluster at ``address`` (connects, then lets go:
+    ``run_sweep`` connects again with the trials' runtime environment)."""
+    if ray.is_initialized():
+        return sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
+    ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    try:
+        return sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
+    finally:
+        ray.shutdown()
+
+
+def _cell_failure(trial) -> CellFailed | None:
+    """The CellFailed a trial raised last, from the copy of the error Tune keeps."""
+    from ray import cloudpickle
+
+    path = getattr(trial, "pickled_error_file", None)
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            error = cloudpickle.load(f)
+    except Exception:
+        return None
+    for candidate in (error, getattr(error, "cause", None)):
+        if isinstance(candidate, CellFailed):
+            return candidate
+    return None
+
+
+def _params_text(params: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def _ray_log_dir() -> str:
+    with contextlib.suppress(Exception):
+        return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    return "the session's logs directory under Ray's temp dir"
 
 
 class _Outcomes(tune.Callback):
@@ -199,6 +344,7 @@ class _Outcomes(tune.Callback):
         self.tracker, self.asha, self.live = tracker, asha, live
         self.completed: set[str] = set()
         self.errored: set[str] = set()
+        self.failures: list[CellFailed] = []
         self.stopped: dict[str, bool] = {}   # trial id -> stopped early (ASHA)
 
     def __getstate__(self) -> dict:
@@ -210,6 +356,10 @@ class _Outcomes(tune.Callback):
         self.live.started(trial.trial_id, trial.config)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get(_NO_RETRY):
+            # the trial is about to raise an error a retry cannot fix: Tune's retries off
+            trial.max_failures = 0
+            return
         self.live.result(trial.trial_id, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -223,7 +373,26 @@ class _Outcomes(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.errored.add(trial.trial_id)
-        self.live.done(trial.trial_id, "failed", error=str(getattr(trial, "error_msg", "") or ""))
+        failure = _cell_failure(trial)
+        if failure is not None:
+            self.failures.append(failure)
+        self.live.done(trial.trial_id, "failed",
+                       error=failure.headline if failure else str(getattr(trial, "error_msg", "") or ""))
+
+    def report_failures(self, note, cells: dict[str, Cell]) -> None:
+        """Each distinct error once: the trainer's exception, its frames, the cells it hit."""
+        groups: dict[str, list[CellFailed]] = {}
+        for failure in self.failures:
+            groups.setdefault(failure.summary, []).append(failure)
+        for summary, failures in groups.items():
+            first = failures[0]
+            cell = cells.get(first.cell)
+            label = f"cell {first.cell}" + (f" ({_params_text(cell.params)})" if cell else "")
+            more = f", and {len(failures) - 1} more cells with the same error" if len(failures) > 1 else ""
+            where = f"MLflow run {first.run_id}, artifact error.txt" if first.run_id else "Ray's worker logs"
+            retry = "" if first.permanent else " (retried first)"
+            note(f"\n{label} failed{retry}{more}:\n{summary}\nfull traceback: {where}; Ray's logs: "
+                 f"{_ray_log_dir()}")
 
     def finish_stopped(self, rounds: int = 3) -> None:
         """Close the runs of trials the scheduler stopped: they end KILLED or RUNNING (stopped
@@ -243,10 +412,28 @@ class _Outcomes(tune.Callback):
 def run_sweep(spec: SweepSpec, spec_text: str, *, tracking_uri: str, storage_uri: str | None = None,
               address: str | None = None, s3_endpoint: str | None = None, live: bool | None = None,
               console=None) -> SweepOutcome:
-    """Run every cell of ``spec`` that has no finished run yet; see the module docstring."""
+    """Run every cell of ``spec`` that has no finished run yet; see the module docstring.
+
+    The sweep's parent run never stays RUNNING when this raises: a Ctrl-C during Ray's
+    start-up (or any error before Tune takes over) ends it KILLED (FAILED for an error).
+    """
+    tracker = SweepTracker(tracking_uri, spec.name)
+    try:
+        return _run_sweep(spec, spec_text, tracker, tracking_uri=tracking_uri, storage_uri=storage_uri,
+                          address=address, s3_endpoint=s3_endpoint, live=live, console=console)
+    except BaseException as exc:
+        if tracker.parent_run_id is not None:
+            with contextlib.suppress(Exception):  # never mask the interruption or the error
+                if tracker.client.get_run(tracker.parent_run_id).info.status == "RUNNING":
+                    tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracking_uri: str,
+               storage_uri: str | None, address: str | None, s3_endpoint: str | None,
+               live: bool | None, console) -> SweepOutcome:
     started = time.time()
     storage = open_storage(storage_uri, s3_endpoint)
-    tracker = SweepTracker(tracking_uri, spec.name)
     parent = tracker.start(spec.spec_hash(), spec_text, spec.description)
     existing = tracker.cell_runs()
     finished = tracker.finished_cells(existing)
@@ -277,7 +464,7 @@ def run_sweep(spec: SweepSpec, spec_text: str, *, tracking_uri: str, storage_uri
         "trainer": spec.trainer, "sweep": spec.name, "tracking_uri": tracking_uri,
         "experiment_id": tracker.experiment_id, "parent_run_id": parent,
         "storage": storage.spec(), "every": spec.checkpoint.every, "cpus": spec.resources.cpus,
-        "metric": spec.metric.name,
+        "metric": spec.metric.name, "optuna": optuna,
         "cells": {c.id: c for c in pending},
     }
     search_alg = None
@@ -315,6 +502,7 @@ def run_sweep(spec: SweepSpec, spec_text: str, *, tracking_uri: str, storage_uri
     with table:
         tuner.fit()
     fit_s = time.time() - fit_started
+    outcomes.report_failures(table.note, context["cells"])
     if outcomes.stopped:
         outcomes.finish_stopped()
     completed, failed = len(outcomes.completed), len(outcomes.errored)

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 __all__ = ["UserError", "UsageError", "SweepFileMissing", "TrackingUnreachable",
-           "StorageUnreachable", "ClusterError", "UnknownJob"]
+           "StorageUnreachable", "ClusterError", "UnknownJob", "CredentialRefused", "Unusable"]
 
 
 class UserError(Exception):
@@ -36,3 +36,12 @@ class ClusterError(UserError):
 
 class UnknownJob(ClusterError):
     """The cluster has no job with this id."""
+
+
+class CredentialRefused(UserError):
+    """A credential would leave the machine with a job (a credentials file, a token in a URL)."""
+
+
+class Unusable(UserError):
+    """Checked before launch and found unusable: a tracking URI MLflow cannot use, storage that
+    cannot be written, data that does not exist, a local store for a sweep on a cluster."""

@@ -52,7 +52,8 @@ def test_submission_ships_the_working_dir_and_runs_the_same_command(project):
     assert sub["entrypoint"] == ("hpsweep run sweeps/s.yaml --address auto --tracking-uri "
                                  "http://mlflow:5000 --storage s3://b/ckpt --s3-endpoint http://minio:9000")
     env = sub["runtime_env"]
-    assert env["working_dir"] == str(project.resolve())
+    shipped = Path(env["working_dir"])  # a staged copy: the allow-list, not the project
+    assert shipped != project.resolve() and (shipped / "sweeps" / "s.yaml").read_text() == SWEEP
     assert ".venv" in env["excludes"] and ".git" in env["excludes"]
     assert env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert env["env_vars"]["HPSWEEP_STORAGE"] == "s3://b/ckpt"
@@ -232,3 +233,50 @@ def test_unreachable_cluster_is_one_clear_line(project, capsys):
     assert _cli("stop", "job1", "--address", address) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all("cannot reach the Ray Jobs API" in line for line in err)
+
+
+def test_the_job_ships_an_allow_list_without_credentials(project, capsys):
+    """The packages, the sweep file and what it names; never a credentials file."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[2]
+    for package in ("hpsweep", "trainers"):
+        shutil.copytree(root / package, project / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    planted = {".env": "AWS_SECRET_ACCESS_KEY=x", "secrets.env": "T=1", ".netrc": "machine m",
+               "id_rsa": "-----BEGIN", ".aws/credentials": "[default]", "notes/todo.txt": "x",
+               "hpsweep/.env": "LEAK=1", "trainers/id_ed25519": "k", "sweeps/other.yaml": SWEEP}
+    for name, text in planted.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(text)
+    (project / "sweeps" / "named.txt").write_text("data")
+    snap = (root / "sweeps" / "snap.charlm-cpu.yaml").read_text()
+    original = "../shared/data/enwiki/enwiki-sample.xml.bz2"
+    assert original in snap
+    (project / "sweeps" / "s.yaml").write_text(snap.replace(original, "sweeps/named.txt"))
+    sub = cluster.build_submission(Path("sweeps/s.yaml"), tracking_uri="http://mlflow:5000",
+                                   storage="s3://b/p")
+    shipped = Path(sub["runtime_env"]["working_dir"])
+    files = sorted(str(p.relative_to(shipped)) for p in shipped.rglob("*") if p.is_file())
+    assert "sweeps/s.yaml" in files and "sweeps/named.txt" in files
+    assert "hpsweep/cli.py" in files and "trainers/sleep/__init__.py" in files
+    for name in planted:
+        assert name not in files, f"{name} was shipped"
+    assert not [f for f in files if not f.startswith(("hpsweep/", "trainers/", "sweeps/"))], files
+    err = capsys.readouterr().err
+    assert "left out of the job (credentials never travel with it): hpsweep/.env, trainers/id_ed25519" in err
+    shutil.rmtree(shipped)
+
+    (project / "sweeps" / "s.yaml").write_text(snap.replace(original, ".aws/credentials"))
+    with pytest.raises(UserError, match=r"\.aws/credentials: looks like a credentials file"):
+        cluster.build_submission(Path("sweeps/s.yaml"))
+
+
+@pytest.mark.parametrize("uri", ["http://mlflow:5000/?token=abc123", "https://m.example/x?X-Amz-Signature=abc123",
+                                 "http://mlflow:5000/?access_token=abc123&x=1"])
+def test_tokens_in_query_strings_are_refused(project, uri):
+    with pytest.raises(UserError, match="carries a credential in its query string") as exc:
+        cluster.build_submission(Path("sweeps/s.yaml"), tracking_uri=uri)
+    assert "abc123" not in str(exc.value)
+    with pytest.raises(UserError, match="carries a credential in its query string"):
+        cluster.build_submission(Path("sweeps/s.yaml"), tracking_uri="http://mlflow:5000", storage="s3://b/p?" + uri.split("?")[1])

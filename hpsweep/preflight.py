@@ -1,0 +1,270 @@
+"""What can be checked before anything is launched: the tracking URI, the storage, the data a
+sweep names, and, for a sweep on a cluster, that its runs and checkpoints land where every
+node (and the user, afterwards) can reach them.
+
+Each check raises :class:`hpsweep.errors.Unusable` (a ``UserError``: exit 2) with one sentence
+saying what is wrong and what to give instead; none of them creates anything where the answer
+is no.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from hpsweep.errors import Unusable
+
+__all__ = [
+    "check_tracking_uri",
+    "check_local_storage",
+    "check_data",
+    "local_tracking_path",
+    "local_storage_path",
+    "check_cluster_locations",
+    "DATA_FIELDS",
+]
+
+#: config fields the trainers read data from (through ``run.data_path``): a local path or s3://
+DATA_FIELDS = ("data", "data_dir", "lm_checkpoint")
+
+#: database drivers MLflow's SQLAlchemy store needs, by URI scheme (``scheme+driver`` names one)
+_DB_DRIVERS = {
+    "postgresql": ("psycopg", "psycopg[binary]"),   # MLflow 3 uses psycopg 3 by default
+    "mysql": ("pymysql", "pymysql"),
+    "mssql": ("pyodbc", "pyodbc"),
+}
+_DRIVER_MODULES = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", "pymysql": "pymysql",
+                   "mysqldb": "mysqlclient", "pyodbc": "pyodbc"}
+
+_HINT = ("give an MLflow server (http://HOST:5000), a SQLite file (sqlite:///PATH/mlflow.db) "
+         "or a database (postgresql://USER@HOST/DB), or leave --tracking-uri out for "
+         ".hpsweep/mlflow.db")
+
+
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _writable_dir(path: Path, what: str, fix: str) -> None:
+    """``path`` is, or can be made, a directory this process can write; nothing is left
+    behind when it cannot."""
+    existing = _first_existing(path)
+    if not existing.is_dir():
+        raise Unusable(f"{what}: {existing} is a file, not a directory; {fix}")
+    created: list[Path] = []
+    probe = path / f".hpsweep-probe-{uuid.uuid4().hex}"
+    try:
+        for parent in reversed([path, *path.parents]):
+            if not parent.exists():
+                parent.mkdir()
+                created.append(parent)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        for made in reversed(created):
+            try:
+                made.rmdir()
+            except OSError:
+                pass
+        reason = exc.strerror or str(exc)
+        raise Unusable(f"{what}: cannot write to {path} ({reason}); {fix}") from None
+
+
+def check_tracking_uri(uri: str, flag: str = "--tracking-uri") -> None:
+    """Refuse a tracking URI MLflow cannot use here, before any run is created.
+
+    ``http(s)://`` is checked by the CLI (the server must answer); ``databricks`` is passed on.
+    """
+    scheme = urlsplit(uri).scheme.lower() if "://" in uri or uri.startswith(("sqlite:", "file:")) else ""
+    base, _, driver = scheme.partition("+")
+    if base in ("http", "https", "databricks", "databricks-uc", "uc"):
+        return
+    if base == "sqlite":
+        if not uri.startswith("sqlite:///") or uri == "sqlite:///":
+            raise Unusable(f"{flag} {uri}: an in-memory or hostless SQLite URI keeps nothing; "
+                            f"give sqlite:///PATH/mlflow.db (sqlite:////ABS/PATH.db for an absolute path)")
+        path = Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser()
+        if path.is_dir():
+            raise Unusable(f"{flag} {uri}: {path} is a directory; name the database file in it, "
+                            f"e.g. sqlite:///{path / 'mlflow.db'}")
+        parent = path.absolute().parent
+        if not parent.is_dir():
+            raise Unusable(f"{flag} {uri}: directory {parent} does not exist; create it first, "
+                            f"or {_HINT}")
+        if not os.access(parent, os.W_OK):
+            raise Unusable(f"{flag} {uri}: directory {parent} is not writable; {_HINT}")
+        return
+    if base in _DB_DRIVERS:
+        module, package = _DB_DRIVERS[base]
+        if driver:
+            module = driver
+            package = _DRIVER_MODULES.get(driver, driver)
+        if importlib.util.find_spec(module) is None:
+            parts = urlsplit(uri)
+            shown = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+            raise Unusable(f"{flag} {shown}: MLflow needs the "
+                            f"Python module {module!r} for {base}:// (pip install {package}); "
+                            f"or give an MLflow server (http://HOST:5000) that holds the database")
+        return
+    if base == "file" or not scheme:
+        raise Unusable(f"{flag} {uri}: MLflow's file store is not supported (MLflow 3 keeps it "
+                        f"read-only); {_HINT}")
+    raise Unusable(f"{flag} {uri}: unknown scheme {scheme!r}; {_HINT}")
+
+
+def check_local_storage(uri: str | None, flag: str = "--storage") -> None:
+    """A local storage directory must be (or become) a writable directory; s3:// is checked by
+    the CLI against the bucket."""
+    if not uri or uri.startswith("s3://"):
+        return
+    if "://" in uri and not uri.startswith("file://"):
+        raise Unusable(f"{flag} {uri}: unknown scheme; give a directory or s3://BUCKET/PREFIX")
+    path = Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser().absolute()
+    _writable_dir(path, f"{flag} {uri}", "give a writable directory or s3://BUCKET/PREFIX")
+
+
+# --- data ----------------------------------------------------------------------------------
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: str) -> str | None:
+    """``${VAR}`` / ``${VAR:-default}`` as the trainers expand them; None if a variable is unset
+    (the trainer reports that itself)."""
+    missing = False
+
+    def sub(match: re.Match) -> str:
+        nonlocal missing
+        got = os.environ.get(match.group(1))
+        if got:
+            return got
+        if match.group(2) is not None:
+            return match.group(2)
+        missing = True
+        return ""
+
+    out = _VAR.sub(sub, value)
+    return None if missing else out
+
+
+def _local_candidates(value: str, sweep_dir: Path) -> list[Path]:
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return [path]
+    project = Path(__file__).resolve().parents[1]
+    return [Path.cwd() / path, sweep_dir / path, project / path]
+
+
+def _s3_answers(uri: str) -> str | None:
+    """None when ``s3://bucket/key`` names an object or a non-empty prefix, else why not."""
+    import boto3
+    import botocore.exceptions
+
+    rest = uri[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        return "no bucket named"
+    try:
+        client = boto3.client("s3")
+        listed = client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
+    except botocore.exceptions.ClientError as exc:
+        return exc.response.get("Error", {}).get("Message") or str(exc)
+    except botocore.exceptions.BotoCoreError as exc:
+        return str(exc)
+    if not listed.get("KeyCount"):
+        return "no object there"
+    return None
+
+
+def check_data(spec, sweep_path: str | Path) -> None:
+    """Every data location the sweep names (fixed config and swept values) exists: local paths
+    on this machine, ``s3://`` objects or prefixes in their bucket. Every problem at once."""
+    sweep_path = Path(sweep_path)
+    values: dict[tuple[str, str], str] = {}
+    for field in DATA_FIELDS:
+        fixed = (spec.config or {}).get(field)
+        if isinstance(fixed, str):
+            values[(field, fixed)] = f"config.{field}"
+        domain = (spec.parameters or {}).get(field)
+        for value in _domain_values(domain):
+            if isinstance(value, str):
+                values[(field, value)] = f"parameters.{field}"
+    problems = []
+    for (_field, raw), where in values.items():
+        value = _expand(raw)
+        if value is None:
+            continue
+        if value.startswith("file://"):
+            value = value[len("file://"):]
+        if value.startswith("s3://"):
+            why = _s3_answers(value)
+            if why:
+                problems.append(f"{sweep_path}: {where}: {raw}: {why}; check the bucket and key "
+                                "(and AWS_ENDPOINT_URL)")
+            continue
+        if "://" in value:
+            continue  # another scheme: the trainer decides
+        if not any(p.exists() for p in _local_candidates(value, sweep_path.resolve().parent)):
+            problems.append(f"{sweep_path}: {where}: {raw} does not exist (looked in "
+                            f"{Path.cwd()} and next to the sweep file); give an existing path or s3:// URI")
+    if problems:
+        raise Unusable("\n".join(problems))
+
+
+def _domain_values(domain) -> list:
+    """Every value a domain can give that names a file: a grid's values, a choice's options
+    (its extremes); a numeric range names none."""
+    if domain is None:
+        return []
+    return list(domain.extremes())
+
+
+# --- where a cluster's runs go --------------------------------------------------------------
+
+def local_tracking_path(uri: str) -> Path | None:
+    """The file a tracking URI keeps its runs in on the machine that runs the driver, or None
+    when it is a server or database every node reaches."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser().absolute()
+    if uri.startswith("file:") or "://" not in uri and not uri.startswith("sqlite:"):
+        return Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser().absolute()
+    return None
+
+
+def local_storage_path(uri: str | None) -> Path | None:
+    """The directory a storage URI names on one node, or None for s3://."""
+    from hpsweep.storage import DEFAULT_STORAGE
+
+    uri = uri or DEFAULT_STORAGE
+    if uri.startswith("s3://"):
+        return None
+    return Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser().absolute()
+
+
+def check_cluster_locations(tracking_uri: str | None, storage: str | None, *, where: str,
+                            override: str = "--allow-local-store") -> None:
+    """A sweep on a cluster: runs on a tracking server or database, checkpoints in s3://.
+
+    ``tracking_uri``/``storage`` are what the job will use (None: the hpsweep default).
+    ``where`` says why local paths are lost (the job's working directory, a node's disk).
+    """
+    problems = []
+    from hpsweep.tracking import DEFAULT_DIR
+
+    tracking = local_tracking_path(tracking_uri) if tracking_uri else Path(DEFAULT_DIR).absolute() / "mlflow.db"
+    if tracking is not None:
+        problems.append(f"the runs would go to {tracking}; pass --tracking-uri http://MLFLOW-SERVER:5000 "
+                        "(an MLflow server every node reaches)")
+    local = local_storage_path(storage)
+    if local is not None:
+        problems.append(f"the checkpoints would go to {local}; pass --storage s3://BUCKET/PREFIX")
+    if problems:
+        raise Unusable(f"a sweep on a cluster must keep its runs and checkpoints where every node "
+                        f"and you can reach them, but {where}: " + "; ".join(problems)
+                        + f" (or {override} if that disk really is shared and kept)")

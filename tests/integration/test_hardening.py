@@ -1,0 +1,404 @@
+"""Hardening, tested from outside with real parts (issue 14): no credential in any file Ray or
+hpsweep writes, in-process Ray listening on loopback only, Ctrl-C during Ray start-up, a failing
+trainer's error shown once, errors a retry cannot fix not retried.
+
+Each sweep here runs ``hpsweep`` as a user would, in a process of its own with a private Ray
+temp dir and HOME, so that every file searched is this run's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+HPSWEEP = str(Path(sys.executable).with_name("hpsweep"))
+
+
+def _sweep(dir_: Path, body: str, name: str | None = None) -> tuple[Path, str]:
+    name = name or f"h-{secrets.token_hex(4)}"
+    path = dir_ / f"{name}.yaml"
+    path.write_text(f"name: {name}\ntrainer: sleep\nmetric: {{name: loss, mode: min}}\n"
+                    + textwrap.dedent(body))
+    return path, name
+
+
+def _hermetic(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A private Ray temp dir and HOME (short paths: Ray's unix sockets), no stray settings."""
+    base = Path(f"/tmp/hh{secrets.token_hex(3)}")
+    (base / "home").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AWS_", "MLFLOW_TRACKING", "HPSWEEP_", "RAY_"))}
+    env.update({"RAY_TMPDIR": str(base), "HOME": str(base / "home"),
+                "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+                "PYTHONPATH": str(REPO), **extra})
+    return env
+
+
+def _files_containing(roots: list[Path], needles: list[str]) -> dict[str, int]:
+    """Every regular file under ``roots`` that holds one of ``needles``: path -> count."""
+    found: dict[str, int] = {}
+    pattern = re.compile("|".join(re.escape(n) for n in needles).encode())
+    for root in roots:
+        for dirpath, _, names in os.walk(root):
+            for name in names:
+                path = Path(dirpath) / name
+                if path.is_symlink() or not path.is_file():
+                    continue
+                try:
+                    data = path.read_bytes()
+                except OSError:
+                    continue
+                hits = len(pattern.findall(data))
+                if hits:
+                    found[str(path)] = hits
+    return found
+
+
+# --- 1: credentials never reach Ray's runtime environments, logs or MLflow -------------------
+
+def test_no_credential_in_any_file_a_local_sweep_writes(tmp_path) -> None:
+    key_id = "AKIA" + secrets.token_hex(8).upper()
+    secret = "sk" + secrets.token_urlsafe(30)
+    token = "st" + secrets.token_urlsafe(30)
+    env = _hermetic(tmp_path, AWS_ACCESS_KEY_ID=key_id, AWS_SECRET_ACCESS_KEY=secret,
+                    AWS_SESSION_TOKEN=token)
+    path, name = _sweep(tmp_path, """
+        config: {reports: 2, sleep: 0.01}
+        parameters:
+          x: {grid: [0.0, 1.0]}
+    """)
+    proc = subprocess.run([HPSWEEP, "run", str(path), "--no-live"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ray_tmp, home = Path(env["RAY_TMPDIR"]), Path(env["HOME"])
+    logs = list(ray_tmp.glob("ray/session_*/logs/runtime_env_agent.log"))
+    assert logs, "Ray wrote no runtime-env agent log: the search below would prove nothing"
+    assert (tmp_path / ".hpsweep" / "mlflow.db").is_file()
+    leaks = _files_containing([ray_tmp, home, tmp_path], [key_id, secret, token])
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert not leaks, f"credentials written to: {leaks}"
+    assert proc.stdout.count(secret) == 0 and proc.stderr.count(secret) == 0
+
+
+def test_no_credential_in_any_file_a_submitted_sweep_writes(ray_cluster, mlflow_server, moto_server,
+                                                            tmp_path) -> None:
+    """The submitting shell's keys stay there; the nodes' own keys (moto's, in the nodes'
+    environment) reach the trials through the nodes' environment, never a runtime env."""
+    name = f"sec-{secrets.token_hex(3)}"
+    wd = tmp_path / "project"
+    for package in ("hpsweep", "trainers"):
+        shutil.copytree(REPO / package, wd / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (wd / "sweeps").mkdir()
+    sweep = {"name": name, "trainer": "sleep", "config": {"reports": 2, "sleep": 0.01},
+             "parameters": {"x": {"grid": [0.0, 1.0, 2.0]}}, "seeds": 1,
+             "metric": {"name": "loss", "mode": "min"}, "checkpoint": {"every": 1}}
+    (wd / "sweeps" / f"{name}.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+    planted = "sk" + secrets.token_urlsafe(30)
+    # 4: credential files in the project directory, each holding a unique value
+    in_files = "cf" + secrets.token_urlsafe(30)
+    for cred in (".env", "secrets.env", ".netrc", "id_rsa", ".aws/credentials", "hpsweep/.env"):
+        (wd / cred).parent.mkdir(parents=True, exist_ok=True)
+        (wd / cred).write_text(f"AWS_SECRET_ACCESS_KEY={in_files}\n")
+    env = {**os.environ, **ray_cluster.env, "AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8),
+           "AWS_SECRET_ACCESS_KEY": planted}
+    env.pop("RAY_AUTH_MODE")
+    bucket = moto_server.create_bucket()
+    out = subprocess.run(
+        [HPSWEEP, "submit", f"sweeps/{name}.yaml", "--address", ray_cluster.dashboard_url,
+         "--tracking-uri", mlflow_server.url, "--storage", f"s3://{bucket}/ckpt",
+         "--s3-endpoint", moto_server.url, "--follow"],
+        cwd=wd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "3 cells finished" in out.stdout, out.stdout[-3000:]
+    node_secret = moto_server.env["AWS_SECRET_ACCESS_KEY"]
+    roots = [*ray_cluster.temp_dirs, mlflow_server.process.log_path.parent]
+    assert not _files_containing(roots, [planted]), "the submitting shell's key reached the cluster"
+    packages = [p for d in ray_cluster.temp_dirs for p in d.rglob("_ray_pkg_*") if p.is_dir()]
+    assert any((p / "sweeps" / f"{name}.yaml").is_file() for p in packages), packages
+    shipped = _files_containing(roots, [in_files])
+    assert not shipped, f"credential files shipped with the job: {shipped}"
+    # the nodes' own key: never copied into a runtime environment (which the agents log)
+    agent_logs = [p for d in ray_cluster.temp_dirs for p in d.rglob("runtime_env_agent*.log")]
+    assert agent_logs
+    copied = re.compile(rb"AWS_(SECRET_ACCESS_KEY|ACCESS_KEY_ID|SESSION_TOKEN)\W{1,6}" + re.escape(node_secret.encode()))
+    leaks = [str(p) for p in agent_logs if copied.search(p.read_bytes())]
+    assert not leaks, f"the nodes' AWS keys were copied into runtime envs and logged: {leaks}"
+
+
+# --- 7: Ctrl-C during Ray's start-up leaves no run RUNNING -----------------------------------
+
+def test_ctrl_c_during_ray_start_up_leaves_no_run_running(tmp_path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    env = _hermetic(tmp_path)
+    path, name = _sweep(tmp_path, """
+        config: {reports: 2, sleep: 0.01}
+        parameters:
+          x: {grid: [0.0, 1.0]}
+    """)
+    ray_tmp = Path(env["RAY_TMPDIR"])
+    # Ctrl-C in a terminal: SIGINT to the whole foreground process group
+    proc = subprocess.Popen([HPSWEEP, "run", str(path), "--no-live"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(ray_tmp.glob("ray/session_*")):  # ray.init has begun
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "Ray never started"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # what the interrupted start left behind
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 130, out[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / '.hpsweep' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    roles = {r.data.tags.get("hpsweep.role") for r in runs}
+    assert roles == {"sweep"}, f"the interrupt came after the trials started: {roles}"
+    assert [r.info.status for r in runs] == ["KILLED"], out[-3000:]
+
+
+# --- 5: in-process Ray listens on loopback only ---------------------------------------------
+
+def _tree(root: int, marker: str) -> dict[int, str]:
+    """``root`` and its descendants, and every process whose command line names ``marker``
+    (this run's Ray temp dir): pid -> command name."""
+    parents, names, cmdlines = {}, {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdlines[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        name_end = stat.rindex(")")
+        names[int(entry.name)] = stat[stat.index("(") + 1:name_end]
+        parents[int(entry.name)] = int(stat[name_end + 2:].split()[1])
+    tree = {root}
+    changed = True
+    while changed:
+        new = {pid for pid, ppid in parents.items() if ppid in tree} - tree
+        changed = bool(new)
+        tree |= new
+    tree |= {pid for pid, cmd in cmdlines.items() if marker in cmd}
+    return {pid: cmdlines.get(pid, "").split(" ")[0] or names[pid] for pid in tree if pid in names}
+
+
+def _listening(pids: dict[int, str]) -> list[tuple[str, int, str]]:
+    """(address, port, process) of every TCP socket in LISTEN state that one of ``pids`` holds."""
+    import ipaddress
+
+    sockets: dict[str, tuple[str, int]] = {}
+    for table, family in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # LISTEN
+                continue
+            hex_ip, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_ip)
+            if family == 4:
+                ip = str(ipaddress.IPv4Address(raw[::-1]))
+            else:  # four little-endian 32-bit words
+                ip = str(ipaddress.IPv6Address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))))
+            sockets[fields[9]] = (ip, int(hex_port, 16))
+    found = []
+    for pid, name in pids.items():
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in sockets:
+                found.append((*sockets[target[8:-1]], name))
+    return sorted(set(found))
+
+
+def _is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def test_in_process_ray_listens_on_loopback_only(tmp_path) -> None:
+    import sqlite3
+
+    env = _hermetic(tmp_path)
+    path, name = _sweep(tmp_path, """
+        config: {reports: 200, sleep: 0.5}
+        parameters:
+          x: {grid: [0.0, 1.0]}
+    """)
+    ray_tmp = Path(env["RAY_TMPDIR"])
+    proc = subprocess.Popen([HPSWEEP, "run", str(path), "--no-live"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    db = tmp_path / ".hpsweep" / "mlflow.db"
+    try:
+        deadline = time.monotonic() + 240
+        while True:  # until both trials have opened their runs: every Ray process is up
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the trials never started"
+            if db.exists():
+                with contextlib.suppress(sqlite3.Error), contextlib.closing(sqlite3.connect(db, timeout=1)) as c:
+                    cells = c.execute("SELECT count(*) FROM tags WHERE key = 'hpsweep.role' "
+                                      "AND value = 'cell'").fetchone()[0]
+                    if cells >= 2:
+                        break
+            time.sleep(0.5)
+        time.sleep(2)
+        listening = _listening(_tree(proc.pid, str(ray_tmp)))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    names = " ".join(n for _, _, n in listening)
+    # not vacuous: Ray's servers, and the trials' workers, were found and listen
+    for server in ("gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::ImplicitFunc"):
+        assert server in names, f"{server} not among the listening processes: {listening}"
+    exposed = [s for s in listening if not _is_loopback(s[0])]
+    assert not exposed, f"listening beyond loopback: {exposed} (all: {listening})"
+
+
+# --- 9, 10: a failing trainer's error shown once, in its own terms; no retry that cannot help -
+
+def _run_failing(tmp_path: Path, body: str, name: str, trainer: str = "sleep") -> tuple[subprocess.CompletedProcess, str]:
+    env = _hermetic(tmp_path)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"name: {name}\ntrainer: {trainer}\n" + textwrap.dedent(body))
+    proc = subprocess.run([HPSWEEP, "run", str(path), "--no-live"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=400)
+    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    return proc, f"sqlite:///{tmp_path / '.hpsweep' / 'mlflow.db'}"
+
+
+def _cell_runs(uri: str, name: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    return client.search_runs([exp.experiment_id], "tags.`hpsweep.role` = 'cell'", max_results=100)
+
+
+def test_a_trainer_failing_on_every_cell_is_reported_once_in_its_own_terms(tmp_path) -> None:
+    name = f"fail-{secrets.token_hex(3)}"
+    proc, uri = _run_failing(tmp_path, """
+        metric: {name: loss, mode: min}
+        config: {reports: 3, sleep: 0.01, fail_at: 1}
+        parameters:
+          x: {grid: [0.0, 1.0, 2.0, 3.0]}
+        retries: 1
+    """, name)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    message = "InjectedFailure: fail_at=1: failing on purpose at report 1"
+    # once per distinct error (all four cells raise the same one), with the trainer's frame
+    assert out.count(f"failed (retried first), and 3 more cells with the same error:\n{message}") == 1, out
+    assert "trainers/sleep/__init__.py:" in out and "in train: raise InjectedFailure" in out
+    # no Ray traceback on the user's screen
+    assert "Traceback" not in out and "ray/tune" not in out and "RayTaskError" not in out, out
+    # each per-trial "failed" line carries the message
+    failed_lines = [line for line in out.splitlines() if " failed " in f" {line} " and line.startswith("[")]
+    assert len(failed_lines) == 4 and all(message in line for line in failed_lines), failed_lines
+    assert len(out.splitlines()) < 60, f"{len(out.splitlines())} lines:\n{out}"
+    # the full traceback is kept in each cell's run
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = _cell_runs(uri, name)
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FAILED"}
+    for run in runs:
+        assert run.data.tags["hpsweep.error"] == message
+        local = client.download_artifacts(run.info.run_id, "error.txt", str(tmp_path))
+        text = Path(local).read_text()
+        assert text.startswith("Traceback") and "trainers/sleep/__init__.py" in text and message in text
+
+
+def test_an_error_a_retry_cannot_fix_is_not_retried(tmp_path) -> None:
+    """A corpus directory without a training file: found by the trainer (it exists, so the
+    pre-launch check passes), a ValueError: each cell fails once although retries: 3."""
+    (tmp_path / "corpus").mkdir()
+    name = f"noretry-{secrets.token_hex(3)}"
+    proc, uri = _run_failing(tmp_path, f"""
+        metric: {{name: valid/bpc, mode: min}}
+        config: {{task: charlm, data: {tmp_path / 'corpus'}, cell: gru, hidden: 8, batch: 2,
+                  seq_len: 8, window: 8, steps: 4, eval_every: 2, eval_batches: 1, threads: 1}}
+        parameters:
+          lr: {{grid: [0.01, 0.001]}}
+        retries: 3
+    """, name, trainer="snap")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "expected one file named like *train* in the directory" in out
+    assert "retried first" not in out
+    runs = _cell_runs(uri, name)
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}
+    # one attempt per cell: the cell's run was opened once
+    attempts = [r.data.tags.get("hpsweep.attempts", "1") for r in runs]
+    assert attempts == ["1", "1"], attempts
+
+
+# --- 13: a sweep on a cluster refuses stores that would be lost -------------------------------
+
+def test_a_job_without_a_tracking_server_is_refused_on_the_cluster(ray_cluster, tmp_path) -> None:
+    """``submit`` with no flags, to nodes that set no MLFLOW_TRACKING_URI: the job itself
+    refuses (exit 2) instead of writing its runs into Ray's temporary package directory."""
+    name = f"lost-{secrets.token_hex(3)}"
+    wd = tmp_path / "project"
+    for package in ("hpsweep", "trainers"):
+        shutil.copytree(REPO / package, wd / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (wd / "sweeps").mkdir()
+    path, _ = _sweep(wd / "sweeps", """
+        config: {reports: 2, sleep: 0.01}
+        parameters:
+          x: {grid: [0.0, 1.0]}
+    """, name)
+    env = {**os.environ, **ray_cluster.env}
+    env.pop("RAY_AUTH_MODE")
+    for key in ("MLFLOW_TRACKING_URI", "HPSWEEP_STORAGE"):
+        env.pop(key, None)
+    out = subprocess.run([HPSWEEP, "submit", f"sweeps/{path.name}", "--address", ray_cluster.dashboard_url,
+                          "--follow"], cwd=wd, env=env, capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-3000:]
+    assert "runs go to $MLFLOW_TRACKING_URI as set on the cluster nodes" in text
+    assert "a sweep on a cluster must keep its runs and checkpoints where every node" in text, text[-3000:]
+    assert "Ray's temporary copy of the working directory" in text
+    assert "pass --tracking-uri http://MLFLOW-SERVER:5000" in text and "pass --storage s3://BUCKET/PREFIX" in text
+    assert "Traceback" not in text
+    assert "FAILED" in text
+    # nothing was tracked in the job's directory
+    for temp in ray_cluster.temp_dirs:
+        assert not [p for p in temp.rglob("mlflow.db") if "_ray_pkg_" in str(p)]
