@@ -255,7 +255,7 @@ def check_cluster_locations(tracking_uri: str | None, storage: str | None, *, wh
     ``where`` says why local paths are lost (the job's working directory, a node's disk).
     """
     problems = []
-    from hpsweep.tracking import DEFAULT_DIR
+    from hpsweep.store import DEFAULT_DIR
 
     tracking = local_tracking_path(tracking_uri) if tracking_uri else Path(DEFAULT_DIR).absolute() / "mlflow.db"
     if tracking is not None:
