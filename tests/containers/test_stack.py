@@ -306,3 +306,28 @@ def test_the_trainer_image_runs_a_trainer_alone(engine, images, tmp_path):
     lines = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line]
     assert lines and max(line.get("step", 0) for line in lines) == steps, lines[-2:]
     assert (out / "run" / "checkpoint.pt").stat().st_size > 0
+
+
+def test_the_cuda_dockerfile_builds_on_a_stand_in_base(engine, images, tmp_path):
+    """docker/Dockerfile.cuda, unchanged, on a stand-in of PyTorch's CUDA image (Python 3.11 and
+    torch 2.13.0, the CPU build): its base checks, the locked install without torch, the
+    project. The CUDA runtime itself cannot be pulled or run here."""
+    from dockerenv import CUDA_IMAGE
+
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    shutil.copy2(Path(__file__).parent / "standins" / "pytorch.Dockerfile", ctx / "Dockerfile")
+    builds, index = images["builds"], images["index"]
+    base = builds.build("hpsweep-ci/pytorch:2.13.0-standin", ctx / "Dockerfile", ctx,
+                        {"BASE_IMAGE": images["base"], "PIP_INDEX_URL": index.url})
+    builds.build(CUDA_IMAGE, REPO / "docker" / "Dockerfile.cuda", REPO,
+                 {"BASE_IMAGE": base, "PIP_INDEX_URL": index.url})
+    out = engine.docker("run", "--rm", "--network", "none", CUDA_IMAGE, "python", "-c",
+                        "import torch, ray, mlflow, hpsweep; print(torch.__version__, ray.__version__, "
+                        "mlflow.__version__, hpsweep.__version__)").stdout.split()
+    assert out[0].split("+")[0] == "2.13.0" and out[1:] == ["2.60.0", "3.17.2", "0.1.0"], out
+    # the base's torch was kept: one torch, the base's (pip did not replace it)
+    hist = engine.docker("history", "--no-trunc", "--format", "{{.CreatedBy}}", CUDA_IMAGE).stdout
+    assert "grep -v '^torch=='" in hist
+    assert engine.docker("run", "--rm", "--network", "none", CUDA_IMAGE, "hpsweep", "--version").stdout.strip() \
+        == "hpsweep 0.1.0"
