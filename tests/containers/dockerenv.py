@@ -246,6 +246,10 @@ def _dist_name(filename: str) -> str:
     return re.match(r"(.+?)-\d", filename).group(1)
 
 
+#: where the wheel index listens when it can (any 127.x address is this machine's loopback)
+INDEX_ADDRESS = ("127.77.0.1", 3141)
+
+
 class WheelIndex:
     """A PEP 503 ``simple`` index over a wheel directory, served on 127.0.0.1."""
 
@@ -267,8 +271,14 @@ class WheelIndex:
                             for n in files)
             (simple / name / "index.html").write_text(f"<html><body>\n{links}</body></html>\n")
         handler = functools.partial(_QuietHandler, directory=str(self.root))
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/simple"
+        # one fixed loopback address and port when free: the index URL is a build argument, and
+        # the engine's layer cache only hits when build arguments are the same as last time
+        try:
+            self.server = http.server.ThreadingHTTPServer(INDEX_ADDRESS, handler)
+        except OSError:
+            self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        host, port = self.server.server_address[:2]
+        self.url = f"http://{host}:{port}/simple"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
@@ -317,7 +327,7 @@ class Builds:
         for k, v in args.items():
             cmd += ["--build-arg", f"{k}={v}"]
         t0 = time.monotonic()
-        log(f"building {tag} ({dockerfile.relative_to(REPO)})")
+        log(f"building {tag} ({dockerfile.name})")
         out = run([*cmd, str(context)], env=self.engine.env, timeout=3000, check=False)
         self.seconds[tag] = time.monotonic() - t0
         if out.returncode != 0:
