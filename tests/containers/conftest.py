@@ -113,10 +113,10 @@ class Stack:
         rows = data["data"]["result"]["result"]
         return [n for n in rows if n.get("state") == "ALIVE"]
 
-    def wait_until_up(self, workers: int = 2, timeout: float = 600) -> float:
+    def wait_until_up(self, workers: int = 2, timeout: float = 1500) -> float:
         """Up with the override; waits for every health check and the workers' registration."""
         t0 = time.monotonic()
-        self.compose("up", "-d", "--no-build", "--pull", "never", timeout=timeout)
+        self.compose("up", "-d", "--no-build", "--pull", "never", timeout=timeout + 60)
         deadline = t0 + timeout
         last = ""
         while time.monotonic() < deadline:
@@ -131,8 +131,10 @@ class Stack:
             except (OSError, KeyError, ValueError) as exc:
                 last = repr(exc)
             time.sleep(2)
-        raise AssertionError(f"stack not up in {timeout} s: {last}\n"
-                             + self.compose("logs", "--tail", "30", check=False).stdout[-8000:])
+        logs = self.compose("logs", "--no-color", check=False).stdout
+        if CACHE.exists():
+            (CACHE / "last-stack.log").write_text(logs)
+        raise AssertionError(f"stack not up in {timeout} s: {last}\n{logs[-8000:]}")
 
     def states(self) -> dict[str, dict]:
         out = self.compose("ps", "-a", "--format", "json").stdout
@@ -169,6 +171,9 @@ def engine():
 @pytest.fixture(scope="session")
 def images(engine):
     """Every image of the stack, built here; the local package index they install from."""
+    # what earlier runs left behind on a cached data root: old builds of changed code
+    engine.docker("container", "prune", "-f", check=False)
+    engine.docker("image", "prune", "-f", check=False, timeout=900)
     t0 = time.monotonic()
     base = ensure_base_image(engine)
     TIMINGS["base_image_s"] = round(time.monotonic() - t0, 1)

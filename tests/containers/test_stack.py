@@ -194,7 +194,8 @@ def test_no_secret_in_images_or_runs_and_ports_on_loopback(stack):
         for text in (hist, env):
             assert not secretish.search(text), (image, secretish.search(text).group(0))
             assert not any(v in text for v in values)
-        found = stack.engine.docker("run", "--rm", "--entrypoint", "find", image, "/", "-xdev",
+        found = stack.engine.docker("run", "--rm", "--network", "none", "--entrypoint", "find", image,
+                                    "/", "-xdev",
                                     "(", "-name", ".env", "-o", "-name", "secrets.env", ")",
                                     timeout=300, check=False).stdout.split()
         assert found == [], (image, found)
