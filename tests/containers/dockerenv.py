@@ -157,6 +157,11 @@ class Engine:
             os.kill(pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
         self.proc = None
+        # dockerd leaves its network namespace bind-mounted under the exec root
+        for mount in Path("/proc/self/mounts").read_text().splitlines():
+            target = mount.split()[1]
+            if target.startswith(str(self.tmp) + "/"):
+                run(["umount", "-l", target], check=False)
         if self._lock is not None:
             self._lock.close()
 
