@@ -8,7 +8,7 @@ from pathlib import Path
 
 from k8s_tools import REPO
 
-__all__ = ["project_version", "pyproject_pins", "lock_pins", "IMAGE", "MLFLOW_IMAGE"]
+__all__ = ["project_version", "pyproject_pins", "lock_pins", "base_image", "IMAGE", "MLFLOW_IMAGE"]
 
 IMAGE = "ghcr.io/hpsweep/hpsweep"
 MLFLOW_IMAGE = "ghcr.io/hpsweep/mlflow"
@@ -40,3 +40,12 @@ def lock_pins(path: Path = REPO / "requirements.lock") -> dict[str, str]:
         if m:
             pins[m.group(1).lower()] = m.group(2)
     return pins
+
+
+def base_image(dockerfile_text: str) -> str:
+    """The image a Dockerfile builds FROM by default: ``FROM ${ARG}`` resolved to the ARG's default."""
+    ref = re.search(r"^FROM\s+(\S+)", dockerfile_text, re.M).group(1)
+    m = re.fullmatch(r"\$\{?(\w+)\}?", ref)
+    if m:
+        ref = re.search(rf"^ARG\s+{m.group(1)}=(\S+)", dockerfile_text, re.M).group(1)
+    return ref

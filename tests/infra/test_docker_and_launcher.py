@@ -80,14 +80,20 @@ def test_compose_stack_has_every_service_with_pinned_images(compose):
 
 
 def test_compose_ports_are_loopback_only_and_match_the_servers(compose):
-    published = {}
+    published, port_vars = {}, set()
     for name, svc in compose["services"].items():
         for p in svc.get("ports", []):
-            host, hport, cport = p.split(":")
-            assert host == "127.0.0.1", f"{name} publishes {p} on every interface"
-            published[name, int(cport)] = int(hport)
+            # 127.0.0.1:${VAR:-DEFAULT}:PORT -- the host port can be moved in docker/.env
+            m = re.fullmatch(r"([\d.]+):(?:\$\{(\w+):-(\d+)\}|(\d+)):(\d+)", p)
+            assert m, f"{name}: unexpected port mapping {p}"
+            assert m.group(1) == "127.0.0.1", f"{name} publishes {p} on every interface"
+            published[name, int(m.group(5))] = int(m.group(3) or m.group(4))
+            if m.group(2):
+                port_vars.add(m.group(2))
     assert published == {("minio", 9000): 9000, ("minio", 9001): 9001,
                          ("mlflow", 5000): 5000, ("ray-head", 8265): 8265}
+    # the port variables are documented in env.example
+    assert port_vars <= set(re.findall(r"^#?\s*(\w+)=", (DOCKER / "env.example").read_text(), re.M))
     head = " ".join(compose["services"]["ray-head"]["command"])
     assert "--dashboard-port=8265" in head and "--port=6379" in head
     assert "--address=ray-head:6379" in compose["services"]["ray-worker"]["command"]

@@ -7,7 +7,7 @@ import re
 
 import yaml
 from k8s_tools import REPO, containers, kustomize_build
-from pins import IMAGE, MLFLOW_IMAGE, lock_pins, project_version, pyproject_pins
+from pins import IMAGE, MLFLOW_IMAGE, base_image, lock_pins, project_version, pyproject_pins
 
 import hpsweep
 from hpsweep import render
@@ -45,8 +45,12 @@ def test_mlflow_image_and_server_match_the_mlflow_pin():
     for path in FILES:
         refs |= set(re.findall(rf"{re.escape(MLFLOW_IMAGE)}:[\w.-]+", path.read_text()))
     assert refs == {f"{MLFLOW_IMAGE}:{mlflow}"}
-    base = re.search(r"^FROM\s+(\S+)", (DOCKER / "Dockerfile.mlflow").read_text(), re.M).group(1)
-    assert base == f"ghcr.io/mlflow/mlflow:v{mlflow}"
+    # the server is installed at the pin, on the trainer image's Python, its dependencies locked
+    text = (DOCKER / "Dockerfile.mlflow").read_text()
+    assert base_image(text) == base_image((DOCKER / "Dockerfile").read_text())
+    assert "-c /tmp/requirements.lock -r /tmp/mlflow-requirements.txt" in text
+    reqs = (DOCKER / "mlflow-requirements.txt").read_text().split()
+    assert f"mlflow=={mlflow}" in reqs
 
 
 def test_dockerfiles_install_the_pinned_versions():
@@ -58,12 +62,12 @@ def test_dockerfiles_install_the_pinned_versions():
         assert f"HPSWEEP_VERSION={project_version()}" in text
     # the CUDA build takes torch from PyTorch's image, whose tag must be the pinned torch,
     # and keeps it (the lock's CPU wheel is filtered out)
-    base = re.search(r"^FROM\s+(\S+)", cuda, re.M).group(1)
+    base = base_image(cuda)
     assert base.startswith(f"pytorch/pytorch:{pins['torch']}-cuda") and base.endswith("-runtime")
     assert "grep -v '^torch=='" in cuda
     assert f"== '{pins['torch']}'" in cuda
     # Ray needs one Python on every node: the CPU base and the CUDA check name the same one
-    py = re.search(r"^FROM python:(\d+)\.(\d+)", cpu, re.M).groups()
+    py = re.fullmatch(r"python:(\d+)\.(\d+)\S*", base_image(cpu)).groups()
     assert f"sys.version_info[:2] == ({py[0]}, {py[1]})" in cuda
     requires = re.search(r'requires-python\s*=\s*">=(\d+)\.(\d+)"', (REPO / "pyproject.toml").read_text())
     assert tuple(map(int, py)) >= tuple(map(int, requires.groups()))
@@ -89,7 +93,7 @@ def test_no_image_floats():
     for path in FILES:
         text = path.read_text()
         if path.name.startswith("Dockerfile"):
-            images += re.findall(r"^FROM\s+(\S+)", text, re.M)
+            images.append(base_image(text))
         else:
             for doc in yaml.safe_load_all(text):
                 images += [c["image"] for c in containers(doc or {})]
