@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ContextManager, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -50,7 +50,7 @@ class Run(Protocol):
     def load_checkpoint(self) -> dict | None: ...
     def log_artifact(self, path: str) -> None: ...
     def data_path(self, uri: str) -> Path: ...
-    def output(self, name: str) -> ContextManager[Path]: ...
+    def output(self, name: str) -> contextlib.AbstractContextManager[Path]: ...
 
 
 @contextlib.contextmanager
@@ -167,7 +167,7 @@ class LocalRun:
                                     "stage that writes it first, with the same outputs directory)")
         return path
 
-    def output(self, name: str) -> ContextManager[Path]:
+    def output(self, name: str) -> contextlib.AbstractContextManager[Path]:
         def store(path: Path) -> None:
             target = self.outputs_dir / name.strip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
