@@ -78,11 +78,13 @@ class SweepOutcome:
 
 class _TuneRun:
     """The trainer's ``run`` inside a trial: MLflow through the cell's tracker, checkpoints in
-    the sweep's storage under the cell id, progress to Tune."""
+    the sweep's storage under the cell id, outputs in the storage's ``outputs/`` (logged as
+    artifacts too), progress to Tune."""
 
     def __init__(self, cell: Cell, storage: Storage, sweep: str, tracker: CellTracker,
-                 every: int, device, metric: str) -> None:
+                 every: int, device, metric: str, bases: list[str] | None = None) -> None:
         self.cell, self.storage, self.sweep, self.tracker = cell, storage, sweep, tracker
+        self.bases = bases or []   # where relative data paths resolve: the sweep's dir, the data root
         self.every = every
         self.device = device
         self.metric = metric
@@ -119,9 +121,30 @@ class _TuneRun:
         self.tracker.log_artifact(path)
 
     def data_path(self, uri: str):
-        from trainers.common.data import fetch
+        from pathlib import Path
 
-        return fetch(uri)
+        from trainers.common.data import default_cache_dir, fetch, locate, output_name
+
+        name = output_name(uri)
+        if name is None:
+            return fetch(locate(uri, [Path(b) for b in self.bases]))
+        path = self.storage.get_path(default_cache_dir() / "outputs", "outputs", *name.split("/"))
+        if path is None:
+            raise FileNotFoundError(f"{uri!r}: no output {name!r} in {self.storage.uri}/outputs "
+                                    "(run the sweep that writes it first, on the same --storage)")
+        return path
+
+    def output(self, name: str):
+        from trainers.common.run import staged_output
+
+        def store(path) -> None:
+            self.storage.put_path(path, "outputs", *name.strip("/").split("/"))
+            if path.is_dir():
+                self.tracker.client.log_artifacts(self.tracker.run_id, str(path), artifact_path=path.name)
+            else:
+                self.tracker.log_artifact(str(path))
+
+        return staged_output(name, store)
 
 
 #: errors a retry cannot fix (a missing file, a bad value, a bug): the trial fails at once
@@ -220,7 +243,8 @@ def _trial(tune_config: dict, context: dict) -> None:
                               TAG["node_id"]: runtime.get_node_id(),
                               TAG["trial"]: tune.get_context().get_trial_id() or ""},
                           write_checkpoint=lambda data: storage.write_bytes(data, *checkpoint_path))
-    run = _TuneRun(cell, storage, context["sweep"], tracker, context["every"], device, context["metric"])
+    run = _TuneRun(cell, storage, context["sweep"], tracker, context["every"], device, context["metric"],
+                   context.get("bases"))
     try:
         info.train(trainer_config, run)
     except SystemExit:
@@ -464,7 +488,7 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
         "trainer": spec.trainer, "sweep": spec.name, "tracking_uri": tracking_uri,
         "experiment_id": tracker.experiment_id, "parent_run_id": parent,
         "storage": storage.spec(), "every": spec.checkpoint.every, "cpus": spec.resources.cpus,
-        "metric": spec.metric.name, "optuna": optuna,
+        "metric": spec.metric.name, "optuna": optuna, "bases": spec.data_bases(),
         "cells": {c.id: c for c in pending},
     }
     search_alg = None

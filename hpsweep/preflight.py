@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -25,11 +24,7 @@ __all__ = [
     "local_tracking_path",
     "local_storage_path",
     "check_cluster_locations",
-    "DATA_FIELDS",
 ]
-
-#: config fields the trainers read data from (through ``run.data_path``): a local path or s3://
-DATA_FIELDS = ("data", "data_dir", "lm_checkpoint")
 
 #: database drivers MLflow's SQLAlchemy store needs, by URI scheme (``scheme+driver`` names one)
 _DB_DRIVERS = {
@@ -131,36 +126,6 @@ def check_local_storage(uri: str | None, flag: str = "--storage") -> None:
 
 # --- data ----------------------------------------------------------------------------------
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def _expand(value: str) -> str | None:
-    """``${VAR}`` / ``${VAR:-default}`` as the trainers expand them; None if a variable is unset
-    (the trainer reports that itself)."""
-    missing = False
-
-    def sub(match: re.Match) -> str:
-        nonlocal missing
-        got = os.environ.get(match.group(1))
-        if got:
-            return got
-        if match.group(2) is not None:
-            return match.group(2)
-        missing = True
-        return ""
-
-    out = _VAR.sub(sub, value)
-    return None if missing else out
-
-
-def _local_candidates(value: str, sweep_dir: Path) -> list[Path]:
-    path = Path(value).expanduser()
-    if path.is_absolute():
-        return [path]
-    project = Path(__file__).resolve().parents[1]
-    return [Path.cwd() / path, sweep_dir / path, project / path]
-
-
 def _s3_answers(uri: str) -> str | None:
     """None when ``s3://bucket/key`` names an object or a non-empty prefix, else why not."""
     import boto3
@@ -183,11 +148,19 @@ def _s3_answers(uri: str) -> str | None:
 
 
 def check_data(spec, sweep_path: str | Path) -> None:
-    """Every data location the sweep names (fixed config and swept values) exists: local paths
-    on this machine, ``s3://`` objects or prefixes in their bucket. Every problem at once."""
+    """Every data location the sweep names (fixed config and swept values of the fields its
+    trainer's Config marks as :class:`trainers.common.config.DataPath`) exists: local paths
+    under the sweep's bases (the sweep file's directory, the data root), ``s3://`` objects or
+    prefixes in their bucket. ``output:`` names are written by an earlier sweep and not checked
+    here. Every problem at once."""
+    from trainers import load_config
+    from trainers.common.config import DataPath, path_fields
+    from trainers.common.data import OUTPUT_SCHEME, check_location, expand_vars
+
     sweep_path = Path(sweep_path)
+    fields = [f for f, kind in path_fields(load_config(spec.trainer).Config).items() if kind is DataPath]
     values: dict[tuple[str, str], str] = {}
-    for field in DATA_FIELDS:
+    for field in fields:
         fixed = (spec.config or {}).get(field)
         if isinstance(fixed, str):
             values[(field, fixed)] = f"config.{field}"
@@ -195,24 +168,26 @@ def check_data(spec, sweep_path: str | Path) -> None:
         for value in _domain_values(domain):
             if isinstance(value, str):
                 values[(field, value)] = f"parameters.{field}"
+    bases = [Path(b) for b in spec.data_bases()]
     problems = []
     for (_field, raw), where in values.items():
-        value = _expand(raw)
-        if value is None:
+        try:
+            value = expand_vars(raw)
+        except ValueError:
+            continue  # the spec's own path check reports it with its line
+        if value.startswith(OUTPUT_SCHEME):
             continue
-        if value.startswith("file://"):
-            value = value[len("file://"):]
         if value.startswith("s3://"):
             why = _s3_answers(value)
             if why:
                 problems.append(f"{sweep_path}: {where}: {raw}: {why}; check the bucket and key "
                                 "(and AWS_ENDPOINT_URL)")
             continue
-        if "://" in value:
+        if "://" in value and not value.startswith("file://"):
             continue  # another scheme: the trainer decides
-        if not any(p.exists() for p in _local_candidates(value, sweep_path.resolve().parent)):
-            problems.append(f"{sweep_path}: {where}: {raw} does not exist (looked in "
-                            f"{Path.cwd()} and next to the sweep file); give an existing path or s3:// URI")
+        why = check_location(value, bases, must_exist=True)
+        if why:
+            problems.append(f"{sweep_path}: {where}: {why}")
     if problems:
         raise Unusable("\n".join(problems))
 

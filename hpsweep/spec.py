@@ -108,6 +108,15 @@ class SweepSpec(Model):
     claims: list[Claim] = Field(default_factory=list)
     # the validated points and configs, kept by load_spec for plan() (hpsweep.points)
     _points: Any = PrivateAttr(default=None)
+    # the sweep file's directory (relative data paths resolve under it or the data root)
+    _base_dir: Any = PrivateAttr(default=None)
+
+    @field_validator("name")
+    @classmethod
+    def _not_outputs(cls, v: str) -> str:
+        if v == "outputs":
+            raise ValueError("'outputs' is where the storage keeps run.output files; name the sweep otherwise")
+        return v
 
     @field_validator("variants", mode="before")
     @classmethod
@@ -147,6 +156,14 @@ class SweepSpec(Model):
         """A hash of the whole spec (what to run, not where): tags the sweep's parent run."""
         text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def data_bases(self) -> list[str]:
+        """Where relative data locations resolve, in order: the sweep file's directory, the data
+        root (:func:`trainers.common.data.data_root`); absolute, as the trial gets them."""
+        from trainers.common.data import data_root
+
+        base = Path(self._base_dir) if self._base_dir is not None else Path.cwd()
+        return [str(base.absolute()), str(data_root())]
 
     def swept_names(self) -> list[str]:
         """Every parameter name the sweep varies, in declaration order."""
@@ -271,11 +288,12 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise SpecError(source, [Problem(None, "", "no such file")]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(source, [Problem(None, "", f"cannot read the file: {exc}")]) from None
-    return load_spec_text(text, source)
+    return load_spec_text(text, source, path.parent)
 
 
-def load_spec_text(text: str, source: str = "<sweep>") -> SweepSpec:
-    """Like :func:`load_spec` for YAML text; ``source`` names it in messages."""
+def load_spec_text(text: str, source: str = "<sweep>", base_dir: str | Path | None = None) -> SweepSpec:
+    """Like :func:`load_spec` for YAML text; ``source`` names it in messages; relative data
+    paths resolve under ``base_dir`` (default: the current directory) or the data root."""
     loaded = load_yaml_text(text)
     problems = [Problem(p.line, p.path, p.message) for p in loaded.problems]
     if problems and loaded.data is None:
@@ -295,6 +313,7 @@ def load_spec_text(text: str, source: str = "<sweep>") -> SweepSpec:
             problems.append(Problem(loaded.line_of(loc), ".".join(map(str, loc)),
                                     _message(err, tuple(err["loc"]))))
         raise SpecError(source, problems) from None
+    spec._base_dir = Path(base_dir) if base_dir is not None else None
     problems += _check_against_trainer(spec, loaded)
     if problems:
         raise SpecError(source, problems)
@@ -356,9 +375,45 @@ def _check_against_trainer(spec: SweepSpec, loaded: LoadedYaml) -> list[Problem]
         if spec.variants or spec.exclude:
             add(("variants",) if spec.variants else ("exclude",),
                 "variants and exclude describe grids; optuna searches one space")
+    paths = _check_paths(spec, info.Config, swept, loaded)
     if problems:
-        return problems
-    return _check_configs(spec, info, swept, loaded)
+        return problems + paths
+    return _check_configs(spec, info, swept, loaded) + paths
+
+
+def _check_paths(spec: SweepSpec, config_cls: type, swept: dict[str, tuple], loaded: LoadedYaml) -> list[Problem]:
+    """The fields the trainer's Config marks as data locations stay where they may (absolute,
+    s3://, or under the sweep file's directory or the data root) and the output names are names,
+    for the fixed value and every swept one (``{seed}`` filled with each seed)."""
+    from trainers.common.config import OutputName, path_fields
+    from trainers.common.data import check_location, check_output_name
+
+    bases = [Path(b) for b in spec.data_bases()]
+    problems: list[Problem] = []
+    for name, kind in path_fields(config_cls).items():
+        places: list[tuple[tuple, Any]] = []
+        if name in spec.config:
+            places.append((("config", name), spec.config[name]))
+        if name in swept:
+            domains = [spec.parameters[name]] if name in spec.parameters else []
+            domains += [v[name] for v in spec.variants if name in v]
+            for domain in domains:
+                for value in domain.extremes() if domain.sampled else domain.values():
+                    places.append((swept[name], value))
+        seen: set[tuple] = set()
+        for where, value in places:
+            if not isinstance(value, str):
+                continue  # the type check reports it
+            for seed in spec.seed_list:
+                text = value.replace("{seed}", str(seed))
+                problem = (check_output_name(text) if kind is OutputName
+                           else check_location(text, bases, must_exist=False))
+                if problem and (where, problem) not in seen:
+                    seen.add((where, problem))
+                    problems.append(Problem(loaded.line_of(where), ".".join(map(str, where)), problem))
+                if "{seed}" not in value:
+                    break
+    return problems
 
 
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

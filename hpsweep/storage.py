@@ -5,6 +5,10 @@ checkpoints and Tune's state sit side by side under one root:
 
     <root>/<sweep>/cells/<cell id>/checkpoint.pt    the trainer's latest checkpoint
     <root>/<sweep>/tune/                            Ray Tune's experiment state
+    <root>/outputs/<name>                           files trainers write with ``run.output``
+
+Outputs are storage-wide, not per sweep: a stage-2 sweep reads (``output:NAME``) the model
+that a stage-1 sweep wrote on the same storage.
 
 Checkpoints are keyed by cell id, not by Tune's trial id, so a cell that died resumes from
 its checkpoint in this invocation (a retry) or a later one (a rerun of the spec, even with
@@ -68,6 +72,59 @@ class Storage:
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)
         self.fs.move(tmp, target)
+
+    def put_path(self, local: str | Path, *parts: str) -> None:
+        """Copy a local file, or a directory's files, to ``parts`` (each file written atomically)."""
+        local = Path(local)
+        if local.is_dir():
+            for file in sorted(p for p in local.rglob("*") if p.is_file()):
+                self.write_bytes(file.read_bytes(), *parts, *file.relative_to(local).parts)
+        else:
+            self.write_bytes(local.read_bytes(), *parts)
+
+    def local_path(self, *parts: str) -> Path | None:
+        """The path of ``parts`` on this node for a local storage (None for S3)."""
+        return None if self.is_s3 else Path(self.path(*parts))
+
+    def get_path(self, cache: str | Path, *parts: str) -> Path | None:
+        """A local copy of the file or directory at ``parts`` (None if there is none): a local
+        storage's own path; from S3, downloaded under ``cache``, each file again only when its
+        size or modification time changed (a rerun of the stage that wrote it)."""
+        local = self.local_path(*parts)
+        if local is not None:
+            return local if local.exists() else None
+        info = self.fs.get_file_info(self.path(*parts))
+        target = Path(cache).joinpath(self.root, *parts)
+        if info.type == pafs.FileType.File:
+            self._download(info, target)
+            return target
+        files = [i for i in self.fs.get_file_info(pafs.FileSelector(self.path(*parts), recursive=True,
+                                                                     allow_not_found=True))
+                 if i.type == pafs.FileType.File]
+        if not files:
+            return None
+        prefix = self.path(*parts).rstrip("/") + "/"
+        for i in files:
+            self._download(i, target / i.path[len(prefix):])
+        return target
+
+    def _download(self, info, target: Path) -> None:
+        mtime = info.mtime_ns
+        if target.exists() and target.stat().st_size == info.size and (
+                mtime is None or target.stat().st_mtime_ns == mtime):
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with self.fs.open_input_stream(info.path) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+            if mtime is not None:
+                os.utime(tmp, ns=(mtime, mtime))
+            os.replace(tmp, target)   # concurrent trials on one node never see half a file
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound

@@ -62,6 +62,9 @@ class CollectRun:
     def data_path(self, uri: str):
         raise NotImplementedError("the sleep trainer reads no data")
 
+    def output(self, name: str):
+        raise NotImplementedError("the sleep trainer writes no outputs")
+
 
 def run_sleep(config: Mapping) -> dict[str, list[tuple[int, float]]]:
     """Run the real sleep trainer on ``config`` (a resolved config dict) and collect its metrics."""

@@ -34,10 +34,11 @@ def test_the_list_covers_every_cpu_sized_sweep() -> None:
 def test_cpu_sweep_runs_end_to_end(name: str, mlflow_server, local_ray, tmp_path_factory, monkeypatch) -> None:
     from hpsweep.engine import run_sweep
 
-    monkeypatch.chdir(ROOT)  # sweeps name their data relative to the project (../shared/data)
+    monkeypatch.chdir(ROOT)  # the data root defaults to ../shared/data from here
     path = ROOT / "sweeps" / name
     spec = load_spec(path)
-    storage = tmp_path_factory.mktemp("storage")
+    # one storage for all: stage 2 of the LM reads the output stage 1 wrote there (outputs/)
+    storage = tmp_path_factory.getbasetemp() / "storage"
     outcome = run_sweep(spec, path.read_text(), tracking_uri=mlflow_server.url,
                         storage_uri=str(storage), live=False)
     cells = plan(spec)
@@ -47,3 +48,5 @@ def test_cpu_sweep_runs_end_to_end(name: str, mlflow_server, local_ray, tmp_path
     assert matrix.counts["done"] == len(cells), matrix.counts
     values = [r.metrics.get(spec.metric.name) for r in runs.cells.values()]
     assert all(v is not None for v in values), f"cells without {spec.metric.name}"
+    if name == "mbpa.lm-cpu-train.yaml":
+        assert (storage / "outputs" / "models" / "mbpa-lstm-brown-cpu.pt").is_file()

@@ -57,7 +57,7 @@ class StopAfter(LocalRun):
 
 
 def _run(tmp_path, name, values, out="run"):
-    run = LocalRun(tmp_path / out, device=CPU)
+    run = LocalRun(tmp_path / out, device=CPU, outputs_dir=tmp_path / "outputs")
     train(Config(**values), run)
     run.close()
     return [{k: v for k, v in row.items() if k != "time"} for row in run.history]
@@ -101,12 +101,12 @@ def test_seed_changes_the_numbers_and_prediction_never_trains(tmp_path):
 
 def test_lm_two_stages_match_one_stage(tmp_path):
     values = CASES["lm"]
-    model_file = tmp_path / "models" / "lstm.pt"
+    model_file = tmp_path / "outputs" / "models" / "lstm-0.pt"   # run.output: the outputs dir
     one = _run(tmp_path, "lm", values, "one")[-1]
-    stage1 = _run(tmp_path, "lm", dict(values, train_only=True, save_model_to=str(model_file)), "s1")
-    assert model_file.exists() and (tmp_path / "s1" / "artifacts" / "lstm.pt").exists()
+    stage1 = _run(tmp_path, "lm", dict(values, train_only=True, save_model_to="models/lstm-{seed}.pt"), "s1")
+    assert model_file.exists() and (tmp_path / "s1" / "artifacts" / "lstm-0.pt").exists()
     assert "valid/ppl_lstm" in stage1[-1] and "valid/ppl" not in stage1[-1]
-    two = _run(tmp_path, "lm", dict(values, lm_checkpoint=str(model_file)), "s2")
+    two = _run(tmp_path, "lm", dict(values, lm_checkpoint="output:models/lstm-{seed}.pt"), "s2")
     assert len(two) == 1
     for key in ("valid/ppl", "test/ppl", "valid/ppl_lstm", "test/ppl_lstm"):
         assert two[0][key] == pytest.approx(one[key], rel=1e-6), key

@@ -148,15 +148,28 @@ def test_byte_corpus_from_a_directory_of_splits(tmp_path):
         ByteCorpus.load(tmp_path)
 
 
-def test_relative_data_path_resolves_from_project_root(tmp_path, monkeypatch):
-    from trainers.snap.training import resolve_data
+def test_relative_data_path_resolves_under_the_data_root_not_elsewhere(tmp_path, monkeypatch):
+    """Standalone, a relative data path resolves under the current directory or the data root
+    and may not climb out: the trainer refuses ``../../../etc/passwd`` before reading it."""
+    from trainers.common.data import PathEscape
 
-    monkeypatch.chdir(tmp_path)  # a trial directory somewhere else
-    resolved = resolve_data("../shared/data/enwiki/enwiki-sample.xml.bz2")
-    assert Path(resolved).exists() or not ENWIKI.exists()
-    assert resolve_data("s3://bucket/key") == "s3://bucket/key"
-    assert resolve_data("no/such/file.txt") == "no/such/file.txt"
-
+    root = tmp_path / "root"
+    (root / "enwiki").mkdir(parents=True)
+    (root / "enwiki" / "tiny.txt").write_bytes(b"abcdefgh" * 400)
+    monkeypatch.setenv("HPSWEEP_DATA_ROOT", str(root))
+    monkeypatch.chdir(tmp_path / "root" / "enwiki")  # a trial directory somewhere else
+    run = LocalRun(tmp_path / "out", device=torch.device("cpu"))
+    assert run.data_path("enwiki/tiny.txt") == root / "enwiki" / "tiny.txt"   # the data root
+    assert run.data_path("tiny.txt") == Path.cwd() / "tiny.txt"                 # the current directory
+    with pytest.raises(PathEscape, match="climbs out"):
+        train(Config(task="charlm", data="../../../etc/passwd", steps=1, hidden=4, seq_len=8), run)
+    with pytest.raises(PathEscape, match="climbs out"):
+        run.data_path("enwiki/../../secret.txt")
+    with pytest.raises(FileNotFoundError, match="is not under"):
+        run.data_path("no/such/file.txt")
+    absolute = tmp_path / "root" / "enwiki" / "tiny.txt"
+    assert run.data_path(str(absolute)) == absolute   # absolute: the user's choice
+    run.close()
 
 def test_online_updates_mid_sequence(tmp_path):
     """update_every < window: several parameter updates per sequence, influence carried over."""

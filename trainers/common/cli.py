@@ -1,7 +1,10 @@
 """Run a trainer standalone: ``python -m trainers.NAME key=value ... [--out DIR]``.
 
 No Ray, no MLflow: a :class:`~trainers.common.run.LocalRun` writes ``metrics.jsonl`` and
-``checkpoint.pt`` under ``--out``; running the same command again resumes from it.
+``checkpoint.pt`` under ``--out``; running the same command again resumes from it. Outputs
+(``run.output``) go to ``--outputs`` (default ``OUT/outputs``): give two runs the same one to
+read what the first wrote as ``output:NAME``. Relative data paths resolve under the current
+directory or the data root and may not climb out of them (checked before anything runs).
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from trainers.common.config import build_config, config_fields, parse_text
+from trainers.common.config import OutputName, build_config, config_fields, parse_text, path_fields
+from trainers.common.data import check_location, check_output_name, standalone_bases
 from trainers.common.run import LocalRun
 
 __all__ = ["main"]
@@ -28,6 +32,8 @@ def main(name: str, config_cls: type, train: Callable[[Any, Any], None], argv: S
     )
     parser.add_argument("options", nargs="*", metavar="key=value")
     parser.add_argument("--out", default=None, help="output directory (default runs/NAME-TIME)")
+    parser.add_argument("--outputs", default=None,
+                        help="where run.output files go and output:NAME reads from (default OUT/outputs)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
@@ -43,8 +49,20 @@ def main(name: str, config_cls: type, train: Callable[[Any, Any], None], argv: S
         for p in problems:
             print(f"error: {p.field or name}: {p.message}", file=sys.stderr)
         return 2
+    bases = standalone_bases()
+    for field, kind in path_fields(config_cls).items():
+        value = getattr(config, field)
+        if isinstance(value, str):
+            value = value.replace("{seed}", str(getattr(config, "seed", 0)))
+            problem = (check_output_name(value) if kind is OutputName
+                       else check_location(value, bases, must_exist=False))
+            if problem:
+                problems.append(f"error: {field}: {problem}")
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 2
     out = args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = LocalRun(out, echo=True)
+    run = LocalRun(out, echo=True, outputs_dir=args.outputs, bases=bases)
     print(f"{name}: {config}\nwriting to {out}", flush=True)
     try:
         train(config, run)

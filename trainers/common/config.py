@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 __all__ = ["ConfigProblem", "STRICT", "adapter", "build_config", "config_fields", "parse_text",
-           "trusted", "display_name"]
+           "trusted", "display_name", "DataPath", "OutputName", "path_fields"]
 
 #: the pydantic settings of every trainer Config (set on the class by :func:`adapter`)
 STRICT = {"strict": True, "extra": "forbid"}
@@ -37,6 +37,32 @@ STRICT = {"strict": True, "extra": "forbid"}
 class ConfigProblem:
     field: str      # the offending key ("" for a problem of the whole config)
     message: str
+
+
+class DataPath:
+    """Marks a Config field as a location the trainer reads (``Annotated[str | None, DataPath]``):
+    an absolute path or ``s3://`` URI as given, a relative path under the sweep file's directory
+    or the data root (never climbing out of it), or ``output:NAME``, a file an earlier run wrote
+    through ``run.output``. hpsweep checks these before launching; ``run.data_path`` resolves
+    them. See :mod:`trainers.common.data`."""
+
+
+class OutputName:
+    """Marks a Config field as the name of an output the trainer writes through
+    ``run.output(name)`` (``Annotated[str | None, OutputName]``): a relative name such as
+    ``models/lstm.pt``, never a path; where it lands is the run's business."""
+
+
+@functools.cache
+def path_fields(config_cls: type) -> dict[str, type]:
+    """Field name -> :class:`DataPath` or :class:`OutputName`, for the fields the Config marks."""
+    hints = typing.get_type_hints(config_cls, include_extras=True)
+    out: dict[str, type] = {}
+    for f in dataclasses.fields(config_cls):
+        for meta in getattr(hints[f.name], "__metadata__", ()):
+            if meta in (DataPath, OutputName):
+                out[f.name] = meta
+    return out
 
 
 @functools.cache

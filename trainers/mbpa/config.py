@@ -9,7 +9,9 @@ comment says so.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Annotated, Literal
+
+from trainers.common.config import DataPath, OutputName
 
 __all__ = ["Config", "METRICS"]
 
@@ -41,7 +43,7 @@ class Config:
     method: Method = "mbpa"
 
     # --- data (None: required by the experiment that reads it) -------------------------------
-    data_dir: str | None = None          # MNIST IDX files (gz or not), or PTB-format token files
+    data_dir: Annotated[str | None, DataPath] = None  # MNIST IDX files (gz or not), or PTB-format token files
     lm_prefix: str = "ptb"               # LM files: {data_dir}/{prefix}.{train,valid,test}.txt
     # incremental: "image_folder" reads data_dir/{train,test}/<class name>/<images> (sorted class
     # names are the labels), converted to image_channels (1 grey, 3 RGB) and resized to
@@ -109,9 +111,13 @@ class Config:
     lambda_cache: float = 0.15
     lambda_mbpa: float = 0.1
     cache_theta: float = 0.3             # neural cache flatness (Grave et al. 2017 use ~0.3 on PTB)
-    lm_checkpoint: str | None = None     # a model file from a `train_only` run: skip training
+    # a model file from a `train_only` run (output:NAME, or a data path): skip training;
+    # {seed} stands for the run's seed
+    lm_checkpoint: Annotated[str | None, DataPath] = None
     train_only: bool = False             # stage 1: train the LSTM, save it, skip the memory eval
-    save_model_to: str | None = None     # where stage 1 writes the model (path or s3:// URI)
+    # the output name stage 1 writes the model to (run.output: the sweep's storage, outputs/NAME);
+    # {seed} stands for the run's seed
+    save_model_to: Annotated[str | None, OutputName] = None
 
     # --- reporting ---------------------------------------------------------------------------
     report_every: int = 100              # LM training updates between reports

@@ -1,9 +1,8 @@
 """Data loaders for the original formats: MNIST IDX files, image folders and PTB-style token files.
 
 Every location goes through ``run.data_path(uri)``, so a local directory and an ``s3://``
-prefix work alike. A relative local path that does not exist from the current directory is
-tried against the project root too: Ray may run a trial in its own working directory, while
-sweep files name data relative to the checkout (``../shared/data/mnist``).
+prefix work alike, and a relative path resolves where the run says (under the sweep file's
+directory or the data root, see :mod:`trainers.common.data`), never against this checkout.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import re
 import struct
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -20,33 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainers.common.data import default_cache_dir
+from trainers.common.data import default_cache_dir, expand_vars
 
-__all__ = ["PROJECT_ROOT", "resolve_uri", "read_idx", "load_mnist", "IMAGE_SUFFIXES", "scan_image_folder",
+__all__ = ["resolve_uri", "read_idx", "load_mnist", "IMAGE_SUFFIXES", "scan_image_folder",
            "load_image_folder", "load_images", "Corpus", "load_corpus"]
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def resolve_uri(uri: str) -> str:
-    """Expand ``${VAR}`` / ``${VAR:-default}`` and ``~``; anchor a missing relative path at the project root."""
-    def sub(match: re.Match) -> str:
-        value = os.environ.get(match.group(1))
-        if value:
-            return value
-        if match.group(2) is not None:
-            return match.group(2)
-        raise ValueError(f"{uri!r}: environment variable {match.group(1)} is not set")
-
-    uri = _VAR.sub(sub, uri)
-    if uri.startswith("s3://") or uri.startswith("file://"):
-        return uri
-    path = Path(uri).expanduser()
-    if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
-        path = PROJECT_ROOT / path
-    return str(path)
+    """Expand ``${VAR}`` / ``${VAR:-default}`` (the run resolves the rest: ``run.data_path``)."""
+    return expand_vars(uri)
 
 
 def _dir_uri(uri: str) -> str:
@@ -89,7 +69,7 @@ def load_mnist(run, data_dir: str | None) -> dict[str, torch.Tensor]:
     """MNIST as float images in [0, 1] flattened to 784 and int64 labels: train_x, train_y, test_x, test_y."""
     if data_dir is None:
         raise ValueError("data_dir is required: a directory (or s3:// prefix) holding the MNIST IDX files, "
-                         "e.g. data_dir=../shared/data/mnist")
+                         "e.g. data_dir=mnist (under the data root)")
     directory = Path(run.data_path(_dir_uri(resolve_uri(data_dir))))
     out = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
@@ -271,7 +251,7 @@ def load_corpus(run, data_dir: str | None, prefix: str, train_tokens: int | None
     if data_dir is None:
         raise ValueError("data_dir is required for experiment=lm: a directory (or s3:// prefix) holding "
                          "PTB-format files PREFIX.train.txt, PREFIX.valid.txt, PREFIX.test.txt, "
-                         "e.g. data_dir=../shared/data/brown lm_prefix=brown")
+                         "e.g. data_dir=brown lm_prefix=brown (under the data root)")
     base = resolve_uri(data_dir).rstrip("/")
     texts = {}
     for split in ("train", "valid", "test"):

@@ -8,16 +8,16 @@ chunk are the memory plus the chunk itself, and each query sees only the candida
 position p satisfies t - N <= p < t.
 
 Two stages, for a grid over evaluation options that must not retrain per cell: a run with
-``train_only=true save_model_to=PATH`` trains the LSTM and writes a model file (also logged as
-an artifact); runs with ``lm_checkpoint=PATH`` load it and only evaluate. A run with neither
-trains and evaluates in one go.
+``train_only=true save_model_to=NAME`` trains the LSTM and writes a model file through
+``run.output(NAME)`` (the sweep's storage, also logged as an artifact); runs with
+``lm_checkpoint=output:NAME`` (or any data location) load it and only evaluate. A run with
+neither trains and evaluates in one go. ``{seed}`` in either stands for the run's seed, so that
+a stage-1 sweep over seeds writes one LSTM per seed and stage 2 replicates over those models.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from trainers.common.run import safe_load
 from trainers.common.seeding import rng_state, seed_everything, set_rng_state
 from trainers.mbpa.config import Config
-from trainers.mbpa.data import PROJECT_ROOT, Corpus, load_corpus, resolve_uri
+from trainers.mbpa.data import Corpus, load_corpus
 from trainers.mbpa.lm_adapt import cache_probs, mixture_log_probs, softmax_explicit, softmax_sgd_correction
 from trainers.mbpa.memory import EpisodicMemory, kernel_weights, knn
 from trainers.mbpa.models import LSTMLM
@@ -123,35 +123,22 @@ def evaluate_with_memory(model: LSTMLM, ids: torch.Tensor, cfg: Config) -> tuple
     return math.exp(nll_mix / n), math.exp(nll_lstm / n)
 
 
-def save_model(model: LSTMLM, corpus: Corpus, cfg: Config, uri: str) -> Path:
-    """Write the model file (weights, sizes, vocabulary) to a local path or an s3:// URI."""
+def seeded(text: str, cfg: Config) -> str:
+    """``text`` with ``{seed}`` replaced by the run's seed (one model file per seed)."""
+    return text.replace("{seed}", str(cfg.seed))
+
+
+def save_model(run, model: LSTMLM, corpus: Corpus, cfg: Config, name: str) -> None:
+    """Write the model file (weights, sizes, vocabulary) as the run's output ``name``."""
     blob = {"state_dict": model.state_dict(), "words": corpus.words,
             "sizes": {"embed": cfg.lm_embed, "hidden": cfg.lm_hidden, "layers": cfg.lm_layers}}
-    uri = resolve_uri(uri)
-    if uri.startswith("s3://"):
-        import boto3
-
-        from trainers.common.data import split_s3
-
-        fd, tmp = tempfile.mkstemp(suffix=".pt")
-        os.close(fd)
-        torch.save(blob, tmp)
-        bucket, key = split_s3(uri)
-        boto3.client("s3").upload_file(tmp, bucket, key)
-        return Path(tmp)
-    path = Path(uri)
-    if not path.is_absolute():   # the project root, not a Ray trial's working directory
-        path = PROJECT_ROOT / path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)   # readers never see half a file
-    return path
+    with run.output(name) as path:
+        torch.save(blob, path)
 
 
 def load_model(run, uri: str, corpus: Corpus, device: torch.device) -> LSTMLM:
     """Load a model file written by :func:`save_model`; its vocabulary must match the corpus."""
-    path = Path(run.data_path(resolve_uri(uri)))
+    path = Path(run.data_path(uri))
     blob = safe_load(path, device, what=f"lm_checkpoint {uri!r}")
     if blob["words"] != corpus.words:
         raise ValueError(f"lm_checkpoint {uri!r} was trained on a different vocabulary "
@@ -175,7 +162,7 @@ def train_lm(cfg: Config, run) -> None:
     ckpt = run.load_checkpoint() or {}
     results: dict[str, float] = dict(ckpt.get("results", {}))
     if cfg.lm_checkpoint is not None:
-        model = load_model(run, cfg.lm_checkpoint, corpus, device)
+        model = load_model(run, seeded(cfg.lm_checkpoint, cfg), corpus, device)
         step = 0
     else:
         model = LSTMLM(corpus.vocab_size, cfg.lm_embed, cfg.lm_hidden, cfg.lm_layers, cfg.lm_dropout).to(device)
@@ -223,8 +210,7 @@ def train_lm(cfg: Config, run) -> None:
                                      "results": results})
                 run.report(step, **metrics)
         if cfg.save_model_to is not None and not results.get("saved"):
-            local = save_model(model, corpus, cfg, cfg.save_model_to)
-            run.log_artifact(str(local))
+            save_model(run, model, corpus, cfg, seeded(cfg.save_model_to, cfg))
             results["saved"] = 1.0
     if cfg.train_only:
         run.report(step, **{"valid/ppl_lstm": evaluate_lstm(model, ids["valid"]),

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Literal
+from typing import Annotated, Literal
+
+from trainers.common.config import DataPath
 
 __all__ = ["Config", "METRICS", "parse_method"]
 
@@ -61,7 +63,7 @@ class Config:
     beta2: float = 0.999
     adam_eps: float = 1e-8
     # charlm
-    data: str | None = None           # text file (.bz2/.gz read directly) or directory of *train*,
+    data: Annotated[str | None, DataPath] = None  # text file (.bz2/.gz read directly) or directory of *train*,
                                       # *valid*, *test* files; local path or s3:// URI (prefix/)
     seq_len: int = 128                # length of the random crops
     valid_fraction: float = 0.05      # the bytes' last 2 x this fraction: valid, then test

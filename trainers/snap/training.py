@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,7 @@ from trainers.snap.gradients import bptt_window
 from trainers.snap.influence import Online
 from trainers.snap.tasks import COPY_INPUTS, ByteCorpus, Curriculum, copy_batch
 
-__all__ = ["evaluate", "resolve_data", "train", "train_step"]
+__all__ = ["evaluate", "train", "train_step"]
 
 LN2 = math.log(2.0)
 
@@ -90,17 +89,6 @@ def evaluate(model: SparseRNN, inputs: torch.Tensor, targets: torch.Tensor) -> f
     return nats / max(count, 1) / LN2
 
 
-def resolve_data(uri: str) -> str:
-    """A relative local path that does not exist from the working directory is tried from the
-    project root too: sweep files name ``../shared/data/...`` while trial processes may run
-    elsewhere (Ray Tune starts trials in their own directories)."""
-    path = Path(uri)
-    if "://" in uri or path.is_absolute() or path.exists():
-        return uri
-    from_root = Path(__file__).resolve().parents[2] / path
-    return str(from_root) if from_root.exists() else uri
-
-
 def train(config: Config, run) -> None:
     """Train per ``config``, reporting through ``run`` every ``eval_every`` steps and at the end."""
     if config.threads:
@@ -111,7 +99,7 @@ def train(config: Config, run) -> None:
     generator = torch.Generator().manual_seed(config.seed + 1_000_003)  # data and UORO's noise
     corpus = None
     if config.task == "charlm":
-        corpus = ByteCorpus.load(run.data_path(resolve_data(config.data)), config.valid_fraction,
+        corpus = ByteCorpus.load(run.data_path(config.data), config.valid_fraction,
                                  min_length=config.seq_len + 1)
         inputs_dim = outputs_dim = ByteCorpus.VOCAB
     else:
