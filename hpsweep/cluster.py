@@ -191,16 +191,12 @@ def _named_files(spec: Any, root: Path, sweep_dir: Path) -> list[Path]:
         if isinstance(value, str):
             values.append(value)
     for domain in (spec.parameters or {}).values():
-        for attr in ("values", "choice"):
-            got = getattr(domain, attr, None)
-            got = got() if callable(got) else got
-            if isinstance(got, (list, tuple)):
-                values.extend(v for v in got if isinstance(v, str))
+        values.extend(v for v in domain.extremes() if isinstance(v, str))
     found = []
     for value in values:
         if "://" in value or not value.strip():
             continue
-        for base in (root, sweep_dir):
+        for base in (sweep_dir, root):
             path = (base / value).resolve()
             if path.exists() and path.is_relative_to(root) and path != root:
                 found.append(path)

@@ -251,9 +251,10 @@ def test_the_job_ships_an_allow_list_without_credentials(project, capsys):
         (project / name).write_text(text)
     (project / "sweeps" / "named.txt").write_text("data")
     snap = (root / "sweeps" / "snap.charlm-cpu.yaml").read_text()
-    original = "../shared/data/enwiki/enwiki-sample.xml.bz2"
+    original = "enwiki/enwiki-sample.xml.bz2"
     assert original in snap
-    (project / "sweeps" / "s.yaml").write_text(snap.replace(original, "sweeps/named.txt"))
+    # a relative data path resolves next to the sweep file
+    (project / "sweeps" / "s.yaml").write_text(snap.replace(original, "named.txt"))
     sub = cluster.build_submission(Path("sweeps/s.yaml"), tracking_uri="http://mlflow:5000",
                                    storage="s3://b/p")
     shipped = Path(sub["runtime_env"]["working_dir"])

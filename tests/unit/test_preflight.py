@@ -83,12 +83,12 @@ def test_storage_that_cannot_be_written(sweep, capsys, where, expected) -> None:
 
 def test_missing_local_data_refused_before_launch(sweep, capsys) -> None:
     text = (ROOT / "sweeps" / "snap.charlm-cpu.yaml").read_text()
-    assert "data: ../shared/data/enwiki/enwiki-sample.xml.bz2" in text
+    assert "data: enwiki/enwiki-sample.xml.bz2" in text
     bad = sweep.parent / "snap.yaml"
-    bad.write_text(text.replace("../shared/data/enwiki/enwiki-sample.xml.bz2", "no/such/corpus.bz2"))
+    bad.write_text(text.replace("enwiki/enwiki-sample.xml.bz2", "no/such/corpus.bz2"))
     db = sweep.parent / "m.db"
     _refused(capsys, ["run", str(bad), "--tracking-uri", f"sqlite:///{db}"],
-             f"{bad}: config.data: no/such/corpus.bz2 does not exist")
+             f"{bad}: config.data: 'no/such/corpus.bz2' is not under {bad.parent}")
     assert not db.exists()
 
 
@@ -101,7 +101,7 @@ def test_missing_s3_data_refused_before_launch(sweep, capsys, monkeypatch) -> No
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     text = (ROOT / "sweeps" / "snap.charlm-cpu.yaml").read_text()
     bad = sweep.parent / "snap.yaml"
-    bad.write_text(text.replace("../shared/data/enwiki/enwiki-sample.xml.bz2", "s3://nobucket/corpus.bz2"))
+    bad.write_text(text.replace("enwiki/enwiki-sample.xml.bz2", "s3://nobucket/corpus.bz2"))
     _refused(capsys, ["run", str(bad), "--tracking-uri", f"sqlite:///{sweep.parent / 'm.db'}"],
              f"{bad}: config.data: s3://nobucket/corpus.bz2:")
 
