@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run test test-fast test-slow bench browser clean venv
+.PHONY: run test test-fast test-slow bench browser clean venv reproduce
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,6 +40,25 @@ test-slow: $(STAMP) browser
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+# The reproductions (sweeps/repro/): each sweep run (resumable: finished cells are skipped), its
+# report written to docs/reproductions/<sweep>/, then the claims table of docs/reproductions/README.md
+# and README.md regenerated. A subset: make reproduce SWEEPS="snap.copy mbpa.lm".
+# NICE="nice -n 10" on a shared machine. With a venv elsewhere: make reproduce VENV=/path/to/venv
+REPRO_ALL := $(basename $(notdir $(wildcard sweeps/repro/*.yaml)))
+SWEEPS    ?= $(REPRO_ALL)
+NICE      ?=
+reproduce: $(STAMP)
+	@for s in $(SWEEPS); do test -f sweeps/repro/$$s.yaml || { \
+	    echo "make reproduce: no sweep sweeps/repro/$$s.yaml; SWEEPS names some of: $(REPRO_ALL)" >&2; exit 2; }; done
+	@export PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}"; \
+	for s in $(SWEEPS); do \
+	    echo "== reproduce $$s"; start=$$(date +%s); \
+	    $(NICE) $(BIN)/hpsweep run sweeps/repro/$$s.yaml --no-live || exit $$?; \
+	    $(BIN)/python docs/reproductions/index.py provenance $$s --wall $$(( $$(date +%s) - start )) || exit $$?; \
+	    $(BIN)/hpsweep report sweeps/repro/$$s.yaml --out docs/reproductions/$$s || exit $$?; \
+	done; \
+	$(BIN)/python docs/reproductions/index.py index
 
 clean:
 	rm -rf .hpsweep runs
