@@ -43,7 +43,8 @@ bench: $(STAMP)
 
 # The reproductions (sweeps/repro/): each sweep run (resumable: finished cells are skipped), its
 # report written to docs/reproductions/<sweep>/, then the claims table of docs/reproductions/README.md
-# and README.md regenerated. A subset: make reproduce SWEEPS="snap.copy mbpa.lm".
+# and README.md regenerated. A subset: make reproduce SWEEPS="snap.copy mbpa.lm". A sweep with a
+# stage 1 in sweeps/repro/pre/ (the MbPA LM's LSTMs) runs it first.
 # NICE="nice -n 10" on a shared machine. With a venv elsewhere: make reproduce VENV=/path/to/venv
 REPRO_ALL := $(basename $(notdir $(wildcard sweeps/repro/*.yaml)))
 SWEEPS    ?= $(REPRO_ALL)
@@ -54,6 +55,7 @@ reproduce: $(STAMP)
 	@export PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}"; \
 	for s in $(SWEEPS); do \
 	    echo "== reproduce $$s"; start=$$(date +%s); \
+	    if test -f sweeps/repro/pre/$$s.yaml; then $(NICE) $(BIN)/hpsweep run sweeps/repro/pre/$$s.yaml --no-live || exit $$?; fi; \
 	    $(NICE) $(BIN)/hpsweep run sweeps/repro/$$s.yaml --no-live || exit $$?; \
 	    $(BIN)/python docs/reproductions/index.py provenance $$s --wall $$(( $$(date +%s) - start )) || exit $$?; \
 	    $(BIN)/hpsweep report sweeps/repro/$$s.yaml --out docs/reproductions/$$s || exit $$?; \

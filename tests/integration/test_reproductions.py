@@ -4,8 +4,9 @@ its report judges every claim (any verdict): the claim wiring cannot rot.
 The miniature is the sweep file with its trainer config overridden to seconds (``SHRINK``), two
 seeds (claims need two replicates a side to be judged at all) and only the first value of each
 parameter the selection protocol tunes (``over``): the same groups, claims and metrics, far
-fewer cells. Then ``hpsweep run`` and ``hpsweep report`` against a private SQLite store, and
-the claims table read back by docs/reproductions/index.py.
+fewer cells. Then ``hpsweep run`` (a stage 1 in sweeps/repro/pre/ first, as make reproduce
+does) and ``hpsweep report`` against a private SQLite store, and the claims table read back by
+docs/reproductions/index.py.
 """
 
 from __future__ import annotations
@@ -35,16 +36,21 @@ SHRINK = {
     "mbpa.lm": {"lm_max_steps": 4, "lm_train_tokens": 5000, "lm_eval_tokens": 300, "report_every": 2,
                 "memory_size": 100, "neighbours": 16},
 }
+#: model files (stage 1 writes, stage 2 reads) go to the test's own directory
+MODEL_PATHS = ("save_model_to", "lm_checkpoint")
 
 
 def test_every_reproduction_has_a_miniature():
     assert set(SHRINK) == {p.stem for p in REPRO.glob("*.yaml")}
 
 
-def miniature(name: str) -> str:
-    doc = yaml.safe_load((REPRO / f"{name}.yaml").read_text())
+def miniature(path: Path, name: str, tmp_path: Path) -> str:
+    doc = yaml.safe_load(path.read_text())
     doc["name"] = doc["name"] + "-mini"
     doc["config"].update(SHRINK[name])
+    for key in MODEL_PATHS:
+        if key in doc["config"]:
+            doc["config"][key] = str(tmp_path / "models" / Path(doc["config"][key]).name)
     doc["seeds"] = 2
     tuned = set((doc.get("selection") or {}).get("over", []))
     for block in [doc.get("parameters") or {}] + list(doc.get("variants") or []):
@@ -59,7 +65,8 @@ def miniature(name: str) -> str:
 @pytest.mark.parametrize("name", sorted(SHRINK))
 def test_reproduction_miniature_runs_and_judges_its_claims(name, tmp_path):
     spec_path = tmp_path / f"{name}.yaml"
-    spec_path.write_text(miniature(name))
+    spec_path.write_text(miniature(REPRO / f"{name}.yaml", name, tmp_path))
+    pre = REPRO / "pre" / f"{name}.yaml"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            "HPSWEEP_STORAGE": str(tmp_path / "storage")}
@@ -68,6 +75,12 @@ def test_reproduction_miniature_runs_and_judges_its_claims(name, tmp_path):
         return subprocess.run([sys.executable, "-m", "hpsweep.cli", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=900)
 
+    if pre.exists():  # stage 1 first, as make reproduce does
+        pre_path = tmp_path / f"pre-{name}.yaml"
+        pre_path.write_text(miniature(pre, name, tmp_path))
+        stage1 = cli("run", str(pre_path), "--no-live")
+        assert stage1.returncode == 0, stage1.stdout[-3000:] + stage1.stderr[-3000:]
+        assert list((tmp_path / "models").glob("*seed*.pt"))
     run = cli("run", str(spec_path), "--no-live")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = tmp_path / "report"

@@ -39,8 +39,14 @@ def test_one_sweep_per_claim_family():
     assert {p.stem for p in REPRO.glob("*.yaml")} == FAMILIES
 
 
+def test_every_stage_one_belongs_to_a_reproduction():
+    assert {p.stem for p in (REPRO / "pre").glob("*.yaml")} <= FAMILIES
+
+
 def test_reproduction_sweeps_validate():
-    result = hpsweep("validate", *sorted(str(p) for p in REPRO.glob("*.yaml")))
+    files = sorted(str(p) for p in REPRO.glob("*.yaml")) + sorted(str(p) for p in (REPRO / "pre").glob("*.yaml"))
+    assert len(files) > len(FAMILIES)  # the MbPA LM's stage 1 too
+    result = hpsweep("validate", *files)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

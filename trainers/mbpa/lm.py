@@ -10,7 +10,8 @@ position p satisfies t - N <= p < t.
 Two stages, for a grid over evaluation options that must not retrain per cell: a run with
 ``train_only=true save_model_to=PATH`` trains the LSTM and writes a model file (also logged as
 an artifact); runs with ``lm_checkpoint=PATH`` load it and only evaluate. A run with neither
-trains and evaluates in one go.
+trains and evaluates in one go. ``{seed}`` in either path stands for the run's seed, so that a
+stage-1 sweep over seeds writes one LSTM per seed and stage 2 replicates over those models.
 """
 
 from __future__ import annotations
@@ -122,6 +123,11 @@ def evaluate_with_memory(model: LSTMLM, ids: torch.Tensor, cfg: Config) -> tuple
     return math.exp(nll_mix / n), math.exp(nll_lstm / n)
 
 
+def seeded(uri: str, cfg: Config) -> str:
+    """``uri`` with ``{seed}`` replaced by the run's seed (one model file per seed)."""
+    return uri.replace("{seed}", str(cfg.seed))
+
+
 def save_model(model: LSTMLM, corpus: Corpus, cfg: Config, uri: str) -> Path:
     """Write the model file (weights, sizes, vocabulary) to a local path or an s3:// URI."""
     blob = {"state_dict": model.state_dict(), "words": corpus.words,
@@ -174,7 +180,7 @@ def train_lm(cfg: Config, run) -> None:
     ckpt = run.load_checkpoint() or {}
     results: dict[str, float] = dict(ckpt.get("results", {}))
     if cfg.lm_checkpoint is not None:
-        model = load_model(run, cfg.lm_checkpoint, corpus, device)
+        model = load_model(run, seeded(cfg.lm_checkpoint, cfg), corpus, device)
         step = 0
     else:
         model = LSTMLM(corpus.vocab_size, cfg.lm_embed, cfg.lm_hidden, cfg.lm_layers, cfg.lm_dropout).to(device)
@@ -222,7 +228,7 @@ def train_lm(cfg: Config, run) -> None:
                                      "results": results})
                 run.report(step, **metrics)
         if cfg.save_model_to is not None and not results.get("saved"):
-            local = save_model(model, corpus, cfg, cfg.save_model_to)
+            local = save_model(model, corpus, cfg, seeded(cfg.save_model_to, cfg))
             run.log_artifact(str(local))
             results["saved"] = 1.0
     if cfg.train_only:
