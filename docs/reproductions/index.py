@@ -145,6 +145,7 @@ def parse_claims(report_md: str) -> list[dict]:
         if len(cells) != len(header):
             raise ValueError(f"claims row with {len(cells)} cells, header has {len(header)}: {line!r}")
         row = dict(zip(header, cells))
+        row["verdict"] = row["verdict"].strip("*_ ")  # hpsweep report sets it in bold
         if row["verdict"] not in VERDICTS:
             raise ValueError(f"claim {row['claim']!r}: verdict {row['verdict']!r} is none of {VERDICTS}")
         rows.append(row)

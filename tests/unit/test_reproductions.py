@@ -111,7 +111,7 @@ def test_parse_claims_refuses_what_is_not_a_claims_table():
         index.parse_claims("## Claims\n\n| claim | statement | verdict | evidence |\n|---|---|---|---|\n"
                            "| a | b (Table 1) | maybe | x |\n")
     rows = index.parse_claims("## Claims\n\np\n\n| claim | statement | verdict | evidence |\n|---|---|---|---|\n"
-                              "| a | b \\| c (Table 1) | not reproduced | m=1: 2 ± 0.1 (n=3/3) |\n\n## Figures\n")
+                              "| a | b \\| c (Table 1) | **not reproduced** | m=1: 2 ± 0.1 (n=3/3) |\n\n## Figures\n")
     assert rows == [{"claim": "a", "statement": "b | c (Table 1)", "verdict": "not reproduced",
                      "evidence": "m=1: 2 ± 0.1 (n=3/3)"}]
     assert index._source(rows[0]["statement"]) == ("b | c", "Table 1")
