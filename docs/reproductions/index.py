@@ -156,8 +156,15 @@ def parse_claims(report_md: str) -> list[dict]:
 
 def _source(statement: str) -> tuple[str, str]:
     """``'text (Figure 2)'`` -> ``('text', 'Figure 2')`` (hpsweep appends the claim's source)."""
-    m = re.match(r"^(.*)\s\(([^()]*)\)$", statement)
-    return (m.group(1), m.group(2)) if m else (statement, "")
+    text = statement.rstrip()
+    if not text.endswith(")"):
+        return statement, ""
+    depth = 0
+    for i in range(len(text) - 1, -1, -1):  # the balanced parenthetical at the end
+        depth += {")": 1, "(": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[:i].rstrip(), text[i + 1:-1]
+    return statement, ""
 
 
 # -- the index -------------------------------------------------------------------------------------

@@ -115,3 +115,5 @@ def test_parse_claims_refuses_what_is_not_a_claims_table():
     assert rows == [{"claim": "a", "statement": "b | c (Table 1)", "verdict": "not reproduced",
                      "evidence": "m=1: 2 ± 0.1 (n=3/3)"}]
     assert index._source(rows[0]["statement"]) == ("b | c", "Table 1")
+    assert index._source("long patterns (Figure 3 (Copy task))") == ("long patterns", "Figure 3 (Copy task)")
+    assert index._source("no source") == ("no source", "")
