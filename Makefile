@@ -56,8 +56,9 @@ reproduce: $(STAMP)
 	for s in $(SWEEPS); do \
 	    echo "== reproduce $$s"; start=$$(date +%s); \
 	    if test -f sweeps/repro/pre/$$s.yaml; then $(NICE) $(BIN)/hpsweep run sweeps/repro/pre/$$s.yaml --no-live || exit $$?; fi; \
-	    $(NICE) $(BIN)/hpsweep run sweeps/repro/$$s.yaml --no-live || exit $$?; \
-	    $(BIN)/python docs/reproductions/index.py provenance $$s --wall $$(( $$(date +%s) - start )) || exit $$?; \
+	    $(NICE) $(BIN)/hpsweep run sweeps/repro/$$s.yaml --no-live; rc=$$?; \
+	    $(BIN)/python docs/reproductions/index.py provenance $$s --wall $$(( $$(date +%s) - start )) --exit-code $$rc || exit $$?; \
+	    test $$rc = 0 || exit $$rc; \
 	    $(BIN)/hpsweep report sweeps/repro/$$s.yaml --out docs/reproductions/$$s || exit $$?; \
 	done; \
 	$(BIN)/python docs/reproductions/index.py index

@@ -1,7 +1,8 @@
 """The reproduction reports' bookkeeping, run by ``make reproduce`` (never edit its output by hand).
 
 ``python docs/reproductions/index.py provenance SWEEP --wall SECONDS``
-    appends one ``hpsweep run`` of ``sweeps/repro/SWEEP.yaml`` to
+    appends one ``hpsweep run`` of ``sweeps/repro/SWEEP.yaml`` (``--exit-code``: also one that
+    failed or was interrupted, so that the wall time counts every sitting) to
     ``docs/reproductions/SWEEP/provenance.json``: the code version (git sha, ``+dirty``), the
     machine (host, CPU model and count, memory, OS, Python, PyTorch) and its wall time.
 
@@ -75,12 +76,13 @@ def machine() -> dict:
     return info
 
 
-def record_provenance(sweep: str, wall_s: float, out_root: Path = HERE) -> Path:
+def record_provenance(sweep: str, wall_s: float, out_root: Path = HERE, exit_code: int = 0) -> Path:
     path = out_root / sweep / "provenance.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     data = json.loads(path.read_text()) if path.exists() else {"sweep": sweep, "runs": []}
     data["runs"].append({"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                         "wall_s": round(float(wall_s), 1), "code_version": code_version(),
+                         "wall_s": round(float(wall_s), 1), "exit_code": int(exit_code),
+                         "code_version": code_version(),
                          "machine": machine()})
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
@@ -97,7 +99,8 @@ def provenance_md(data: dict) -> str:
         m = r["machine"]
         where = (f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB, {m.get('os')}, "
                  f"Python {m.get('python')}, PyTorch {m.get('torch', '?')} (host {m.get('host')})")
-        lines.append(f"| {r['finished']} | {r['wall_s'] / 60:.1f} min | Code version `{r['code_version']}` | {where} |")
+        status = "" if not r.get("exit_code") else f" (exit {r['exit_code']}: resumed later)"
+        lines.append(f"| {r['finished']} | {r['wall_s'] / 60:.1f} min{status} | Code version `{r['code_version']}` | {where} |")
     return "\n".join(lines) + "\n"
 
 
@@ -224,13 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("provenance", help="record one `hpsweep run` of a reproduction sweep")
     p.add_argument("sweep")
     p.add_argument("--wall", type=float, required=True, help="its wall time in seconds")
+    p.add_argument("--exit-code", type=int, default=0, help="its exit code (an interrupted run counts too)")
     sub.add_parser("index", help="provenance into the reports, the claims table into the READMEs")
     args = parser.parse_args(argv)
     if args.command == "provenance":
         if not (SWEEPS / f"{args.sweep}.yaml").exists():
             print(f"error: no reproduction sweep sweeps/repro/{args.sweep}.yaml", file=sys.stderr)
             return 2
-        print(record_provenance(args.sweep, args.wall))
+        print(record_provenance(args.sweep, args.wall, exit_code=args.exit_code))
         return 0
     try:
         rows = write_index()
