@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run lint test test-fast test-slow test-containers docker-engine bench browser clean venv
+.PHONY: run lint test test-fast test-slow test-containers docker-engine bench browser clean venv reproduce
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -58,6 +58,30 @@ test-containers: docker-engine
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+# The reproductions (sweeps/repro/): each sweep run (resumable: finished cells are skipped), its
+# report written to docs/reproductions/<sweep>/, then the claims table of docs/reproductions/README.md
+# and README.md regenerated; docs/reproductions/_family/ holds them all on one page (one claims
+# table, `hpsweep report A.yaml B.yaml ...`). A subset: make reproduce SWEEPS="snap.copy mbpa.lm". A sweep with a
+# stage 1 in sweeps/repro/pre/ (the MbPA LM's LSTMs) runs it first.
+# NICE="nice -n 10" on a shared machine. With a venv elsewhere: make reproduce VENV=/path/to/venv
+REPRO_ALL := $(basename $(notdir $(wildcard sweeps/repro/*.yaml)))
+SWEEPS    ?= $(REPRO_ALL)
+NICE      ?=
+reproduce: $(STAMP)
+	@for s in $(SWEEPS); do test -f sweeps/repro/$$s.yaml || { \
+	    echo "make reproduce: no sweep sweeps/repro/$$s.yaml; SWEEPS names some of: $(REPRO_ALL)" >&2; exit 2; }; done
+	@export PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}"; \
+	for s in $(SWEEPS); do \
+	    echo "== reproduce $$s"; start=$$(date +%s); \
+	    if test -f sweeps/repro/pre/$$s.yaml; then $(NICE) $(BIN)/hpsweep run sweeps/repro/pre/$$s.yaml --no-live || exit $$?; fi; \
+	    $(NICE) $(BIN)/hpsweep run sweeps/repro/$$s.yaml --no-live; rc=$$?; \
+	    $(BIN)/python docs/reproductions/index.py provenance $$s --wall $$(( $$(date +%s) - start )) --exit-code $$rc || exit $$?; \
+	    test $$rc = 0 || exit $$rc; \
+	    $(BIN)/hpsweep report sweeps/repro/$$s.yaml --out docs/reproductions/$$s || exit $$?; \
+	done; \
+	$(BIN)/hpsweep report $(addprefix sweeps/repro/,$(addsuffix .yaml,$(SWEEPS))) --out docs/reproductions/_family || exit $$?; \
+	$(BIN)/python docs/reproductions/index.py index
 
 clean:
 	rm -rf .hpsweep runs

@@ -113,6 +113,22 @@ def test_lm_two_stages_match_one_stage(tmp_path):
     assert one["valid/ppl"] != one["valid/ppl_lstm"]
 
 
+def test_lm_model_file_per_seed(tmp_path):
+    """``{seed}`` in save_model_to / lm_checkpoint: one LSTM per seed, each stage-2 run loads its own."""
+    values = CASES["lm"]
+    for seed in (0, 1):
+        _run(tmp_path, "lm", dict(values, seed=seed, train_only=True, save_model_to="models/lstm-{seed}.pt"),
+             f"s1-{seed}")
+    outputs = tmp_path / "outputs" / "models"
+    assert (outputs / "lstm-0.pt").exists() and (outputs / "lstm-1.pt").exists()
+    two = [_run(tmp_path, "lm", dict(values, seed=seed, lm_checkpoint="output:models/lstm-{seed}.pt"),
+                f"s2-{seed}")[0] for seed in (0, 1)]
+    one = [_run(tmp_path, "lm", dict(values, seed=seed), f"one-{seed}")[-1] for seed in (0, 1)]
+    for a, b in zip(two, one):
+        assert a["test/ppl_lstm"] == pytest.approx(b["test/ppl_lstm"], rel=1e-6)
+    assert two[0]["test/ppl_lstm"] != two[1]["test/ppl_lstm"]
+
+
 def test_config_validation_messages(tmp_path):
     _, problems = build_config(Config, {"alpha": -1.0, "neighbours": 0})
     assert problems and "alpha must be >= 0, got alpha=-1.0" in problems[0].message

@@ -70,17 +70,18 @@ CASES = ([(cell, density, B) for cell in ("gru", "lstm") for density in (1.0, 0.
          + [("lstm", 0.4, 8), ("gru", 0.4, 32)])
 
 
+@pytest.mark.parametrize("pattern", ["jacobian", "unit"])
 @pytest.mark.parametrize("cell,density,B", CASES)
-def test_native_equals_eager(cell, density, B, lib, monkeypatch):
+def test_native_equals_eager(cell, density, B, pattern, lib, monkeypatch):
     """Gradients (and the influence left at the end) of the C loops equal the eager path's,
     through windows, steps without a loss and ignored targets; batch 3 runs the generic loop,
-    8, 16, 32 their vectorised ones."""
+    8, 16, 32 their vectorised ones; both of SnAp's patterns (they differ on the LSTM)."""
     monkeypatch.setattr(snap1, "GRU_DELAY", 1)  # the dense GRU too (it keeps delayed updates otherwise)
     model, x, y = problem(cell, density, B)
-    fast, _ = run(model, x, y)
+    fast, _ = run(model, x, y, online=Online(model, "snap1", B, pattern=pattern))
     assert (fast.snap1.native is not None) == (lib is not None)
     eager(monkeypatch)
-    slow, _ = run(model, x, y)
+    slow, _ = run(model, x, y, online=Online(model, "snap1", B, pattern=pattern))
     assert slow.snap1.native is None and slow._native is None
     assert rel_err(fast.gradients(), slow.gradients()) < 1e-12
     assert torch.allclose(fast.influence(), slow.influence(), rtol=1e-12, atol=1e-15)

@@ -51,6 +51,7 @@ class Config:
     seed: int = 0
     task: Literal["copy", "charlm"] = "charlm"
     method: str = "snap1"
+    snap_pattern: Literal["jacobian", "unit"] = "jacobian"  # SnAp-n's kept entries (LSTM); see influence.py
     cell: Literal["gru", "lstm"] = "gru"
     hidden: int = 128
     sparsity: float = 0.0
@@ -85,6 +86,8 @@ class Config:
                      "curriculum_window", "max_length"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {name}={getattr(self, name)}")
+        if self.snap_pattern not in ("jacobian", "unit"):
+            problems.append(f"snap_pattern must be jacobian or unit, got snap_pattern={self.snap_pattern!r}")
         if not 0.0 <= self.sparsity < 1.0:
             problems.append(f"sparsity must be in [0, 1), got sparsity={self.sparsity}")
         if not self.lr > 0:

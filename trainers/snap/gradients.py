@@ -42,7 +42,8 @@ def bptt_window(model: SparseRNN, inputs: torch.Tensor, targets: torch.Tensor, w
 def sequence_gradient(model: SparseRNN, inputs: torch.Tensor, targets: torch.Tensor, method: str, *,
                       weights: torch.Tensor | None = None, window: int | None = None,
                       state: torch.Tensor | None = None,
-                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                      generator: torch.Generator | None = None,
+                      pattern: str = "jacobian") -> dict[str, torch.Tensor]:
     """Gradient of ``sum_t sum_b weights[t, b] * CE(step t)`` w.r.t. every parameter of ``model``.
 
     ``inputs (T, B, I)`` (e.g. one-hot), ``targets (T, B)`` class ids (``< 0``: no loss);
@@ -50,7 +51,8 @@ def sequence_gradient(model: SparseRNN, inputs: torch.Tensor, targets: torch.Ten
     ``snapN`` or ``uoro`` (random signs from ``generator``). With ``window = k`` the sequence
     is cut every ``k`` steps: BPTT truncates its backward pass there, the online methods reset
     their influence; the state itself is carried across. Returns ``{name: gradient}`` shaped
-    like ``model.named_parameters()``.
+    like ``model.named_parameters()``. ``pattern``: SnAp's kept entries (``jacobian`` or
+    ``unit``, see :mod:`trainers.snap.influence`).
     """
     kind, _ = parse_method(method)
     T, B = targets.shape
@@ -69,7 +71,7 @@ def sequence_gradient(model: SparseRNN, inputs: torch.Tensor, targets: torch.Ten
                 if g is not None:
                     total[name] += g
         return total
-    online = Online(model, method, B, generator)
+    online = Online(model, method, B, generator, pattern=pattern)
     weights_eff = model.effective()
     with torch.no_grad():
         for t in range(T):

@@ -25,6 +25,15 @@ index for the immediate Jacobian.
   zero): ``J (H, B, R * c, m)``, R the largest reach (padded with an all-zero dummy unit):
   sparse storage, of size |theta| x reach rather than |theta| x H. Its update is one batched
   product with the ``(R c) x (R c)`` sub-blocks of ``D``.
+- The pattern (``pattern``): ``jacobian`` (the default, as the authors' code) keeps, per state
+  component, exactly the entries that are structurally nonzero after n steps of the core:
+  ``P_1`` = the pattern of the immediate Jacobian, ``P_n = P_1 | struct(D) P_{n-1}``. An LSTM's
+  output gate does not touch its unit's cell state within a step, so SnAp-1 drops the (c_u,
+  output-gate parameter of u) entries, and SnAp-n drops the cell states reached only through
+  an output gate. ``unit`` keeps every state component of every reached unit (a superset).
+  The GRU has one component: the two coincide. SnAp-1 drops its entries in
+  :mod:`trainers.snap.snap1` (the C loops too); SnAp-n multiplies J by the kept pattern after
+  every step (:func:`pattern_keep`).
 - RTRL keeps everything: ``J (B, S, H, m)``, ``S = H * c``; one batched ``D @ J`` a step.
 - UORO (Tallec & Ollivier, 2017) keeps a rank-one estimate ``s~ theta~^T`` of J, per example,
   refreshed with random signs; its gradient estimate is unbiased.
@@ -41,7 +50,7 @@ from trainers.snap.cells import Jacobian, SparseRNN
 from trainers.snap.config import parse_method
 from trainers.snap.snap1 import Snap1, native_library
 
-__all__ = ["Online", "parse_method", "reach_rows"]
+__all__ = ["IMMEDIATE", "PATTERNS", "Online", "parse_method", "pattern_keep", "reach_rows"]
 
 def reach_rows(adjacency: torch.Tensor, n: int) -> torch.Tensor:
     """Units kept by SnAp-n for the parameters of each unit: ``(H, R)``, self first, padded with H.
@@ -65,6 +74,37 @@ def reach_rows(adjacency: torch.Tensor, n: int) -> torch.Tensor:
     return torch.tensor([r + [H] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
+#: SnAp's sparsity patterns (see the module docstring)
+PATTERNS = ("jacobian", "unit")
+#: structurally nonzero ``d s'[u, k] / d preactivation[u, gate]`` (component x gate), and of the
+#: own-unit block ``E`` (component x component): the LSTM's output gate never reaches c
+IMMEDIATE = {"gru": ((1, 1, 1),), "lstm": ((1, 1, 1, 1), (1, 1, 1, 0))}
+OWN_BLOCK = {"gru": ((1,),), "lstm": ((0, 1), (0, 1))}
+
+
+def pattern_keep(model: SparseRNN, n: int) -> torch.Tensor:
+    """The ``jacobian`` pattern of SnAp-n from the masks (never from values): ``P (S, H, G)``,
+    ``P[u' * c + k, u, g]``: the state component (u', k) keeps the influence of the parameters
+    of unit u, gate g. ``P_1`` is the immediate Jacobian's pattern, ``P_n = P_1 | D P_{n-1}``
+    with D's structure: E on the own unit, the recurrent products into the h columns."""
+    H, c, G = model.hidden, model.components, model.gates
+    imm = torch.tensor(IMMEDIATE[model.cell], dtype=torch.float64)  # (c, G)
+    mask_u = (model.mask_u.detach().cpu() != 0).to(torch.float64)  # (G, i, j)
+    D = torch.zeros(H, c, H, c, dtype=torch.float64)
+    D[..., 0] = torch.einsum("kg,gij->ikj", imm, mask_u)
+    D += torch.einsum("ij,kl->ikjl", torch.eye(H, dtype=torch.float64),
+                      torch.tensor(OWN_BLOCK[model.cell], dtype=torch.float64))
+    D = (D.reshape(H * c, H * c) > 0).to(torch.float64)
+    P1 = torch.einsum("iu,kg->ikug", torch.eye(H, dtype=torch.float64), imm).reshape(H * c, H, G)
+    P = P1.clone()
+    for _ in range(n - 1):
+        grown = ((P1 + (D @ P.reshape(H * c, H * G)).reshape_as(P)) > 0).to(torch.float64)
+        if torch.equal(grown, P):
+            break
+        P = grown
+    return P > 0
+
+
 class Online:
     """Carries an influence and accumulates the gradient of a sequence loss, one step at a time.
 
@@ -74,9 +114,13 @@ class Online:
     accumulation (after a parameter update). Everything runs under ``torch.no_grad``.
     """
 
-    def __init__(self, model: SparseRNN, method: str, batch: int, generator: torch.Generator | None = None) -> None:
+    def __init__(self, model: SparseRNN, method: str, batch: int, generator: torch.Generator | None = None,
+                 pattern: str = "jacobian") -> None:
         self.model, self.method, self.batch = model, method, batch
         self.kind, self.order = parse_method(method)
+        if pattern not in PATTERNS:
+            raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
+        self.pattern = pattern
         if self.kind == "bptt":
             raise ValueError("bptt is not an online method; use trainers.snap.gradients.bptt_window")
         self.generator = generator
@@ -102,13 +146,24 @@ class Online:
         cols_a = torch.cat([model.cols_w, torch.full((self.G, H, 1), I, dtype=torch.long, device=p.device)], -1)
         self._csr = [(torch.arange(0, self.G * H * k + 1, k, device=p.device), cols.reshape(-1), size)
                      for k, cols, size in zip(nnz, (cols_a, model.cols_u), (I + 1, H))]
-        self.snap1, self._native = None, None
+        self.snap1, self._native, self.keep = None, None, None
+        jacobian = self.kind == "snap" and pattern == "jacobian"
         if self.kind == "snap" and self.order == 1:
-            self.snap1 = Snap1(batch, H, self.G, c, self.nW + 1, self.nU, self._opts, dense=self.dense)
+            # the own unit's (component, gate) entries that the pattern drops (LSTM: (c, o))
+            drop = [] if not jacobian else [(k, g) for k, row in enumerate(IMMEDIATE[model.cell])
+                                            for g, kept in enumerate(row) if not kept]
+            self.snap1 = Snap1(batch, H, self.G, c, self.nW + 1, self.nU, self._opts, dense=self.dense, drop=drop)
             self._native = native_library(self._opts)  # the forward step in C (the influence: Snap1)
         if self.kind == "snap" and self.order >= 2:
             rows = reach_rows(model.recurrent_adjacency(), self.order)  # (H, R)
             self.state_rows = (rows[..., None] * c + torch.arange(c)).flatten(1).to(p.device)  # (H, R c)
+            if jacobian:  # the unit pattern's rows hold the jacobian pattern: mask within them
+                P = torch.nn.functional.pad(pattern_keep(model, self.order), (0, 0, 0, 0, 0, c))  # dummy rows
+                idx = self.state_rows.cpu()
+                keep = P[idx, torch.arange(H)[:, None]]  # (H, R c, G)
+                if not bool(keep.all()):
+                    keep = keep[..., None].expand(H, idx.shape[1], self.G, self.n).reshape(H, 1, idx.shape[1], self.m)
+                    self.keep = keep.to(**self._opts)
         self.reset_influence()
         self.zero_grad()
 
@@ -271,6 +326,8 @@ class Online:
             Dsub = D[:, idx[:, :, None], idx[:, None, :]].transpose(0, 1)  # (H, B, Rc, Rc)
             self.J = Dsub @ self.J
             self._add_immediate(self.J[:, :, :c], jac, V)
+            if self.keep is not None:
+                self.J.mul_(self.keep)
         elif self.kind == "rtrl":
             B, S, H, m = self.J.shape
             self.J = torch.bmm(model.full_D(jac, U), self.J.view(B, S, H * m)).view(B, S, H, m)

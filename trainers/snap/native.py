@@ -157,7 +157,7 @@ def _build() -> ctypes.CDLL | None:
             fn = getattr(lib, f"snap1_step_{dt}_c1{suffix}"), getattr(lib, f"snap1_step_{dt}_c2{suffix}")
             for f in fn:
                 f.restype = None
-                f.argtypes = [i] * 6 + [p] * 14 + [i, i]
+                f.argtypes = [i] * 6 + [p] * 14 + [i, i, i]
     for dt in ("f32", "f64"):
         for suffix in ["", *(f"_b{b}" for b in BATCHES)]:
             fn = getattr(lib, f"snap1_csr_{dt}{suffix}")
@@ -189,18 +189,20 @@ def step(lib: ctypes.CDLL, c: int, B: int, H: int, G: int, nA: int, nB: int, JA:
          JB: torch.Tensor, E: torch.Tensor, mA: torch.Tensor, mB: torch.Tensor, udiag: torch.Tensor,
          srcA: torch.Tensor, colsA: torch.Tensor | None, srcB: torch.Tensor, colsB: torch.Tensor | None,
          eps: torch.Tensor | None, epsc: torch.Tensor | None, gA: torch.Tensor, gB: torch.Tensor,
-         threads: int = 1) -> None:
+         ckeep: int = -1, threads: int = 1) -> None:
     """Run the kernel in place on contiguous CPU tensors of one dtype (float32 or float64).
 
     Shapes as in :data:`SOURCE` (``J`` parts ``(c, H, G, nP, B)``, sources transposed to
-    ``(columns, B)``, ``cols`` int32 or None). With ``threads > 1`` the units are split
-    between threads.
+    ``(columns, B)``, ``cols`` int32 or None). ``ckeep``: bit g set keeps the cell-state (c)
+    row of gate g's entries (LSTM); a clear bit holds it at zero (SnAp's ``jacobian`` pattern
+    drops the output gate's). With ``threads > 1`` the units are split between threads.
     """
     name = (f"snap1_step_{'f32' if JA.dtype == torch.float32 else 'f64'}_c{c}"
             + (f"_b{B}" if B in BATCHES else ""))
     fn = getattr(lib, name)
     args = (c, B, H, G, nA, nB, _ptr(JA), _ptr(JB), _ptr(E), _ptr(mA), _ptr(mB), _ptr(udiag),
-            _ptr(srcA), _ptr(colsA), _ptr(srcB), _ptr(colsB), _ptr(eps), _ptr(epsc), _ptr(gA), _ptr(gB))
+            _ptr(srcA), _ptr(colsA), _ptr(srcB), _ptr(colsB), _ptr(eps), _ptr(epsc), _ptr(gA), _ptr(gB),
+            int(ckeep))
     if threads <= 1:
         fn(*args, 0, H)
         return

@@ -104,8 +104,14 @@ class Snap1:
     SCALE_RANGE = {torch.float32: (1e-12, 1e12), torch.float64: (1e-100, 1e100)}
 
     def __init__(self, batch: int, hidden: int, gates: int, components: int, nA: int, nB: int,
-                 opts: dict, dense: bool = False) -> None:
+                 opts: dict, dense: bool = False, drop: list[tuple[int, int]] | tuple = ()) -> None:
         self.B, self.H, self.G, self.c = batch, hidden, gates, components
+        # (component, gate) entries of the own unit held at zero (the ``jacobian`` pattern: an
+        # LSTM's output gate has no immediate influence on c); the C loops drop c rows only
+        self.drop = [tuple(d) for d in drop]
+        if any(k != 1 or components != 2 or not 0 <= g < gates for k, g in self.drop):
+            raise ValueError(f"Snap1 drops c-row entries of an LSTM only, got drop={self.drop}")
+        self.ckeep = sum(1 << g for g in range(gates) if (1, g) not in self.drop)
         self.sizes = (nA, nB)
         self.opts = opts
         # the GRU's eager update is one pass already (and measured faster than compiled
@@ -190,7 +196,7 @@ class Snap1:
         cols = [None if cl is None else self._int32(name, cl) for name, cl in (("A", colsA), ("B", colsB))]
         threads = max(1, min(torch.get_num_threads(), self.numel // NATIVE_ENTRIES_PER_THREAD))
         native.step(self.native, self.c, self.B, self.H, self.G, *self.sizes, *self.parts(), E, mA, mB, udiag,
-                    srcA, cols[0], srcB, cols[1], eps, epsc, *self.g_parts, threads=threads)
+                    srcA, cols[0], srcB, cols[1], eps, epsc, *self.g_parts, ckeep=self.ckeep, threads=threads)
 
     def _int32(self, name: str, cols: torch.Tensor) -> torch.Tensor:
         """``cols`` as int32 (the C loop's index type), converted once."""
@@ -222,6 +228,7 @@ class Snap1:
                     V = self._inputs(name, src, cols, shape)
                     _compiled_fn(_lstm_update)(part[0], part[1], *d, m[0], m[1], V)
                     done += 1
+                self._drop()
                 return
             except Exception as err:  # no compiler, no Triton, ...: the eager path is exact too
                 _compile_failed = True
@@ -233,6 +240,13 @@ class Snap1:
             self._gru_update(D[..., 0, 0], mult, V)
         else:
             self._lstm_update(D, mult, V, skip=done)
+            self._drop()
+
+    def _drop(self) -> None:
+        """Hold the dropped (component, gate) entries at zero (eager layout ``(c, B, H, G, nP)``)."""
+        for k, g in self.drop:
+            for part in self.parts():
+                part[k, :, :, g].zero_()
 
     def _inputs(self, name: str, src: torch.Tensor, cols: torch.Tensor | None, shape) -> torch.Tensor:
         if cols is None:

@@ -52,6 +52,8 @@
      J part P: (c, H, G, nP, B);  g part P: (H, G, nP)
      E: (B, H, c, c);  mP: (B, H, c, G);  udiag: (H, G);
      eps, epsc: dL/ds for h and c, (B, H) each; eps NULL: no loss; epsc NULL: zero
+     ckeep: bit q set keeps the c row of gate q's entries (LSTM); clear: held at zero (SnAp's
+     jacobian pattern: the output gate has no immediate influence on c)
      srcA: (rowsA, B) = [x, 1]^T,  srcB: (H, B) = h^T;  colsP: (H, G, nP) or NULL (column p).
    NB: a compile-time batch lets the compiler keep the example loop in registers. */
 #define STEP(NAME, T, NB, C)                                                                    \
@@ -60,7 +62,7 @@ void NAME(int c_, int B_, int H, int G, int nA, int nB, T *restrict JA, T *restr
           const T *restrict udiag, const T *restrict srcA, const int32_t *restrict colsA,      \
           const T *restrict srcB, const int32_t *restrict colsB, const T *restrict eps,        \
           const T *restrict epsc,                                                              \
-          T *restrict gA, T *restrict gB, int u0, int u1) {                                    \
+          T *restrict gA, T *restrict gB, int ckeep, int u0, int u1) {                                    \
     const int B = NB, c = C;                                                                   \
     T d00[NB], d01[NB], d10[NB], d11[NB], eh[NB], ec[NB], mh[NB], mc[NB];                     \
     FTZ_BEGIN                                                                                  \
@@ -71,6 +73,7 @@ void NAME(int c_, int B_, int H, int G, int nA, int nB, T *restrict JA, T *restr
             PART_VARS(T)                                                                       \
             for (int q = 0; q < G; q++) {                                                      \
                 const int64_t uq = (int64_t)u * G + q;                                         \
+                const int keepc = (ckeep >> q) & 1;                                            \
                 GATE_MULTIPLIERS(mh, mc)                                                       \
                 const int32_t *restrict cl = cols ? cols + uq * n : 0;                         \
                 T *restrict gr = g + uq * n;                                                   \
@@ -87,7 +90,7 @@ void NAME(int c_, int B_, int H, int G, int nA, int nB, T *restrict JA, T *restr
                         for (int b = 0; b < B; b++) {                                          \
                             T a = jh[b], e = jc[b];                                            \
                             T x = d00[b] * a + d01[b] * e + mh[b] * v[b];                      \
-                            T y = d10[b] * a + d11[b] * e + mc[b] * v[b];                      \
+                            T y = keepc ? d10[b] * a + d11[b] * e + mc[b] * v[b] : 0;          \
                             jh[b] = x; jc[b] = y; acc += eh[b] * x;                            \
                             if (epsc) acc += ec[b] * y;                                        \
                         }                                                                      \
@@ -209,7 +212,7 @@ void NAME(int c_, int B_, int H, int G, int nA, int nB, T *restrict JA, T *restr
           const T *restrict udiag, const T *restrict srcA, const int32_t *restrict colsA,      \
           const T *restrict srcB, const int32_t *restrict colsB, const T *restrict eps,        \
           const T *restrict epsc,                                                              \
-          T *restrict gA, T *restrict gB, int u0, int u1) {                                    \
+          T *restrict gA, T *restrict gB, int ckeep, int u0, int u1) {                                    \
     typedef VT V;                                                                              \
     const int B = NB, c = C;                                                                   \
     T d[4][NB], es[2][NB], ms[2][NB];                                                          \
@@ -224,6 +227,7 @@ void NAME(int c_, int B_, int H, int G, int nA, int nB, T *restrict JA, T *restr
             PART_VARS(T)                                                                       \
             for (int q = 0; q < G; q++) {                                                      \
                 const int64_t uq = (int64_t)u * G + q;                                         \
+                const int keepc = (ckeep >> q) & 1;                                            \
                 GATE_MULTIPLIERS(ms[0], ms[1])                                                 \
                 memcpy(&mh, ms[0], sizeof(V)); memcpy(&mc, ms[1], sizeof(V));                  \
                 const int32_t *restrict cl = cols ? cols + uq * n : 0;                         \
@@ -247,6 +251,7 @@ void NAME(int c_, int B_, int H, int G, int nA, int nB, T *restrict JA, T *restr
                             memcpy(&e, jc, sizeof(V));                                         \
                             x = d00 * a + d01 * e + mh * v;                                    \
                             y = d10 * a + d11 * e + mc * v;                                    \
+                            if (!keepc) y = (V){0};                                            \
                             memcpy(jh, &x, sizeof(V)); memcpy(jc, &y, sizeof(V));              \
                             tt[i] = epsc ? eh * x + ec * y : eh * x;                           \
                         }                                                                      \

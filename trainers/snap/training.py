@@ -108,7 +108,8 @@ def train(config: Config, run) -> None:
                       seed=config.seed, dtype=dtype).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
                                  eps=config.adam_eps)
-    online = None if config.method == "bptt" else Online(model, config.method, config.batch, generator)
+    online = (None if config.method == "bptt"
+              else Online(model, config.method, config.batch, generator, pattern=config.snap_pattern))
     curriculum = Curriculum(config.curriculum_threshold, config.curriculum_window, config.max_length)
     step = 0
     state = run.load_checkpoint()
