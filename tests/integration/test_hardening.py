@@ -49,6 +49,17 @@ def _hermetic(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+
+def _start_in_background(tmp_path: Path, config: str) -> tuple[subprocess.Popen, dict[str, str], str]:
+    """``hpsweep run`` of a two-cell sleep sweep in a session of its own (a process group that
+    a signal can reach as a terminal's Ctrl-C would): the process, its environment, the sweep."""
+    env = _hermetic(tmp_path)
+    path, name = _sweep(tmp_path, f"config: {config}\nparameters:\n  x: {{grid: [0.0, 1.0]}}\n")
+    proc = subprocess.Popen([HPSWEEP, "run", str(path), "--no-live"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    return proc, env, name
+
 def _files_containing(roots: list[Path], needles: list[str]) -> dict[str, int]:
     """Every regular file under ``roots`` that holds one of ``needles``: path -> count."""
     found: dict[str, int] = {}
@@ -146,17 +157,9 @@ def test_no_credential_in_any_file_a_submitted_sweep_writes(ray_cluster, mlflow_
 def test_ctrl_c_during_ray_start_up_leaves_no_run_running(tmp_path) -> None:
     from mlflow.tracking import MlflowClient
 
-    env = _hermetic(tmp_path)
-    path, name = _sweep(tmp_path, """
-        config: {reports: 2, sleep: 0.01}
-        parameters:
-          x: {grid: [0.0, 1.0]}
-    """)
-    ray_tmp = Path(env["RAY_TMPDIR"])
     # Ctrl-C in a terminal: SIGINT to the whole foreground process group
-    proc = subprocess.Popen([HPSWEEP, "run", str(path), "--no-live"], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc, env, name = _start_in_background(tmp_path, "{reports: 2, sleep: 0.01}")
+    ray_tmp = Path(env["RAY_TMPDIR"])
     try:
         deadline = time.monotonic() + 120
         while not list(ray_tmp.glob("ray/session_*")):  # ray.init has begun
@@ -250,16 +253,8 @@ def _is_loopback(ip: str) -> bool:
 def test_in_process_ray_listens_on_loopback_only(tmp_path) -> None:
     import sqlite3
 
-    env = _hermetic(tmp_path)
-    path, name = _sweep(tmp_path, """
-        config: {reports: 200, sleep: 0.5}
-        parameters:
-          x: {grid: [0.0, 1.0]}
-    """)
+    proc, env, name = _start_in_background(tmp_path, "{reports: 200, sleep: 0.5}")
     ray_tmp = Path(env["RAY_TMPDIR"])
-    proc = subprocess.Popen([HPSWEEP, "run", str(path), "--no-live"], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
     db = tmp_path / ".hpsweep" / "mlflow.db"
     try:
         deadline = time.monotonic() + 240
