@@ -219,7 +219,13 @@ class CellTracker:
     Checkpoints ride with the metrics: a checkpoint is queued only with the report that
     follows it, and the thread sends the metrics before it writes the checkpoint, so a
     checkpoint in storage never runs ahead of the metrics in MLflow (a resumed cell leaves
-    no gap in its history).
+    no gap in its history). It may lag behind them: an interruption after the metrics went
+    out and before the checkpoint (or the run's status) was written leaves steps in MLflow
+    that the resumed trainer runs again. So a reused run's last logged step per metric is
+    read when it is opened, and the points a resumed attempt reports at those steps or
+    before are dropped: each step is in the history once, whatever the interruption. A
+    finished cell's last checkpoint is written too (its state, in storage, like every
+    cell's).
     """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_name: str,
@@ -237,6 +243,8 @@ class CellTracker:
         self._run_id: str | None = None
         self._params: list[Any] = []
         self._opened = threading.Event()
+        self._finishing = False
+        self._logged: dict[str, int] = {}   # metric -> last step in MLflow before this attempt
         # Opening the run (a search, a create, the params: three round trips) happens on the
         # background thread too: the trainer starts at once; reports wait in the buffer.
         self._thread = threading.Thread(target=self._loop, name="hpsweep-tracking", daemon=True,
@@ -269,6 +277,9 @@ class CellTracker:
             raise RuntimeError(f"cell {cell.id} already has a finished run; refusing to run it twice")
         if existing:
             run_id = existing[0].info.run_id
+            # the latest value of each metric is the one at its highest step (MLflow's
+            # latest_metrics); every step below it was sent before it (in order)
+            self._logged = {m.key: m.step for m in existing[0].data.to_proto().metrics}
             attempts = int(existing[0].data.tags.get(TAG["attempts"], "1")) + 1
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             tags = [RunTag(TAG["attempts"], str(attempts))]
@@ -307,18 +318,23 @@ class CellTracker:
                 checkpoint, self._checkpoint = self._checkpoint, None
             sent = 0  # rows[:sent] are in MLflow
             try:
+                run_id = self.run_id
+                if self._logged:  # a resumed attempt: what an earlier one sent is not sent again
+                    rows = [r for r in rows if r.key not in self._logged or r.step > self._logged[r.key]]
                 while self._params:  # the params ride with the first metrics, 100 a request
                     chunk = rows[sent:sent + _BATCH - 100]
-                    self.client.log_batch(self.run_id, metrics=chunk, params=self._params[:100])
+                    self.client.log_batch(run_id, metrics=chunk, params=self._params[:100])
                     self._params = self._params[100:]
                     sent += len(chunk)
                 while sent < len(rows):
                     chunk = rows[sent:sent + _BATCH]
-                    self.client.log_batch(self.run_id, metrics=chunk)
+                    self.client.log_batch(run_id, metrics=chunk)
                     sent += len(chunk)
+                self._test_pause("metrics_sent")
                 if checkpoint is not None and self._write_checkpoint is not None:
                     self._write_checkpoint(checkpoint)
                     checkpoint = None
+                self._test_pause("checkpoint_written")
             except Exception:
                 with self._lock:
                     self._buffer[:0] = rows[sent:]
@@ -351,14 +367,12 @@ class CellTracker:
     def log_artifact(self, path: str) -> None:
         self.client.log_artifact(self.run_id, path)
 
-    def close(self, keep_checkpoint: bool = True) -> None:
-        """Stop the background thread and send what is buffered; the status is left as is."""
+    def close(self) -> None:
+        """Stop the background thread and send what is buffered, then write the checkpoint that
+        came with it; the status is left as is."""
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=60)
-        if not keep_checkpoint:
-            with self._lock:
-                self._checkpoint = None
         for attempt in range(_MAX_FAILURES):
             try:
                 self.flush()
@@ -372,11 +386,38 @@ class CellTracker:
         """Send what is buffered, then set the run's final status (synchronously)."""
         from mlflow.entities import RunTag
 
-        # A finished cell is never resumed: its last checkpoint is moot.
-        self.close(keep_checkpoint=status != "FINISHED")
+        self._finishing = True
+        # The last checkpoint is written even for a FINISHED cell: until set_terminated below
+        # the cell may still be resumed (an interruption here), and storage holds every
+        # cell's final state.
+        self.close()
         if tags:
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self._test_pause("before_terminated")
         self.client.set_terminated(self.run_id, status=status)
+
+    def _test_pause(self, point: str) -> None:
+        """Test hook for the crash windows at a cell's end: with ``HPSWEEP_TEST_PAUSE_AT=<point>``
+        (one of ``metrics_sent``, ``checkpoint_written``, ``before_terminated``) and
+        ``HPSWEEP_TEST_PAUSE_DIR`` set, the first time a cell's ``finish`` reaches that point
+        the tracker writes ``<dir>/<cell id>.<point>`` holding its pid and sleeps
+        ``HPSWEEP_TEST_PAUSE_S`` seconds (default 20), so that a test can deliver a signal
+        there. Does nothing when the variables are unset."""
+        if not self._finishing or os.environ.get("HPSWEEP_TEST_PAUSE_AT") != point:
+            return
+        folder = os.environ.get("HPSWEEP_TEST_PAUSE_DIR")
+        if not folder:
+            return
+        marker = Path(folder) / f"{self.cell.id}.{point}"
+        staged = marker.with_name(f".{marker.name}.{os.getpid()}")
+        staged.write_text(str(os.getpid()))
+        try:
+            os.link(staged, marker)  # atomic, and only once per cell and point
+        except FileExistsError:
+            return
+        finally:
+            staged.unlink()
+        time.sleep(float(os.environ.get("HPSWEEP_TEST_PAUSE_S", "20")))
 
 
 def _param_text(value: Any) -> str:

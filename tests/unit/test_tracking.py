@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
+from mlflow.entities import Metric, RunData, RunTag
 
 import hpsweep.store as tracking
 from hpsweep.plan import Cell
@@ -15,13 +17,15 @@ from hpsweep.plan import Cell
 class FakeClient:
     """Records every call; ``fail_batches`` makes that many metric log_batch calls fail."""
 
-    def __init__(self, existing=(), fail_batches: int = 0) -> None:
+    def __init__(self, existing=(), fail_batches: int = 0, search_s: float = 0.0) -> None:
         self.events: list[tuple] = []
+        self.search_s = search_s
         self.existing = list(existing)
         self.fail_batches = fail_batches
         self.lock = threading.Lock()
 
     def search_runs(self, *args, **kwargs):
+        time.sleep(self.search_s)
         return self.existing
 
     def create_run(self, experiment_id, run_name, tags):
@@ -50,9 +54,9 @@ class FakeClient:
 CELL = Cell("abc123", 0, 1, {"x": 0.5}, {"x": 0.5, "seed": 1, "reports": 3})
 
 
-def make(monkeypatch, client: FakeClient, writes: list):
+def make(monkeypatch, client: FakeClient, writes: list, flush_s: float = 0.01):
     monkeypatch.setattr(tracking, "mlflow_client", lambda uri: client)
-    monkeypatch.setattr(tracking, "_FLUSH_S", 0.01)
+    monkeypatch.setattr(tracking, "_FLUSH_S", flush_s)
     return tracking.CellTracker("http://unused", "1", "parent", "sweep", CELL,
                                 write_checkpoint=lambda data: writes.append(("checkpoint", data)) or
                                 client.events.append(("checkpoint", data)))
@@ -101,9 +105,35 @@ def test_a_failed_batch_is_sent_again_not_lost_nor_doubled(monkeypatch) -> None:
     assert sorted(r[1] for r in sent_metrics(client)) == [1, 2, 3, 4, 5]
 
 
+def test_a_finished_cell_writes_its_last_checkpoint(monkeypatch) -> None:
+    client, writes = FakeClient(search_s=0.5), []  # a slow server: the run opens late
+    tracker = make(monkeypatch, client, writes, flush_s=60)
+    tracker.log(1, {"loss": 1.0}, checkpoint=b"state-1")
+    tracker.finish("FINISHED")  # the cell ended before its run was open: no flush yet
+    assert writes == [("checkpoint", b"state-1")]
+    kinds = [e[0] for e in client.events]
+    assert kinds.index("metrics") < kinds.index("checkpoint") < kinds.index("terminated")
+
+
+def test_a_resumed_attempt_does_not_send_the_steps_already_logged(monkeypatch) -> None:
+    # An earlier attempt sent loss up to step 3 and score up to step 2 (then was killed before
+    # its step-3 checkpoint); the trainer resumes from its step-1 checkpoint.
+    old = SimpleNamespace(info=SimpleNamespace(run_id="old-run", status="KILLED"),
+                          data=RunData(metrics=[Metric("loss", 3.0, 0, 3), Metric("score", 2.0, 0, 2)],
+                                       tags=[RunTag("hpsweep.attempts", "1")]))
+    client, writes = FakeClient(existing=[old]), []
+    tracker = make(monkeypatch, client, writes)
+    for step in (2, 3, 4):
+        tracker.log(step, {"loss": float(step), "score": -float(step), "new": 0.0})
+    tracker.finish("FINISHED")
+    assert sorted(sent_metrics(client)) == [
+        ("loss", 4, 4.0), ("new", 2, 0.0), ("new", 3, 0.0), ("new", 4, 0.0),
+        ("score", 3, -3.0), ("score", 4, -4.0)]
+
+
 def test_a_killed_run_is_reused_with_its_attempt_count(monkeypatch) -> None:
     old = SimpleNamespace(info=SimpleNamespace(run_id="old-run", status="KILLED"),
-                          data=SimpleNamespace(tags={"hpsweep.attempts": "1"}))
+                          data=RunData(tags=[RunTag("hpsweep.attempts", "1")]))
     client, writes = FakeClient(existing=[old]), []
     tracker = make(monkeypatch, client, writes)
     assert tracker.run_id == "old-run"
