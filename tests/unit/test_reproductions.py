@@ -1,7 +1,7 @@
 """The reproduction tier: sweeps/repro/ validates, and the committed reports in docs/reproductions/
 name their code version, carry a claims table that parses, and are indexed by the generated
 table (never edited by hand). The sweeps run end to end (miniatures) in
-tests/integration/test_reproductions.py."""
+tests/integration/test_repro_miniatures.py."""
 
 from __future__ import annotations
 
