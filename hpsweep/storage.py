@@ -15,12 +15,34 @@ its checkpoint in this invocation (a retry) or a later one (a rerun of the spec,
 seeds added). S3 settings come from the standard AWS environment: credentials from the
 environment or ``~/.aws``, ``AWS_ENDPOINT_URL`` (or ``--s3-endpoint``) for MinIO and other
 S3-compatible stores. Nothing about credentials is ever logged or written to MLflow.
+
+Cell leases (exactly once across drivers) live here too, beside the checkpoints:
+
+    <root>/leases/<cell id>.json                    who runs the cell, until when
+
+The root is shared by every sweep that uses the storage, and a cell id is a hash of what the
+cell computes, so two sweeps that share cells share their leases. Why this store and not
+MLflow: a lease needs compare-and-set (one winner however the requests interleave), and
+MLflow's REST API has none (a search then a create is two requests another driver can get
+between); the storage is what every driver and every worker of a sweep already shares, and
+both kinds offer it: S3 conditional writes (``PutObject`` with ``If-None-Match: *`` creates
+only if absent, ``If-Match: <etag>`` replaces only the version read, else 412), and on a
+local file system an exclusive ``flock`` around each read-modify-write of the record (the
+kernel drops the lock when its process dies, so a killed driver never leaves a stale lock;
+exclusive creation alone cannot take over an expired record without an ABA race). See
+:class:`Lease` for the states and :class:`HeldLease` for the protocol.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import json
 import os
+import socket
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -28,9 +50,76 @@ import pyarrow.fs as pafs
 
 from hpsweep.errors import StorageUnreachable
 
-__all__ = ["Storage", "open_storage", "DEFAULT_STORAGE"]
+__all__ = ["Storage", "open_storage", "DEFAULT_STORAGE", "Lease", "HeldLease", "LeaseLost",
+           "lease_ttl", "driver_id"]
 
 DEFAULT_STORAGE = ".hpsweep/storage"
+
+
+#: seconds a lease lives without renewal; ``HPSWEEP_LEASE_TTL`` overrides (tests use a few)
+DEFAULT_LEASE_TTL = 30.0
+HELD, DONE, FAILED, STOPPED, RELEASED = "held", "done", "failed", "stopped", "released"
+#: states a trial may acquire over (besides an expired HELD): the cell is not running and not done
+ACQUIRABLE = (FAILED, STOPPED, RELEASED)
+
+
+def lease_ttl() -> float:
+    return float(os.environ.get("HPSWEEP_LEASE_TTL") or DEFAULT_LEASE_TTL)
+
+
+_DRIVER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def driver_id() -> str:
+    """This process's name in lease records: host, pid and a nonce (pids get reused)."""
+    return _DRIVER_ID
+
+
+class LeaseLost(RuntimeError):
+    """The lease was taken over (it expired while its holder stalled): stop writing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease:
+    """One lease record, as read from or written to the store.
+
+    ``state``: ``held`` while a cell runs (renewed before ``expires``, wall-clock seconds;
+    expired means its holder is gone), then ``done`` (the cell has a FINISHED run, named in
+    ``info``), ``failed``, ``stopped`` (interrupted or stopped by a scheduler) or
+    ``released``. ``holder`` is unique per acquisition (renewal by anyone else is refused);
+    ``owner`` is who holds it, for people (the driver's host:pid:nonce); ``version`` is what
+    the next conditional write must match (the S3 ETag, or a generation number on disk).
+    """
+
+    key: str
+    state: str
+    holder: str
+    owner: str
+    expires: float
+    info: dict
+    version: str = ""
+
+    @property
+    def live(self) -> bool:
+        return self.state == HELD and self.expires > time.time()
+
+    @property
+    def acquirable(self) -> bool:
+        return self.state in ACQUIRABLE or (self.state == HELD and not self.live)
+
+    def body(self, gen: int) -> bytes:
+        return json.dumps({"key": self.key, "state": self.state, "holder": self.holder,
+                           "owner": self.owner, "expires": self.expires, "info": self.info,
+                           "gen": gen}, sort_keys=True).encode()
+
+    @classmethod
+    def parse(cls, data: bytes, version: str = "") -> "Lease | None":
+        try:
+            d = json.loads(data)
+            return cls(d["key"], d["state"], d["holder"], d["owner"], float(d["expires"]),
+                       dict(d.get("info") or {}), version or str(d.get("gen", 0)))
+        except (ValueError, KeyError, TypeError):
+            return None  # empty or torn (its writer died mid-write): as if absent
 
 
 @dataclasses.dataclass
@@ -145,6 +234,182 @@ class Storage:
             raise StorageUnreachable(f"--storage {self.uri}: bucket {bucket!r} does not exist; "
                                      "create it first")
 
+    # -- leases (see the module docstring) --------------------------------------------------
+
+    def lease_path(self, key: str) -> str:
+        return self.path("leases", f"{key}.json")
+
+    def read_lease(self, key: str) -> Lease | None:
+        if self.is_s3:
+            got = self._s3_get(key)
+            return None if got is None else Lease.parse(*got)
+        path = self.lease_path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            return Lease.parse(_read_all(fd))
+        finally:
+            os.close(fd)
+
+    def lease_keys(self) -> set[str]:
+        """The keys that have a lease record (one listing: cheap next to reading each)."""
+        if self.is_s3:
+            client, bucket = self._s3()
+            prefix = self._s3_key("x")[:-len("x.json")]
+            keys: set[str] = set()
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                keys.update(o["Key"][len(prefix):-len(".json")] for o in page.get("Contents", [])
+                            if o["Key"].endswith(".json"))
+            return keys
+        try:
+            return {n[:-len(".json")] for n in os.listdir(self.path("leases")) if n.endswith(".json")}
+        except FileNotFoundError:
+            return set()
+
+    def live_leases(self, keys) -> dict[str, Lease]:
+        """key -> its live lease, for those of ``keys`` some runner holds now."""
+        present = self.lease_keys()
+        out = {}
+        for key in keys:
+            if key in present:
+                lease = self.read_lease(key)
+                if lease is not None and lease.live:
+                    out[key] = lease
+        return out
+
+    def try_acquire(self, key: str, owner: str, ttl: float, info: dict | None = None,
+                    over: tuple[str, ...] = ()) -> tuple[bool, Lease | None]:
+        """Take the lease on ``key`` if nobody holds it live: absent, expired, or in a state
+        of :data:`ACQUIRABLE` (or of ``over``). One winner however calls interleave. Returns
+        (won, the record now in the store: ours when won, else what stood in the way)."""
+        mine = Lease(key, HELD, uuid.uuid4().hex, owner, time.time() + ttl, dict(info or {}))
+
+        def decide(current: Lease | None) -> Lease | None:
+            if current is None or current.acquirable or current.state in over:
+                return dataclasses.replace(mine, expires=time.time() + ttl)
+            return None
+
+        return self._cas(key, decide)
+
+    def renew(self, lease: Lease, ttl: float) -> Lease | None:
+        """Extend ``lease``; None when it is no longer ours (taken over): its holder must stop."""
+        def decide(current: Lease | None) -> Lease | None:
+            if current is None or current.holder != lease.holder or current.state != HELD:
+                return None
+            return dataclasses.replace(current, expires=time.time() + ttl)
+
+        won, now = self._cas(key=lease.key, decide=decide, expected=lease.version)
+        return now if won else None
+
+    def release(self, lease: Lease, state: str = RELEASED, info: dict | None = None) -> bool:
+        """End ``lease`` in ``state`` (done, failed, stopped, released); False if not ours."""
+        def decide(current: Lease | None) -> Lease | None:
+            if current is None or current.holder != lease.holder:
+                return None
+            return dataclasses.replace(current, state=state, expires=time.time(),
+                                       info={**current.info, **(info or {})})
+
+        won, _ = self._cas(key=lease.key, decide=decide, expected=lease.version)
+        return won
+
+    def _cas(self, key: str, decide, expected: str | None = None) -> tuple[bool, Lease | None]:
+        """Read the record, ask ``decide`` for the new one (None: leave it), write it only if
+        the record is still the one read. ``expected``: the version the caller last wrote;
+        on S3 the write is conditional on it directly (no read needed when it matches)."""
+        if self.is_s3:
+            return self._s3_cas(key, decide, expected)
+        path = self.lease_path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            current = Lease.parse(_read_all(fd))
+            new = decide(current)
+            if new is None:
+                return False, current
+            gen = int(current.version) + 1 if current is not None and current.version.isdigit() else 1
+            new = dataclasses.replace(new, version=str(gen))
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.ftruncate(fd, 0)
+            os.write(fd, new.body(gen))
+            return True, new
+        finally:
+            os.close(fd)  # drops the flock
+
+    # S3: the bucket and key of a lease, a boto3 client (pyarrow's S3 has no conditional writes)
+    def _s3(self):
+        client = getattr(self, "_s3_client", None)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            client = boto3.client("s3", endpoint_url=self.endpoint or None, region_name=region,
+                                  config=Config(retries={"max_attempts": 3, "mode": "standard"}))
+            self._s3_client = client
+        bucket, _, prefix = self.root.partition("/")
+        return client, bucket
+
+    def _s3_key(self, key: str) -> str:
+        return self.lease_path(key).partition("/")[2]
+
+    def _s3_get(self, key: str) -> tuple[bytes, str] | None:
+        client, bucket = self._s3()
+        try:
+            got = client.get_object(Bucket=bucket, Key=self._s3_key(key))
+        except client.exceptions.NoSuchKey:
+            return None
+        return got["Body"].read(), got["ETag"]
+
+    def _s3_cas(self, key: str, decide, expected: str | None) -> tuple[bool, Lease | None]:
+        from botocore.exceptions import ClientError
+
+        client, bucket = self._s3()
+        got = self._s3_get(key)
+        current = None if got is None else Lease.parse(*got)  # unparsable: as if absent
+        new = decide(current)
+        if new is None:
+            return False, current
+        if expected is not None and (got is None or got[1] != expected):
+            return False, current  # someone else wrote since our last write
+        gen = int(time.time() * 1e6)  # the body differs each write, and so does its ETag
+        body = new.body(gen)
+        cond = {"IfNoneMatch": "*"} if got is None else {"IfMatch": got[1]}
+        try:
+            put = client.put_object(Bucket=bucket, Key=self._s3_key(key), Body=body,
+                                    ContentType="application/json", **cond)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") \
+                    or status in (409, 412):
+                again = self._s3_get(key)
+                return False, None if again is None else Lease.parse(*again)
+            raise
+        return True, dataclasses.replace(new, version=put["ETag"])
+
+    @contextlib.contextmanager
+    def lock(self, key: str, timeout: float = 300.0):
+        """A short mutual exclusion between drivers (e.g. creating a sweep's parent run),
+        made of a lease renewed while held (a slow holder keeps it); waits for it, releases
+        it on exit; a dead holder's expires."""
+        deadline = time.time() + timeout
+        while True:
+            held, other = HeldLease.acquire(self, f"locks/{key}", driver_id())
+            if held is not None:
+                break
+            if time.time() > deadline:
+                raise TimeoutError(f"lock {key!r} held by {other.owner if other else '?'}")
+            time.sleep(0.05 + 0.1 * (uuid.uuid4().int % 10) / 10)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                held.end(RELEASED)
+
     def spec(self) -> dict:
         """What a worker needs to reopen this storage (no credentials: workers read their own)."""
         return {"uri": self.uri, "endpoint": self.endpoint}
@@ -171,3 +436,68 @@ def open_storage(uri: str | None = None, endpoint: str | None = None) -> Storage
     path = Path(uri).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     return Storage(uri=str(path), root=str(path), fs=pafs.LocalFileSystem())
+
+
+def _read_all(fd: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+class HeldLease:
+    """The per-cell lease protocol, on the side that runs the cell (see ``engine._trial``).
+
+    :meth:`acquire` takes the cell's lease (or says who holds it); while held, a daemon thread
+    renews it every ``ttl / 3``; a renewal refused means another process took the cell over
+    after the lease expired (this one stalled past ``ttl``): :meth:`check` then raises
+    :class:`LeaseLost`, so nothing more is written for the cell; a renewal that merely fails
+    (network) is retried until the lease would have expired. :meth:`end` stops the renewals
+    and records how the cell ended (``done``, ``failed``, ``stopped``).
+    """
+
+    def __init__(self, storage: Storage, lease: Lease, ttl: float) -> None:
+        self.storage, self.lease, self.ttl = storage, lease, ttl
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="hpsweep-lease", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def acquire(cls, storage: Storage, key: str, owner: str, info: dict | None = None,
+                ttl: float | None = None, over: tuple[str, ...] = ()) -> "tuple[HeldLease | None, Lease | None]":
+        """(a held lease, None) when won; (None, the record in the way) when not."""
+        ttl = lease_ttl() if ttl is None else ttl
+        won, lease = storage.try_acquire(key, owner, ttl, info, over)
+        return (cls(storage, lease, ttl), None) if won else (None, lease)
+
+    def _beat(self) -> None:
+        last_ok = time.time()
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                renewed = self.storage.renew(self.lease, self.ttl)
+            except Exception as exc:  # the store did not answer: retry while the lease lasts
+                if time.time() - last_ok > self.ttl:
+                    self.lost = f"lease on {self.lease.key} not renewed for {self.ttl:.0f}s: {exc}"
+                    return
+                continue
+            if renewed is None:
+                current = self.storage.read_lease(self.lease.key)
+                self.lost = (f"lease on {self.lease.key} taken over by "
+                             f"{current.owner if current else 'nobody'}")
+                return
+            self.lease, last_ok = renewed, time.time()
+
+    def check(self) -> None:
+        if self.lost:
+            raise LeaseLost(self.lost)
+
+    def end(self, state: str, info: dict | None = None) -> bool:
+        self._stop.set()
+        self._thread.join(timeout=self.ttl)
+        if self.lost:
+            return False
+        return self.storage.release(self.lease, state, info)
