@@ -81,6 +81,34 @@ def resolve_tracking_uri(flag: str | None) -> str:
     return flag or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
+_PREPARED: set[str] = set()
+
+
+def _prepare_sqlite(uri: str) -> None:
+    """Create or migrate a SQLite store under an exclusive lock (``<db>.lock``), once per
+    process: two first runs at once would otherwise both run MLflow's migration and break the
+    store (both fail, ``_alembic_tmp_*`` tables left behind). The second one in waits, then
+    finds the store ready. The store opened here is MLflow's cached one: no cost later. Done
+    when the first client is made (after preflight), not when the URI is resolved, so that a
+    refused run creates no store."""
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    if uri in _PREPARED:
+        return
+    path = Path(uri[len("sqlite:///"):])
+    if not path.parent.is_dir():
+        return  # not ours to create; MLflow says what is wrong
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    _PREPARED.add(uri)
+
+
 def code_version() -> str:
     """The git sha of the working tree (``+dirty`` when it has changes), or ``unknown``."""
     try:
@@ -99,6 +127,8 @@ def mlflow_client(tracking_uri: str | None):
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow.tracking import MlflowClient
 
+    if tracking_uri and tracking_uri.startswith("sqlite:///"):
+        _prepare_sqlite(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri)
 
 
