@@ -113,7 +113,7 @@ class Lease:
                            "gen": gen}, sort_keys=True).encode()
 
     @classmethod
-    def parse(cls, data: bytes, version: str = "") -> "Lease | None":
+    def parse(cls, data: bytes, version: str = "") -> Lease | None:
         try:
             d = json.loads(data)
             return cls(d["key"], d["state"], d["holder"], d["owner"], float(d["expires"]),
@@ -468,7 +468,7 @@ class HeldLease:
 
     @classmethod
     def acquire(cls, storage: Storage, key: str, owner: str, info: dict | None = None,
-                ttl: float | None = None, over: tuple[str, ...] = ()) -> "tuple[HeldLease | None, Lease | None]":
+                ttl: float | None = None, over: tuple[str, ...] = ()) -> tuple[HeldLease | None, Lease | None]:
         """(a held lease, None) when won; (None, the record in the way) when not."""
         ttl = lease_ttl() if ttl is None else ttl
         won, lease = storage.try_acquire(key, owner, ttl, info, over)
