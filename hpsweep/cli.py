@@ -125,19 +125,39 @@ def cmd_status(args) -> int:
     from hpsweep.plan import plan
     from hpsweep.stats import completeness
     from hpsweep.store import load_sweep, resolve_tracking_uri
-    from hpsweep.views.tables import status_table
+    from hpsweep.views.tables import status_table, with_leases
 
     spec = _load(args.sweep)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     _check_tracking(tracking_uri)
     runs = load_sweep(tracking_uri, spec.name)
     matrix = completeness(plan(spec), runs)
+    held = _held_cells(args, [c.cell_id for c in matrix.cells if c.state != "done"])
+    matrix = with_leases(matrix, {k: lease.owner for k, lease in held.items()})
     console.print(status_table(matrix, f"{spec.name}: completeness", limit=args.limit))
     counts = matrix.counts
     console.print("  ".join(f"{k} {v}" for k, v in counts.items()) + f"  (of {matrix.total} cells)")
     if matrix.orphans:
         console.print(f"{len(matrix.orphans)} runs belong to cells this file no longer produces")
+    by_owner: dict[str, int] = {}
+    for lease in held.values():
+        by_owner[lease.owner] = by_owner.get(lease.owner, 0) + 1
+    for owner, n in sorted(by_owner.items()):
+        console.print(f"running by driver {owner}: {n} cells (leases held)")
     return 0
+
+
+def _held_cells(args, cell_ids: list[str]) -> dict:
+    """Live leases on ``cell_ids`` in the sweep's storage (none if it does not exist yet)."""
+    uri = args.storage or os.environ.get("HPSWEEP_STORAGE")
+    if not cell_ids:
+        return {}
+    from hpsweep.storage import DEFAULT_STORAGE, open_storage
+
+    if not (uri or DEFAULT_STORAGE).startswith("s3://") and not Path(uri or DEFAULT_STORAGE).is_dir():
+        return {}
+    _check_storage(uri, args.s3_endpoint)
+    return open_storage(uri, args.s3_endpoint).live_leases(cell_ids)
 
 
 def cmd_results(args) -> int:
@@ -287,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracking(p)
     p.add_argument("--address", default=None, help="Ray dashboard address: show job status instead")
     p.add_argument("--limit", type=int, default=60, help="rows shown (0: all)")
+    p.add_argument("--storage", default=None, help="where the sweep's cell leases live: cells a "
+                   "driver holds show as running (default: $HPSWEEP_STORAGE, else .hpsweep/storage)")
+    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("results", help="the sweep metric over seeds: mean, std, n")

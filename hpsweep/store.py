@@ -237,6 +237,35 @@ class SweepTracker:
                         changed += 1
         return changed
 
+    def adopt(self, cell: Any, source_run_id: str, source_sweep: str) -> bool:
+        """Record in this sweep a cell that another sweep sharing it (same cell id) ran:
+        a FINISHED child run with the source run's params and metric histories, tagged with
+        where it came from (``hpsweep.copied_from``). False if the source is not FINISHED."""
+        from mlflow.entities import Metric, Param
+
+        import hpsweep
+
+        src = self.client.get_run(source_run_id)
+        if src.info.status != "FINISHED":
+            return False
+        tags = {
+            _PARENT: self.parent_run_id, TAG["role"]: "cell", TAG["sweep"]: self.sweep_name,
+            TAG["cell"]: cell.id, TAG["seed"]: str(cell.seed),
+            TAG["params"]: json.dumps(cell.params, sort_keys=False),
+            TAG["code"]: src.data.tags.get(TAG["code"], "unknown"), TAG["version"]: hpsweep.__version__,
+            TAG["attempts"]: "0", "hpsweep.copied_from": f"{source_sweep}/{source_run_id}",
+        }
+        run_id = self.client.create_run(self.experiment_id, run_name=cell.label()[:250], tags=tags).info.run_id
+        params = [Param(k, v) for k, v in src.data.params.items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(run_id, params=params[i:i + 100])
+        metrics = [Metric(m.key, m.value, m.timestamp, m.step) for key in src.data.metrics
+                   for m in self.client.get_metric_history(source_run_id, key)]
+        for i in range(0, len(metrics), _BATCH):
+            self.client.log_batch(run_id, metrics=metrics[i:i + _BATCH])
+        self.client.set_terminated(run_id, status="FINISHED")
+        return True
+
     def finish(self, status: str) -> None:
         if self.parent_run_id:
             self.client.set_terminated(self.parent_run_id, status=status)
@@ -272,6 +301,7 @@ class CellTracker:
         self._error: BaseException | None = None
         self._run_id: str | None = None
         self._params: list[Any] = []
+        self._abandoned = False
         self._opened = threading.Event()
         self._finishing = False
         self._logged: dict[str, int] = {}   # metric -> last step in MLflow before this attempt
@@ -343,6 +373,8 @@ class CellTracker:
         """Send the buffered metrics, then write the checkpoint that came with them. On a
         failure what was taken goes back to the buffer, to be sent by the next flush."""
         with self._send_lock:
+            if self._abandoned:
+                return
             with self._lock:
                 rows, self._buffer = self._buffer, []
                 checkpoint, self._checkpoint = self._checkpoint, None
@@ -411,6 +443,14 @@ class CellTracker:
                 if attempt == _MAX_FAILURES - 1:
                     raise
                 time.sleep(min(0.1 * 2 ** attempt, 2.0))
+
+    def abandon(self) -> None:
+        """Stop the background thread and drop what is buffered, unsent (the cell was taken
+        over by another runner: nothing more is written for it from here)."""
+        self._stop = self._abandoned = True
+        with self._lock:
+            self._buffer, self._checkpoint = [], None
+        self._wake.set()
 
     def finish(self, status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
         """Send what is buffered, then set the run's final status (synchronously)."""

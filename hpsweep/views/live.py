@@ -82,6 +82,27 @@ class LiveTable:
                                f"  {row['end'] - row['start']:.1f}s{why}", highlight=False)
         self._redraw(force=True)
 
+    # -- cells run by other drivers (their leases held): shown as running there
+    def elsewhere(self, trial_id: str | None, cell_id: str, owner: str) -> None:
+        """The cell's lease is held by ``owner`` (found by a trial, or before one was made):
+        the row is the cell's, not the trial's, and stays running until :meth:`settled` says
+        how the cell ended."""
+        if trial_id is not None:
+            self.rows.pop(trial_id, None)
+        label = f"{self.labels.get(cell_id, cell_id)}  [by {owner}]"
+        self.rows[f"held:{cell_id}"] = {"label": label, "status": "running", "step": None,
+                                        "metric": None, "start": time.time(), "end": None}
+        if not self.enabled:
+            self.console.print(f"[running elsewhere] {label}", highlight=False)
+        self._redraw(force=True)
+
+    def settled(self, cell_id: str, status: str) -> None:
+        """How a cell run elsewhere ended: done, failed, or released (it runs here next)."""
+        if status == "released":
+            self.rows.pop(f"held:{cell_id}", None)
+        elif f"held:{cell_id}" in self.rows:
+            self.done(f"held:{cell_id}", status)
+
     # -- drawing
     def _redraw(self, force: bool = False) -> None:
         if self._live is None:

@@ -12,7 +12,7 @@ from rich.text import Text
 from hpsweep.fmt import fmt_value
 from hpsweep.stats import Completeness, Stat
 
-__all__ = ["results_table", "results_json", "status_table"]
+__all__ = ["results_table", "results_json", "status_table", "with_leases"]
 
 _MARK = {"done": ("●", "green"), "running": ("◐", "yellow"), "failed": ("✗", "red"),
          "pending": ("·", "dim")}
@@ -41,6 +41,18 @@ def results_table(groups: list[tuple[dict, Stat]], metric: str, mode: str, title
     if limit and len(groups) > limit:
         table.add_row("…", *([""] * len(names)), f"{len(groups) - limit} more", "", "", "")
     return table
+
+def with_leases(matrix: Completeness, held: dict[str, str]) -> Completeness:
+    """``matrix`` with the cells that a live lease holds (cell id -> its holder) shown
+    running: a driver holds them even where MLflow has no run yet, or a killed one."""
+    import dataclasses
+
+    def mark(c):
+        return dataclasses.replace(c, state="running") if c.cell_id in held and c.state != "done" else c
+
+    rows = [(params, {seed: mark(c) for seed, c in by_seed.items()}) for params, by_seed in matrix.rows]
+    return dataclasses.replace(matrix, cells=[mark(c) for c in matrix.cells], rows=rows)
+
 
 def status_table(matrix: Completeness, title: str, limit: int = 0) -> Table:
     """Rows are configurations, columns are seeds; each cell is done / running / failed / pending."""

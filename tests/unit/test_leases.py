@@ -168,6 +168,25 @@ def test_live_leases_lists_only_live_holders(storage):
     assert {k: v.owner for k, v in storage.live_leases(["a", "b", "c", "d"]).items()} == {"a": "driver-a"}
 
 
+@pytest.mark.slow  # the first use of a SQLite store migrates its schema: ~10 s
+def test_status_shows_cells_a_driver_holds_as_running(tmp_path, capsys):
+    from hpsweep.cli import main
+    from hpsweep.plan import plan
+    from hpsweep.spec import load_spec
+
+    good = tmp_path / "good.yaml"
+    good.write_text("name: t\ntrainer: sleep\nmetric: {name: loss, mode: min}\n"
+                    "parameters:\n  x: {grid: [0.0, 1.0]}\nseeds: 2\n")
+    store = open_storage(str(tmp_path / "store"))
+    cells = plan(load_spec(str(good)))
+    store.try_acquire(cells[0].id, "host:123:abc", 30.0)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert main(["status", str(good), "--tracking-uri", uri, "--storage", store.root]) == 0
+    out = capsys.readouterr().out
+    assert "running 1" in out and "pending 3" in out
+    assert "running by driver host:123:abc: 1 cells" in out
+
+
 def test_a_slow_lock_holder_keeps_the_lock_past_the_ttl(storage, monkeypatch):
     monkeypatch.setenv("HPSWEEP_LEASE_TTL", "0.3")
     entered = []

@@ -17,6 +17,7 @@ class Config:
     sleep: float = 0.2           # seconds slept before each report
     extra_metrics: int = 0       # additional metrics a report carries (extra/0 ...)
     fail_at: int = -1            # raise at this report (>= 0), to test retries
+    starts_dir: str = ""         # when set, every start is appended to a file per cell there
 
     def __post_init__(self) -> None:
         if self.reports < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from trainers.sleep.config import Config
@@ -15,6 +16,10 @@ class InjectedFailure(RuntimeError):
 
 def train(config: Config, run) -> None:
     state = run.load_checkpoint() or {"step": 0}
+    if config.starts_dir:
+        os.makedirs(config.starts_dir, exist_ok=True)
+        with open(os.path.join(config.starts_dir, f"x={config.x},seed={config.seed}"), "a") as f:
+            f.write(f"{state['step']}\n")
     wobble = ((config.seed * 7919) % 100) / 1000.0
     for step in range(state["step"], config.reports):
         if step == config.fail_at:
