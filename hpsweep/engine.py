@@ -8,6 +8,15 @@ only the others; a cell that died resumes from the checkpoint stored under its i
 MLflow run is reused. So a rerun after Ctrl-C, a crash, or with more seeds added runs what
 is missing and nothing twice, which ``Tuner.restore`` cannot do once the spec has changed.
 
+Across drivers (the same sweep run twice at once, overlapping sweeps), a cell runs only under
+its lease in the shared storage (:mod:`hpsweep.storage`). The trial takes it, on behalf of its
+driver (the record names the driver), before it touches the cell, and renews it while the cell
+runs: the lease lives exactly as long as the process that writes the cell's metrics and
+checkpoints, wherever Ray put it, so a driver killed with its trials lets its leases expire,
+and a trial that outlives its lease (stalled past the TTL, taken over) stops before writing
+again. The driver's :class:`_CellQueue` hands Tune only cells nobody holds, waits for the
+others and takes over those whose lease expires.
+
 Facts this relies on (ray 2.60): a SIGINT makes ``Tuner.fit()`` return normally, so the
 interruption is detected here from the trials that neither completed nor failed; a trial
 stopped by a scheduler sees ``SystemExit`` raised from ``tune.report``.
@@ -15,11 +24,14 @@ stopped by a scheduler sees ``SystemExit`` raised from ``tune.report``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import time
+import uuid
 
 # Set before ray.tune is imported: no per-result JSON/CSV/TensorBoard files (MLflow has the
 # metrics), and trials run in the caller's working directory so relative data paths work.
@@ -44,10 +56,22 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
+from ray.tune.search import Searcher  # noqa: E402
 
 from hpsweep.plan import Cell, cell_id, plan, resolve_config  # noqa: E402
 from hpsweep.spec import SweepSpec  # noqa: E402
-from hpsweep.storage import Storage, open_storage  # noqa: E402
+from hpsweep.storage import (  # noqa: E402
+    DONE,
+    FAILED,
+    STOPPED,
+    HeldLease,
+    Lease,
+    LeaseLost,
+    Storage,
+    driver_id,
+    lease_ttl,
+    open_storage,
+)
 from hpsweep.store import TAG, CellTracker, SweepTracker, code_version  # noqa: E402
 from hpsweep.views.live import LiveTable  # noqa: E402
 
@@ -68,6 +92,7 @@ class SweepOutcome:
     experiment_id: str
     wall_s: float
     fit_s: float = 0.0      # of which in Ray Tune (the rest: Ray start-up, MLflow set-up)
+    elsewhere: int = 0      # run (or being run) by other drivers while this one ran
 
     @property
     def exit_code(self) -> int:
@@ -91,9 +116,12 @@ class _TuneRun:
         self._latest: dict[str, float] = {}
         self._saves = 0
         self._held: bytes | None = None
+        self.lease: HeldLease | None = None   # the cell's lease (see _hold_cell)
 
     def report(self, step: int, **metrics: float) -> None:
         values = {k: float(v) for k, v in metrics.items()}
+        if self.lease is not None:
+            self.lease.check()  # taken over by another driver: write nothing more
         self.tracker.check()
         # The checkpoint saved before this report goes out with it (see CellTracker).
         self.tracker.log(step, values, checkpoint=self._held)
@@ -236,21 +264,33 @@ def _trial(tune_config: dict, context: dict) -> None:
     torch.set_num_threads(max(1, int(context["cpus"])))
     runtime = ray.get_runtime_context()
     storage = open_storage(**context["storage"])
+    lease = _hold_cell(storage, cell, context, force=bool(tune_config.get("force")))
+    if lease is None:
+        return
     checkpoint_path = (context["sweep"], "cells", cell.id, "checkpoint.pt")
     tracker = CellTracker(context["tracking_uri"], context["experiment_id"], context["parent_run_id"],
                           context["sweep"], cell, extra_tags={
                               TAG["node_ip"]: ray.util.get_node_ip_address(),
                               TAG["node_id"]: runtime.get_node_id(),
                               TAG["trial"]: tune.get_context().get_trial_id() or ""},
-                          write_checkpoint=lambda data: storage.write_bytes(data, *checkpoint_path))
+                          write_checkpoint=lambda data: (lease.check(), storage.write_bytes(data, *checkpoint_path)))
     run = _TuneRun(cell, storage, context["sweep"], tracker, context["every"], device, context["metric"],
                    context.get("bases"))
+    run.lease = lease
+    ended, done_info = FAILED, None
     try:
         info.train(trainer_config, run)
+        tracker.finish("FINISHED")
+        ended, done_info = DONE, {"sweep": context["sweep"], "experiment_id": context["experiment_id"],
+                                  "run_id": tracker.run_id, "tracking_uri": context["tracking_uri"]}
+    except LeaseLost:
+        tracker.abandon()  # the cell's new holder owns the run now: leave its status alone
+        raise
     except SystemExit:
         # Stopped by the scheduler or by an interruption: send what is buffered and mark the
         # run KILLED (resumable); the driver, which knows which of the two it was, turns the
         # scheduler's stops into FINISHED once the trials are done.
+        ended = STOPPED
         with contextlib.suppress(Exception):
             tracker.close()
             if tracker.client.get_run(tracker.run_id).info.status == "RUNNING":
@@ -263,7 +303,28 @@ def _trial(tune_config: dict, context: dict) -> None:
         with contextlib.suppress(Exception):  # never mask the trainer's own error
             tracker.finish("FAILED")
         raise
-    tracker.finish("FINISHED")
+    finally:
+        with contextlib.suppress(Exception):  # the renewals stop whatever happened
+            lease.end(ended, done_info)
+
+
+# --- leases: one cell, one runner, across drivers (the protocol is storage.HeldLease's) ------
+
+_HELD_BY = "hpsweep/held_by"   # the result of a trial that found its cell held elsewhere
+
+
+def _hold_cell(storage: Storage, cell: Cell, context: dict, force: bool = False) -> HeldLease | None:
+    """Take the cell's lease before anything of the cell is touched; the trial holds it (and
+    renews it) while the cell runs. When another live runner holds it, or it is done, the trial
+    reports who (the driver waits for it, or adopts its run) and runs nothing."""
+    lease, other = HeldLease.acquire(
+        storage, cell.id, context["driver"], ttl=context["lease_ttl"],
+        info={"sweep": context["sweep"], "trial": tune.get_context().get_trial_id() or ""},
+        over=(DONE,) if force else ())  # a done record this sweep's MLflow lacks
+    if lease is None:
+        tune.report({_HELD_BY: other.owner if other else "?", "hpsweep/cell": cell.id,
+                     "hpsweep/lease_state": other.state if other else "?"})
+    return lease
 
 
 # --- the driver -----------------------------------------------------------------------------
@@ -370,6 +431,7 @@ class _Outcomes(tune.Callback):
         self.errored: set[str] = set()
         self.failures: list[CellFailed] = []
         self.stopped: dict[str, bool] = {}   # trial id -> stopped early (ASHA)
+        self.held: dict[str, tuple[str, str]] = {}  # cell id -> (owner, lease state): run elsewhere
 
     def __getstate__(self) -> dict:
         # Tuner pickles its run config for Tuner.restore, which hpsweep does not use (cell
@@ -387,6 +449,12 @@ class _Outcomes(tune.Callback):
         self.live.result(trial.trial_id, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        if _HELD_BY in result:  # the cell's lease was held by another driver: not run here
+            cell = result["hpsweep/cell"]
+            self.held[cell] = (result[_HELD_BY], result.get("hpsweep/lease_state", ""))
+            self.live.elsewhere(trial.trial_id, cell, result[_HELD_BY])
+            return
         self.completed.add(trial.trial_id)
         self.live.done(trial.trial_id, "done")
         if self.asha is not None:
@@ -458,7 +526,8 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
                live: bool | None, console) -> SweepOutcome:
     started = time.time()
     storage = open_storage(storage_uri, s3_endpoint)
-    parent = tracker.start(spec.spec_hash(), spec_text, spec.description)
+    with storage.lock(f"sweep-{spec.name}"):  # drivers started together: one parent run
+        parent = tracker.start(spec.spec_hash(), spec_text, spec.description)
     existing = tracker.cell_runs()
     finished = tracker.finished_cells(existing)
 
@@ -481,7 +550,8 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
         return SweepOutcome(total, skipped, 0, 0, 0, parent, tracker.experiment_id, time.time() - started)
 
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
-    env.update({"HPSWEEP_CODE_VERSION": code_version(), "RAY_CHDIR_TO_TRIAL_DIR": "0"})
+    env.update({"HPSWEEP_CODE_VERSION": code_version(), "RAY_CHDIR_TO_TRIAL_DIR": "0",
+                "HPSWEEP_LEASE_TTL": str(lease_ttl())})
     _init_ray(address, env)
 
     context = {
@@ -489,9 +559,10 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
         "experiment_id": tracker.experiment_id, "parent_run_id": parent,
         "storage": storage.spec(), "every": spec.checkpoint.every, "cpus": spec.resources.cpus,
         "metric": spec.metric.name, "optuna": optuna, "bases": spec.data_bases(),
+        "driver": driver_id(), "lease_ttl": lease_ttl(),
         "cells": {c.id: c for c in pending},
     }
-    search_alg = None
+    search_alg, queue = None, None
     if optuna:
         from ray.tune.search.optuna import OptunaSearch
 
@@ -500,48 +571,207 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
         context.update({"swept": list(domains), "seed": spec.seed_list[0], "spec": spec})
         search_alg = OptunaSearch(metric=spec.metric.name, mode=spec.metric.mode)
     else:
-        param_space = {"cell": tune.grid_search([c.id for c in pending])}
+        param_space = {}
+        queue = search_alg = _CellQueue(_spread(pending), storage, tracker, table, context)
+    outcomes = _Outcomes(tracker, spec.scheduler if spec.scheduler.type == "asha" else None, table)
+    fit_started = time.time()
+    with table, _pending_trials(None if optuna else _slots(spec)):
+        _tuner(spec, context, param_space, search_alg, outcomes, storage, todo if optuna else -1).fit()
+    fit_s = time.time() - fit_started
+    outcomes.report_failures(table.note, context["cells"])
+    elsewhere = len(outcomes.held) if optuna else queue.elsewhere
+    if outcomes.stopped:
+        outcomes.finish_stopped()
+    completed, failed = len(outcomes.completed), len(outcomes.errored)
+    interrupted = todo - completed - failed - elsewhere
+    if interrupted > 0:
+        # Trials killed by the interruption leave RUNNING runs: mark them KILLED; a rerun
+        # resumes those cells (same runs, from their checkpoints). Cells that other drivers
+        # hold are theirs to settle.
+        unfinished = [c for c, rs in tracker.cell_runs().items()
+                      if not any(r.info.status == "FINISHED" for r in rs)]
+        others = {c for c, lease in storage.live_leases(unfinished).items() if lease.owner != driver_id()}
+        tracker.settle([c for c in unfinished if c not in others], "KILLED")
+        tracker.finish("KILLED")
+    else:
+        # Only this driver's own failures fail the sweep's parent run.
+        tracker.finish("FAILED" if failed else "FINISHED")
+    return SweepOutcome(total, skipped, completed, failed, max(0, interrupted), parent,
+                        tracker.experiment_id, time.time() - started, fit_s, elsewhere)
+
+
+def _tuner(spec: SweepSpec, context: dict, param_space: dict, search_alg, outcomes: _Outcomes,
+           storage: Storage, num_samples: int) -> tune.Tuner:
     resources = {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
     trainable = tune.with_resources(tune.with_parameters(_trial, context=context), resources)
-    outcomes = _Outcomes(tracker, spec.scheduler if spec.scheduler.type == "asha" else None, table)
-    tuner = tune.Tuner(
+    return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric=spec.metric.name, mode=spec.metric.mode, num_samples=todo if optuna else 1,
+            metric=spec.metric.name, mode=spec.metric.mode, num_samples=num_samples,
             search_alg=search_alg, scheduler=_scheduler(spec),
             max_concurrent_trials=spec.max_concurrent or None, reuse_actors=True,
             trial_name_creator=lambda t: f"cell_{t.config.get('cell', t.trial_id)}",
             trial_dirname_creator=lambda t: f"cell_{t.config.get('cell', t.trial_id)}",
         ),
         run_config=tune.RunConfig(
-            name=time.strftime("tune-%Y%m%d-%H%M%S"),
+            # unique per driver and round: drivers of one sweep share the storage
+            name=time.strftime("tune-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6],
             storage_path=storage.path(spec.name), storage_filesystem=storage.fs,
             failure_config=tune.FailureConfig(max_failures=spec.retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[outcomes], verbose=0, progress_reporter=_Silent(),
         ),
     )
-    fit_started = time.time()
-    with table:
-        tuner.fit()
-    fit_s = time.time() - fit_started
-    outcomes.report_failures(table.note, context["cells"])
-    if outcomes.stopped:
-        outcomes.finish_stopped()
-    completed, failed = len(outcomes.completed), len(outcomes.errored)
-    interrupted = todo - completed - failed
-    if interrupted > 0:
-        # Trials killed by the interruption leave RUNNING runs: mark them KILLED; a rerun
-        # resumes those cells (same runs, from their checkpoints).
-        unfinished = [c for c, rs in tracker.cell_runs().items()
-                      if not any(r.info.status == "FINISHED" for r in rs)]
-        tracker.settle(unfinished, "KILLED")
-        tracker.finish("KILLED")
-    else:
-        tracker.finish("FAILED" if failed else "FINISHED")
-    return SweepOutcome(total, skipped, completed, failed, max(0, interrupted), parent,
-                        tracker.experiment_id, time.time() - started, fit_s)
+
+
+def _slots(spec: SweepSpec) -> int:
+    """How many trials of ``spec`` the Ray cluster can run at once now (at least one)."""
+    res = ray.cluster_resources()
+    slots = res.get("CPU", 1.0) / spec.resources.cpus if spec.resources.cpus else float("inf")
+    if spec.resources.gpus:
+        slots = min(slots, res.get("GPU", 0.0) / spec.resources.gpus)
+    if spec.max_concurrent:
+        slots = min(slots, spec.max_concurrent)
+    return max(1, int(slots)) if slots != float("inf") else 200
+
+
+@contextlib.contextmanager
+def _pending_trials(n: int | None):
+    """Let Tune keep ``n`` trials pending (created, waiting for resources) while it runs.
+
+    Tune allows a custom searcher such as :class:`_CellQueue` one pending trial at a time
+    (``TUNE_MAX_PENDING_TRIALS_PG`` "auto"), so trials would start one by one, each after the
+    previous one got its resources; grid_search got 200. ``n`` = the trials the cluster can run
+    at once fills every slot at the start, while each cell is still handed out shortly before
+    its trial starts (the searcher's look at its lease stays fresh). A value the user set wins.
+    """
+    name = "TUNE_MAX_PENDING_TRIALS_PG"
+    if n is None or name in os.environ:
+        yield
+        return
+    os.environ[name] = str(n)
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
+def _spread(cells: list[Cell]) -> list[Cell]:
+    """The cells in plan order, starting at a place of this driver's own: drivers started
+    together then begin on different cells instead of all contending for the first ones."""
+    if len(cells) < 2:
+        return cells
+    k = int(hashlib.sha256(driver_id().encode()).hexdigest(), 16) % len(cells)
+    return cells[k:] + cells[:k]
+
+
+class _CellQueue(Searcher):
+    """The grid's cells to Tune one at a time, as it has room for a trial (a Tune searcher).
+
+    A cell whose lease another driver holds, live or done, is passed over and waited for
+    (polling its lease and MLflow); one whose lease expires unfinished (its driver died) or is
+    released is handed out again, and its trial takes it over from its checkpoint. A lease
+    record says how a waited-for cell ended: ``done`` in this sweep (its run is in MLflow),
+    ``done`` in another sweep sharing the cell (its run is copied into this one), ``failed``
+    (that driver's failure, not this one's). The search ends when every cell has been run
+    here or settled elsewhere. Trials still take each lease atomically (``_hold_cell``): the
+    look here only spares a trial for cells already taken."""
+
+    def __init__(self, cells: list[Cell], storage: Storage, tracker: SweepTracker, table: LiveTable,
+                 context: dict) -> None:
+        super().__init__()
+        self.storage, self.tracker, self.table = storage, tracker, table
+        self.experiment_id, self.cells = context["experiment_id"], context["cells"]
+        self.queue = collections.deque(c.id for c in cells)
+        self.waiting: dict[str, str] = {}     # cell id -> its holder
+        self.force: set[str] = set()          # done records this sweep's MLflow lacks
+        self.active = 0                       # trials handed out and not ended
+        self.elsewhere = 0                    # cells settled by other drivers
+        self.poll = min(2.0, max(0.2, context["lease_ttl"] / 6))
+        self._next_poll = 0.0
+
+    def __getstate__(self) -> dict:  # Tune may pickle its searcher; clients stay out
+        return {**self.__dict__, "storage": None, "tracker": None, "table": None}
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True
+
+    def save(self, checkpoint_path: str) -> None:
+        """Nothing to save: a rerun rebuilds the queue from MLflow and the leases."""
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
+
+    def suggest(self, trial_id: str):
+        while self.queue:
+            cid = self.queue.popleft()
+            lease = None if cid in self.force else self.storage.read_lease(cid)
+            if lease is not None and (lease.live or lease.state == DONE):
+                self.waiting[cid] = lease.owner
+                self.table.elsewhere(None, cid, lease.owner)
+                continue
+            self.active += 1
+            return {"cell": cid, **({"force": True} if cid in self.force else {})}
+        if self.waiting and time.time() >= self._next_poll:
+            self._next_poll = time.time() + self.poll
+            self._settle()
+            if self.queue:
+                return self.suggest(trial_id)
+        if not self.waiting and self.active <= 0:
+            return Searcher.FINISHED
+        return None
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.active -= 1
+        if result and _HELD_BY in result:  # its trial lost the race for the lease
+            self.waiting[result["hpsweep/cell"]] = result[_HELD_BY]
+
+    def _settle(self) -> None:
+        finished = self.tracker.finished_cells()
+        taken = []
+        for cid in list(self.waiting):
+            lease = self.storage.read_lease(cid)
+            if cid in finished or (lease is not None and lease.state == FAILED):
+                ended = "done" if cid in finished else "failed"
+            elif lease is not None and lease.live:
+                continue
+            elif lease is not None and lease.state == DONE:
+                if _adopt(self.tracker, self.storage, self.cells[cid], lease):
+                    ended = "done"
+                elif lease.info.get("experiment_id") == self.experiment_id \
+                        and lease.info.get("tracking_uri") == self.tracker.tracking_uri \
+                        and lease.expires > time.time() - 30:
+                    continue  # just finished in this sweep: MLflow's search shows it next time
+                else:
+                    self.force.add(cid)  # done where this sweep's MLflow cannot see: run it
+                    taken.append(cid)
+                    continue
+            else:  # expired, released, stopped: its runner is gone
+                taken.append(cid)
+                continue
+            self.waiting.pop(cid)
+            self.elsewhere += 1
+            self.table.settled(cid, ended)
+        for cid in taken:
+            self.waiting.pop(cid)
+            self.table.settled(cid, "released")
+            self.queue.appendleft(cid)
+        if taken:
+            self.table.note(f"taking over {len(taken)} cells whose leases expired or were released")
+
+
+def _adopt(tracker: SweepTracker, storage: Storage, cell: Cell, lease: Lease) -> bool:
+    """A cell done by another sweep that shares it (same content id), tracked in the same
+    MLflow: its run is copied into this sweep (once: under a lock), not trained again."""
+    info = lease.info
+    if info.get("experiment_id") in (None, tracker.experiment_id) or \
+            info.get("tracking_uri") != tracker.tracking_uri or not info.get("run_id"):
+        return False
+    with storage.lock(f"adopt-{tracker.experiment_id}-{cell.id}"):
+        if cell.id in tracker.finished_cells():
+            return True
+        return tracker.adopt(cell, info["run_id"], info.get("sweep", ""))
 
 
 class _Silent(tune.ProgressReporter):
