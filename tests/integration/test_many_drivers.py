@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from test_engine import HPSWEEP, child_runs, cli_env, sweep_file
 
 from hpsweep.plan import plan
 from hpsweep.spec import load_spec
-from test_engine import HPSWEEP, child_runs, cli_env, sweep_file
 
 pytestmark = pytest.mark.slow
 
@@ -197,7 +197,7 @@ def test_overlapping_sweeps_run_shared_cells_once(tmp_path, mlflow_server, moto_
     copied = [r for r in runs_a + runs_b if "hpsweep.copied_from" in r.data.tags]
     assert len(copied) == 6, [r.data.tags.get("hpsweep.copied_from") for r in runs_a + runs_b]
     assert_no_duplicated_step(mlflow_server.url, runs_a + runs_b)
-    shared = {r.data.tags["hpsweep.cell_id"]: r.data.metrics["loss"] for r in runs_a} 
+    shared = {r.data.tags["hpsweep.cell_id"]: r.data.metrics["loss"] for r in runs_a}
     for r in runs_b:
         if r.data.tags["hpsweep.cell_id"] in shared:
             assert r.data.metrics["loss"] == shared[r.data.tags["hpsweep.cell_id"]]
