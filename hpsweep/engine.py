@@ -658,12 +658,20 @@ def _pending_trials(n: int | None):
 
 
 def _spread(cells: list[Cell]) -> list[Cell]:
-    """The cells in plan order, starting at a place of this driver's own: drivers started
-    together then begin on different cells instead of all contending for the first ones."""
+    """The cells in plan order, seeds outermost (every configuration gets its first seed before
+    any gets a second), but within each seed starting at a place of this driver's own: drivers
+    started together then begin on different cells instead of all contending for the first."""
     if len(cells) < 2:
         return cells
-    k = int(hashlib.sha256(driver_id().encode()).hexdigest(), 16) % len(cells)
-    return cells[k:] + cells[:k]
+    k = int(hashlib.sha256(driver_id().encode()).hexdigest(), 16)
+    by_seed: dict[int, list[Cell]] = {}
+    for c in cells:
+        by_seed.setdefault(c.seed, []).append(c)
+    out: list[Cell] = []
+    for group in by_seed.values():
+        j = k % len(group)
+        out += group[j:] + group[:j]
+    return out
 
 
 class _CellQueue(Searcher):
