@@ -328,7 +328,7 @@ def test_a_trainer_failing_on_every_cell_is_reported_once_in_its_own_terms(tmp_p
     message = "InjectedFailure: fail_at=1: failing on purpose at report 1"
     # once per distinct error (all four cells raise the same one), with the trainer's frame
     assert out.count(f"failed (retried first), and 3 more cells with the same error:\n{message}") == 1, out
-    assert "trainers/sleep/__init__.py:" in out and "in train: raise InjectedFailure" in out
+    assert "trainers/sleep/training.py:" in out and "in train: raise InjectedFailure" in out
     # no Ray traceback on the user's screen
     assert "Traceback" not in out and "ray/tune" not in out and "RayTaskError" not in out, out
     # each per-trial "failed" line carries the message
@@ -345,7 +345,7 @@ def test_a_trainer_failing_on_every_cell_is_reported_once_in_its_own_terms(tmp_p
         assert run.data.tags["hpsweep.error"] == message
         local = client.download_artifacts(run.info.run_id, "error.txt", str(tmp_path))
         text = Path(local).read_text()
-        assert text.startswith("Traceback") and "trainers/sleep/__init__.py" in text and message in text
+        assert text.startswith("Traceback") and "trainers/sleep/training.py" in text and message in text
 
 
 def test_an_error_a_retry_cannot_fix_is_not_retried(tmp_path) -> None:
