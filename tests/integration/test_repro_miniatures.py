@@ -36,8 +36,6 @@ SHRINK = {
     "mbpa.lm": {"lm_max_steps": 4, "lm_train_tokens": 5000, "lm_eval_tokens": 300, "report_every": 2,
                 "memory_size": 100, "neighbours": 16},
 }
-#: model files (stage 1 writes, stage 2 reads) go to the test's own directory
-MODEL_PATHS = ("save_model_to", "lm_checkpoint")
 
 
 def test_every_reproduction_has_a_miniature():
@@ -48,9 +46,6 @@ def miniature(path: Path, name: str, tmp_path: Path) -> str:
     doc = yaml.safe_load(path.read_text())
     doc["name"] = doc["name"] + "-mini"
     doc["config"].update(SHRINK[name])
-    for key in MODEL_PATHS:
-        if key in doc["config"]:
-            doc["config"][key] = str(tmp_path / "models" / Path(doc["config"][key]).name)
     doc["seeds"] = 2
     tuned = set((doc.get("selection") or {}).get("over", []))
     for block in [doc.get("parameters") or {}] + list(doc.get("variants") or []):
@@ -80,7 +75,8 @@ def test_reproduction_miniature_runs_and_judges_its_claims(name, tmp_path):
         pre_path.write_text(miniature(pre, name, tmp_path))
         stage1 = cli("run", str(pre_path), "--no-live")
         assert stage1.returncode == 0, stage1.stdout[-3000:] + stage1.stderr[-3000:]
-        assert list((tmp_path / "models").glob("*seed*.pt"))
+        # stage 1's LSTMs are outputs of the test's own storage (HPSWEEP_STORAGE), one per seed
+        assert len(list((tmp_path / "storage" / "outputs" / "models").glob("*seed*.pt"))) == 2
     run = cli("run", str(spec_path), "--no-live")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = tmp_path / "report"
