@@ -3,11 +3,14 @@ every configuration gets its first seed before any gets a second."""
 
 from __future__ import annotations
 
-from hpsweep.engine import _spread
 from hpsweep.plan import Cell
 
 
 def test_spread_rotates_within_each_seed_and_keeps_seeds_outermost(monkeypatch) -> None:
+    # imported here, not at collection: other unit tests check that a bad sweep file never
+    # imports ray.tune in their process
+    from hpsweep.engine import _spread
+
     cells = [Cell(f"{seed}-{x}", i, seed, {"x": x}, {"x": x, "seed": seed})
              for i, (seed, x) in enumerate((s, x) for s in (0, 1, 2) for x in range(7))]
     starts = set()
