@@ -132,13 +132,19 @@ def cmd_status(args) -> int:
     _check_tracking(tracking_uri)
     runs = load_sweep(tracking_uri, spec.name)
     matrix = completeness(plan(spec), runs)
-    held = _held_cells(args, [c.cell_id for c in matrix.cells if c.state != "done"])
+    storage = _held_storage(args, runs.storage)
+    held = _held_cells(storage, args.s3_endpoint, [c.cell_id for c in matrix.cells if c.state != "done"])
     matrix = with_leases(matrix, {k: lease.owner for k, lease in held.items()})
     console.print(status_table(matrix, f"{spec.name}: completeness", limit=args.limit))
     counts = matrix.counts
-    console.print("  ".join(f"{k} {v}" for k, v in counts.items()) + f"  (of {matrix.total} cells)")
+    console.print("  ".join(f"{k} {v}" for k, v in counts.items() if v or k != "stale")
+                  + f"  (of {matrix.total} cells)")
     if matrix.orphans:
         console.print(f"{len(matrix.orphans)} runs belong to cells this file no longer produces")
+    if counts.get("stale"):
+        console.print(f"[magenta]{counts['stale']} cells are RUNNING in MLflow but no driver holds their "
+                      f"lease in {storage}[/]: their driver was killed. `hpsweep run {args.sweep}` "
+                      "resumes them from their last checkpoints.")
     by_owner: dict[str, int] = {}
     for lease in held.values():
         by_owner[lease.owner] = by_owner.get(lease.owner, 0) + 1
@@ -147,17 +153,24 @@ def cmd_status(args) -> int:
     return 0
 
 
-def _held_cells(args, cell_ids: list[str]) -> dict:
-    """Live leases on ``cell_ids`` in the sweep's storage (none if it does not exist yet)."""
-    uri = args.storage or os.environ.get("HPSWEEP_STORAGE")
+def _held_storage(args, tagged: str | None) -> str:
+    """Where the sweep's leases are: the flag or variable if given, else the storage its last
+    driver tagged on the sweep's run, else the default."""
+    from hpsweep.storage import DEFAULT_STORAGE
+
+    return args.storage or os.environ.get("HPSWEEP_STORAGE") or tagged or DEFAULT_STORAGE
+
+
+def _held_cells(uri: str, endpoint: str | None, cell_ids: list[str]) -> dict:
+    """Live leases on ``cell_ids`` in storage ``uri`` (none if it does not exist yet)."""
     if not cell_ids:
         return {}
-    from hpsweep.storage import DEFAULT_STORAGE, open_storage
+    from hpsweep.storage import open_storage
 
-    if not (uri or DEFAULT_STORAGE).startswith("s3://") and not Path(uri or DEFAULT_STORAGE).is_dir():
+    if not uri.startswith("s3://") and not Path(uri).is_dir():
         return {}
-    _check_storage(uri, args.s3_endpoint)
-    return open_storage(uri, args.s3_endpoint).live_leases(cell_ids)
+    _check_storage(uri, endpoint)
+    return open_storage(uri, endpoint).live_leases(cell_ids)
 
 
 def cmd_results(args) -> int:

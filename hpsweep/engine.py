@@ -58,6 +58,7 @@ import ray  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 
+from hpsweep import reaper  # noqa: E402
 from hpsweep.plan import Cell, cell_id, plan, resolve_config  # noqa: E402
 from hpsweep.spec import SweepSpec  # noqa: E402
 from hpsweep.storage import (  # noqa: E402
@@ -380,6 +381,8 @@ def _init_ray(address: str | None, env: dict[str, str]) -> None:
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=runtime_env,
                  logging_level="WARNING", log_to_driver=False, configure_logging=True)
+        with contextlib.suppress(Exception):  # the embedded Ray ends with this process
+            reaper.watch(ray._private.worker._global_node.get_session_dir_path())
 
 
 def cluster_nodes(address: str) -> list[str]:
@@ -527,7 +530,7 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
     started = time.time()
     storage = open_storage(storage_uri, s3_endpoint)
     with storage.lock(f"sweep-{spec.name}"):  # drivers started together: one parent run
-        parent = tracker.start(spec.spec_hash(), spec_text, spec.description)
+        parent = tracker.start(spec.spec_hash(), spec_text, spec.description, storage_uri=storage.uri)
     existing = tracker.cell_runs()
     finished = tracker.finished_cells(existing)
 

@@ -59,7 +59,7 @@ TAG = {
     "seed": "hpsweep.seed", "params": "hpsweep.params", "code": "hpsweep.code_version",
     "version": "hpsweep.version", "spec_hash": "hpsweep.spec_hash", "node_ip": "hpsweep.node_ip",
     "node_id": "hpsweep.node_id", "attempts": "hpsweep.attempts", "early": "hpsweep.early_stopped",
-    "trial": "hpsweep.trial_id",
+    "trial": "hpsweep.trial_id", "storage": "hpsweep.storage",
 }
 _PARENT = "mlflow.parentRunId"
 #: the experiment tag the MLflow UI (3.x) reads to choose an experiment's landing page; without
@@ -171,8 +171,11 @@ class SweepTracker:
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
 
-    def start(self, spec_hash: str, spec_text: str, description: str = "") -> str:
-        """Find or create the experiment and the sweep's parent run; return the parent id."""
+    def start(self, spec_hash: str, spec_text: str, description: str = "",
+              storage_uri: str | None = None) -> str:
+        """Find or create the experiment and the sweep's parent run; return the parent id.
+        ``storage_uri`` (where the cells' checkpoints and leases live) is tagged on the parent,
+        so that ``hpsweep status`` reads the right leases without being told."""
         from mlflow.entities import RunStatus
 
         client = self.client
@@ -201,6 +204,8 @@ class SweepTracker:
             self.parent_run_id = run.info.run_id
         client.set_tag(self.parent_run_id, TAG["spec_hash"], spec_hash)
         client.set_tag(self.parent_run_id, TAG["code"], code_version())
+        if storage_uri:
+            client.set_tag(self.parent_run_id, TAG["storage"], storage_uri)
         if description:
             client.set_tag(self.parent_run_id, "mlflow.note.content", description)
         client.log_text(self.parent_run_id, spec_text, "sweep.yaml")
@@ -497,8 +502,9 @@ def _param_text(value: Any) -> str:
 
 # -- bulk reads -----------------------------------------------------------------------------
 
-#: the four states of a cell, in the order the reports list them
-STATES = ("done", "running", "failed", "pending")
+#: the states of a cell, in the order the reports list them. ``stale``: RUNNING in MLflow but
+#: no driver holds its lease (killed); only ``hpsweep status``, which reads the leases, says so
+STATES = ("done", "running", "failed", "pending", "stale")
 # search_runs page size: the server's cap. A page's cost is mostly a fixed scan of the
 # experiment (measured: 1,000 runs of 6,000 take about as long as all 6,000), so pages of
 # 1,000 made a 6,000-run sweep six times slower to read.
@@ -552,6 +558,7 @@ class SweepRuns:
     parent_run_id: str | None
     cells: dict[str, CellRun]
     fetch_seconds: float = 0.0
+    storage: str | None = None      # the storage the sweep's last driver used (its parent's tag)
 
     def metric_names(self) -> list[str]:
         """Every metric name any cell reported, sorted."""
@@ -716,7 +723,8 @@ def load_sweep(
     eid = exp.experiment_id
     base = f"tags.`{TAG['sweep']}` = '{sweep_name}'"
     parents = _search_all(client, [eid], f"{base} and tags.`{TAG['role']}` = 'sweep'")
-    parent_id = max(parents, key=lambda r: r.info.start_time or 0).info.run_id if parents else None
+    parent = max(parents, key=lambda r: r.info.start_time or 0) if parents else None
+    parent_id = parent.info.run_id if parent else None
     by_cell: dict[str, list] = {}
     for run in _search_all(client, [eid], f"{base} and tags.`{TAG['role']}` = 'cell'"):
         if TAG["cell"] in run.data.tags:
@@ -725,7 +733,8 @@ def load_sweep(
     for cell_id, cands in by_cell.items():
         run, dups = _pick(cands)
         cells[cell_id] = _to_cell(run, dups)
-    runs = SweepRuns(sweep_name, tracking_uri, eid, parent_id, cells, 0.0)
+    runs = SweepRuns(sweep_name, tracking_uri, eid, parent_id, cells, 0.0,
+                     parent.data.tags.get(TAG["storage"]) if parent else None)
     if histories:
         wanted: dict[str, set[str]] = {}
         for c in cells.values():

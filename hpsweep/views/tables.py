@@ -15,7 +15,7 @@ from hpsweep.stats import Completeness, Stat
 __all__ = ["results_table", "results_json", "status_table", "with_leases"]
 
 _MARK = {"done": ("●", "green"), "running": ("◐", "yellow"), "failed": ("✗", "red"),
-         "pending": ("·", "dim")}
+         "pending": ("·", "dim"), "stale": ("◌", "magenta")}
 
 def results_json(groups: list[tuple[dict, Stat]]) -> list[dict[str, Any]]:
     """The groups of :func:`hpsweep.stats.aggregate`, JSON-able (undefined numbers as null)."""
@@ -43,12 +43,20 @@ def results_table(groups: list[tuple[dict, Stat]], metric: str, mode: str, title
     return table
 
 def with_leases(matrix: Completeness, held: dict[str, str]) -> Completeness:
-    """``matrix`` with the cells that a live lease holds (cell id -> its holder) shown
-    running: a driver holds them even where MLflow has no run yet, or a killed one."""
+    """``matrix`` seen through the cells' leases (cell id -> its holder, for the live ones).
+
+    A cell that a live lease holds is running, even where MLflow has no run yet or a failed
+    one. A cell RUNNING in MLflow that no live lease holds is *stale*: every trial holds its
+    cell's lease for as long as it runs and renews it, so its driver was killed (the next
+    ``hpsweep run`` resumes it)."""
     import dataclasses
 
     def mark(c):
-        return dataclasses.replace(c, state="running") if c.cell_id in held and c.state != "done" else c
+        if c.cell_id in held and c.state != "done":
+            return dataclasses.replace(c, state="running")
+        if c.state == "running":
+            return dataclasses.replace(c, state="stale")
+        return c
 
     rows = [(params, {seed: mark(c) for seed, c in by_seed.items()}) for params, by_seed in matrix.rows]
     return dataclasses.replace(matrix, cells=[mark(c) for c in matrix.cells], rows=rows)
@@ -57,7 +65,8 @@ def with_leases(matrix: Completeness, held: dict[str, str]) -> Completeness:
 def status_table(matrix: Completeness, title: str, limit: int = 0) -> Table:
     """Rows are configurations, columns are seeds; each cell is done / running / failed / pending."""
     names = list(dict.fromkeys(k for params, _ in matrix.rows for k in params))
-    table = Table(title=title, caption="● done  ◐ running  ✗ failed  · pending")
+    table = Table(title=title, caption="● done  ◐ running  ✗ failed  · pending"
+                  + ("  ◌ stale" if matrix.counts.get("stale") else ""))
     for name in names:
         table.add_column(name)
     for seed in matrix.seeds:

@@ -296,6 +296,70 @@ def test_in_process_ray_listens_on_loopback_only(tmp_path) -> None:
     assert not exposed, f"listening beyond loopback: {exposed} (all: {listening})"
 
 
+# --- 8: a SIGKILLed driver takes its Ray along; its cells show as stale, not running ---------
+
+def test_a_killed_driver_leaves_no_ray_process_and_its_cells_show_stale(tmp_path) -> None:
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    # the driver alone is killed (the OOM killer, `kill -9 PID`): not its process group
+    env = _hermetic(tmp_path, HPSWEEP_LEASE_TTL="4")
+    path, name = _sweep(tmp_path, "config: {reports: 60, sleep: 0.25}\nparameters:\n  x: {grid: [0.0, 1.0]}\n")
+    proc = subprocess.Popen([HPSWEEP, "run", str(path), "--no-live"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    ray_tmp = Path(env["RAY_TMPDIR"])
+    db = tmp_path / ".hpsweep" / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:  # until both trials run and have logged a step
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the trials never started"
+            if db.exists():
+                with contextlib.suppress(sqlite3.Error), contextlib.closing(sqlite3.connect(db, timeout=1)) as c:
+                    if c.execute("SELECT count(DISTINCT run_uuid) FROM metrics").fetchone()[0] >= 2:
+                        break
+            time.sleep(0.5)
+        session = next(ray_tmp.glob("ray/session_2*"))
+        before = _tree(proc.pid, str(ray_tmp))
+        assert any(n.startswith("ray::") for n in before.values()), before  # not vacuous
+        running = subprocess.run([HPSWEEP, "status", str(path)], env=env, cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=120)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        # every Ray process of the session ends within seconds, not the minutes Ray's agents take
+        from hpsweep.reaper import session_processes
+
+        deadline = time.monotonic() + 30
+        while (left := session_processes(str(session))) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in left}
+        time.sleep(5)  # past the lease's TTL: nobody renews it
+        stale = subprocess.run([HPSWEEP, "status", str(path)], env=env, cwd=tmp_path,
+                               capture_output=True, text=True, timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    runs = _cell_runs(uri, name)
+    assert sorted(r.info.status for r in runs) == ["RUNNING", "RUNNING"]  # as MLflow has them
+    assert running.returncode == 0, running.stderr
+    assert "running 2" in running.stdout and "stale" not in running.stdout, running.stdout
+    assert stale.returncode == 0, stale.stderr
+    assert "stale 2" in stale.stdout and "running 0" in stale.stdout, stale.stdout
+    assert "driver was killed" in stale.stdout and f"hpsweep run {path}" in stale.stdout, stale.stdout
+    # the rerun resumes them: both FINISHED
+    rerun = subprocess.run([HPSWEEP, "run", str(path), "--no-live"], env=_hermetic(tmp_path),
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    client = MlflowClient(uri)
+    assert sorted(r.info.status for r in _cell_runs(uri, name)) == ["FINISHED", "FINISHED"]
+    assert not client.search_runs([client.get_experiment_by_name(name).experiment_id],
+                                  "attributes.status = 'RUNNING'")
+
+
 # --- 9, 10: a failing trainer's error shown once, in its own terms; no retry that cannot help -
 
 def _run_failing(tmp_path: Path, body: str, name: str, trainer: str = "sleep") -> tuple[subprocess.CompletedProcess, str]:

@@ -202,3 +202,23 @@ def test_a_slow_lock_holder_keeps_the_lock_past_the_ttl(storage, monkeypatch):
         left = time.time()
     t.join()
     assert entered and entered[0] >= left
+
+
+def test_status_marks_running_cells_without_a_live_lease_stale():
+    from types import SimpleNamespace
+
+    from hpsweep.stats import completeness
+    from hpsweep.store import SweepRuns
+    from hpsweep.views.tables import with_leases
+
+    cells = [SimpleNamespace(id=f"c{i}", params={"x": i}, seed=0) for i in range(4)]
+    runs = SweepRuns("s", None, "1", "p", {
+        "c0": SimpleNamespace(status="running", run_id="r0"),   # its driver alive
+        "c1": SimpleNamespace(status="running", run_id="r1"),   # its driver killed
+        "c2": SimpleNamespace(status="failed", run_id="r2"),    # taken over, running again
+        "c3": SimpleNamespace(status="done", run_id="r3"),
+    })
+    seen = with_leases(completeness(cells, runs), {"c0": "host:1", "c2": "host:2"})
+    assert [c.state for c in seen.cells] == ["running", "stale", "running", "done"]
+    assert seen.counts == {"done": 1, "running": 2, "failed": 0, "pending": 0, "stale": 1}
+    assert [c.state for _, by_seed in seen.rows for c in by_seed.values()] == [c.state for c in seen.cells]
