@@ -17,7 +17,13 @@ distinct configs at 10^5 cells). For each size it prints, measured side by side 
 example the main branch before this change), in a subprocess, at the same sizes.
 Targets (issue #11): validate and plan of 10^5 cells <= 2 s.
 
+Then the run and status part (``--run-cells``, default 100,10000): ``hpsweep run`` of that
+many instant cells against a local ``mlflow server`` (the per-cell cost, and its ratio between
+the largest and the smallest size: target <= 1.5), a bare Tuner of as many instant trials
+alongside, and ``hpsweep status`` of the largest sweep with every cell finished (target <= 3 s).
+
     PYTHONPATH=$PWD python bench/scale.py [--sizes 3,4,5] [--before /path/to/old/checkout]
+                                          [--run-cells 100,10000] [--skip-bare]
 """
 
 from __future__ import annotations
@@ -111,6 +117,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="3,4,5", help="exponents of the cell counts (default 3,4,5)")
     parser.add_argument("--before", default=None, help="another checkout to time side by side")
+    parser.add_argument("--run-cells", default="100,10000",
+                        help="cell counts for the run and status part ('' to skip it)")
+    parser.add_argument("--skip-bare", action="store_true", help="no bare Tune alongside the runs")
     args = parser.parse_args()
     exponents = [int(e) for e in args.sizes.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="hpsweep-scale-"))
@@ -140,10 +149,101 @@ def main() -> None:
     if target:
         print(f"validate + plan of 10^5 cells: {target[0]:.2f} s (target <= 2 s)")
 
-    # --- status and run parts -------------------------------------------------------------
-    # Left for the helper that adds `hpsweep status` of a finished 10^4-cell sweep against a
-    # local `mlflow server` (target <= 3 s) and the per-cell cost of a run of instant trials
-    # at 10^4 cells against 10^2 (within 1.5x; bare Tune's alongside). Add them here.
+    if args.run_cells:
+        run_and_status([int(n) for n in args.run_cells.split(",")], bare=not args.skip_bare)
+
+
+# --- run and status: instant trials through a real `mlflow server` ---------------------------
+
+BARE = """
+import sys, time
+import ray
+from ray import tune
+n = int(sys.argv[1])
+def trainable(config):
+    tune.report({"loss": float(config["x"])})
+ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
+         log_to_driver=False)
+t0 = time.perf_counter()
+tune.Tuner(tune.with_resources(trainable, {"cpu": 1}), param_space={"x": tune.grid_search(list(range(n)))},
+           tune_config=tune.TuneConfig(reuse_actors=True),
+           run_config=tune.RunConfig(storage_path=sys.argv[2], verbose=0)).fit()
+print("FIT", time.perf_counter() - t0)
+"""
+
+
+def run_sweep_text(n: int) -> str:
+    return (f"name: instant-{n}\ntrainer: sleep\nmetric: {{name: loss, mode: min}}\n"
+            f"config: {{sleep: 0.0, reports: 1}}\nparameters:\n  x: {{range: [0, {n - 1}]}}\n"
+            "resources: {cpus: 1}\nretries: 0\n")
+
+
+def run_and_status(sizes: list[int], bare: bool = True) -> None:
+    """``hpsweep run`` of ``n`` instant cells (the sleep trainer, one report, no sleep) on 2 CPUs
+    against a local ``mlflow server``, for each ``n``: wall, time in Tune, per-cell cost; a
+    bare Tuner (``reuse_actors``, no tracking) of ``n`` instant trials alongside; then
+    ``hpsweep status`` of the largest sweep, every cell finished."""
+    import os
+    import re
+
+    sys.path.insert(0, str(ROOT / "tests" / "integration"))
+    from servers import start_mlflow_server, start_moto_server, wait_settled  # the tests' own
+
+    work = Path(tempfile.mkdtemp(prefix="hpsweep-scale-run-"))
+    (work / "home").mkdir()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_TMPDIR": str(work / "ray"), "HOME": str(work / "home"), "PYTHONPATH": str(ROOT)}
+    moto = start_moto_server(work)
+    mlflow = start_mlflow_server(moto, work)
+    wait_settled(mlflow.process)
+    env.update(moto.env)  # the MLflow server's artifacts are on S3
+    hpsweep = str(Path(sys.executable).with_name("hpsweep"))
+    print(f"\n{'cells':>7} {'wall':>8} {'in Tune':>8} {'ms/cell':>8} {'bare Tune':>10} {'ms/trial':>9} {'x bare':>7}",
+          flush=True)
+    per: dict[int, tuple[float, float | None]] = {}
+    for n in sizes:
+        path = work / f"instant-{n}.yaml"
+        path.write_text(run_sweep_text(n))
+        t0 = time.perf_counter()
+        out = subprocess.run([hpsweep, "run", str(path), "--tracking-uri", mlflow.url, "--storage",
+                              str(work / "storage"), "--no-live"], env=env, cwd=work, capture_output=True,
+                             text=True)
+        wall = time.perf_counter() - t0
+        if out.returncode != 0:
+            raise SystemExit(f"hpsweep run of {n} cells failed:\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
+        fit = float(re.search(r"\(([0-9.]+)s running trials\)", out.stdout).group(1))
+        b = None
+        if bare:
+            res = subprocess.run([sys.executable, "-c", BARE, str(n), str(work / f"bare-{n}")], env=env,
+                                 cwd=work, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise SystemExit(f"bare Tune of {n} trials failed:\n{res.stderr[-3000:]}")
+            b = float(res.stdout.split("FIT")[-1])
+        per[n] = (fit / n, b / n if b else None)
+        print(f"{n:>7} {wall:>7.1f}s {fit:>7.1f}s {fit / n * 1e3:>8.1f} "
+              + (f"{b:>9.1f}s {b / n * 1e3:>9.1f} {fit / b:>7.2f}" if b else f"{'-':>10} {'-':>9} {'-':>7}"),
+              flush=True)
+    lo, hi = min(sizes), max(sizes)
+    if lo != hi:
+        ratio = per[hi][0] / per[lo][0]
+        line = f"per-cell cost at {hi} cells against {lo}: hpsweep {ratio:.2f} (target <= 1.5)"
+        if per[hi][1] and per[lo][1]:
+            line += f", bare Tune {per[hi][1] / per[lo][1]:.2f}"
+        print(line, flush=True)
+    path = work / f"instant-{hi}.yaml"
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        out = subprocess.run([hpsweep, "status", str(path), "--tracking-uri", mlflow.url, "--storage",
+                              str(work / "storage"), "--limit", "5"], env=env, cwd=work,
+                             capture_output=True, text=True)
+        times.append(time.perf_counter() - t0)
+        if out.returncode != 0 or f"done {hi}" not in out.stdout:
+            raise SystemExit(f"hpsweep status of the {hi}-cell sweep:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+    print(f"hpsweep status of {hi} finished cells against the mlflow server: best of 3 {min(times):.2f} s "
+          f"(all: {', '.join(f'{t:.2f}' for t in times)}; target <= 3 s)", flush=True)
+    mlflow.process.stop()
+    moto.process.stop()
 
 
 if __name__ == "__main__":

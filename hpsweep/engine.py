@@ -28,6 +28,7 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import time
@@ -41,7 +42,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1e9")
 # Trainers report different metrics at different times (training loss every few steps,
 # validation now and then); Tune's check that every result carries the sweep metric would
-# fail them. _TuneRun carries the latest value of the sweep metric forward instead.
+# fail them. TrialRun carries the latest value of the sweep metric forward instead.
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 # A failed trial's error is shown once per distinct error, in the trainer's own terms
 # (_Outcomes.report_failures), not as Tune's log of every attempt's full Ray traceback.
@@ -59,21 +60,32 @@ from ray import tune  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 
 from hpsweep import reaper  # noqa: E402
-from hpsweep.plan import Cell, cell_id, plan, resolve_config  # noqa: E402
+from hpsweep.plan import Cell, plan  # noqa: E402
 from hpsweep.spec import SweepSpec  # noqa: E402
 from hpsweep.storage import (  # noqa: E402
     DONE,
     FAILED,
-    STOPPED,
-    HeldLease,
     Lease,
-    LeaseLost,
     Storage,
     driver_id,
     lease_ttl,
     open_storage,
 )
-from hpsweep.store import TAG, CellTracker, SweepTracker, code_version  # noqa: E402
+from hpsweep.store import TAG, SweepTracker, code_version  # noqa: E402
+from hpsweep.trial import (  # noqa: E402
+    CELL,
+    CELL_S,
+    ENDED,
+    ENDED_BATCH,
+    FAILURE,
+    HELD_BY,
+    NO_RETRY,
+    PERMANENT_KEY,
+    RUN_ID,
+    CellFailed,
+    Host,
+    run_trial,
+)
 from hpsweep.views.live import LiveTable  # noqa: E402
 
 __all__ = ["SweepOutcome", "run_sweep", "cluster_nodes"]
@@ -100,232 +112,13 @@ class SweepOutcome:
         return 130 if self.interrupted else (1 if self.failed else 0)
 
 
-# --- the trial (runs on a Ray worker) -------------------------------------------------------
-
-class _TuneRun:
-    """The trainer's ``run`` inside a trial: MLflow through the cell's tracker, checkpoints in
-    the sweep's storage under the cell id, outputs in the storage's ``outputs/`` (logged as
-    artifacts too), progress to Tune."""
-
-    def __init__(self, cell: Cell, storage: Storage, sweep: str, tracker: CellTracker,
-                 every: int, device, metric: str, bases: list[str] | None = None) -> None:
-        self.cell, self.storage, self.sweep, self.tracker = cell, storage, sweep, tracker
-        self.bases = bases or []   # where relative data paths resolve: the sweep's dir, the data root
-        self.every = every
-        self.device = device
-        self.metric = metric
-        self._latest: dict[str, float] = {}
-        self._saves = 0
-        self._held: bytes | None = None
-        self.lease: HeldLease | None = None   # the cell's lease (see _hold_cell)
-
-    def report(self, step: int, **metrics: float) -> None:
-        values = {k: float(v) for k, v in metrics.items()}
-        if self.lease is not None:
-            self.lease.check()  # taken over by another driver: write nothing more
-        self.tracker.check()
-        # The checkpoint saved before this report goes out with it (see CellTracker).
-        self.tracker.log(step, values, checkpoint=self._held)
-        self._held = None
-        if self.metric in values:
-            self._latest[self.metric] = values[self.metric]
-        # Tune (schedulers, searchers, the live table) sees the sweep metric in every result
-        # once it is known; MLflow gets only what the trainer reported.
-        tune.report({**self._latest, **values, "step": int(step)})
-
-    def save_checkpoint(self, state: dict) -> None:
-        from trainers.common.run import dump_state
-
-        self._saves += 1
-        if self._saves % self.every == 0:
-            self._held = dump_state(state)  # serialised now: the trainer goes on mutating state
-
-    def load_checkpoint(self) -> dict | None:
-        from trainers.common.run import load_state
-
-        data = self.storage.read_bytes(self.sweep, "cells", self.cell.id, "checkpoint.pt")
-        return None if data is None else load_state(data, self.device)
-
-    def log_artifact(self, path: str) -> None:
-        self.tracker.log_artifact(path)
-
-    def data_path(self, uri: str):
-        from pathlib import Path
-
-        from trainers.common.data import default_cache_dir, fetch, locate, output_name
-
-        name = output_name(uri)
-        if name is None:
-            return fetch(locate(uri, [Path(b) for b in self.bases]))
-        path = self.storage.get_path(default_cache_dir() / "outputs", "outputs", *name.split("/"))
-        if path is None:
-            raise FileNotFoundError(f"{uri!r}: no output {name!r} in {self.storage.uri}/outputs "
-                                    "(run the sweep that writes it first, on the same --storage)")
-        return path
-
-    def output(self, name: str):
-        from trainers.common.run import staged_output
-
-        def store(path) -> None:
-            self.storage.put_path(path, "outputs", *name.strip("/").split("/"))
-            if path.is_dir():
-                self.tracker.client.log_artifacts(self.tracker.run_id, str(path), artifact_path=path.name)
-            else:
-                self.tracker.log_artifact(str(path))
-
-        return staged_output(name, store)
-
-
-#: errors a retry cannot fix (a missing file, a bad value, a bug): the trial fails at once
-_PERMANENT = (LookupError, ValueError, TypeError, AttributeError, ImportError, NotImplementedError,
-              FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-              ArithmeticError, AssertionError)
-#: the result key by which a trial tells the driver not to retry it (see _Outcomes)
-_NO_RETRY = "hpsweep/no_retry"
-
-
-class CellFailed(Exception):
-    """A trainer's exception as the driver shows it: the cell, the exception's type and message,
-    and the trainer's own frames; the full traceback is in the cell's MLflow run (error.txt)."""
-
-    # every argument has a default: Ray rebuilds exceptions on the driver in ways that call
-    # the constructor with fewer of them (the fields come back from the pickled __dict__)
-    def __init__(self, cell: str = "", summary: str = "", permanent: bool = False,
-                 run_id: str | None = None) -> None:
-        super().__init__(cell, summary, permanent, run_id)
-        self.cell, self.summary, self.permanent, self.run_id = cell, summary, permanent, run_id
-
-    def __str__(self) -> str:
-        return f"cell {self.cell}: {self.summary}"
-
-    @property
-    def headline(self) -> str:
-        return self.summary.splitlines()[0]
-
-
-def _summary(exc: BaseException) -> str:
-    """``Type: message`` and the frames of the traceback inside ``trainers/`` (the trainer's own
-    code; not hpsweep's, Ray's or a library's)."""
-    import traceback
-    from pathlib import Path
-
-    import trainers
-
-    root = Path(trainers.__file__).resolve().parent
-    head = f"{type(exc).__name__}: {exc}".strip()
-    lines = [head.splitlines()[0][:500] if head else type(exc).__name__]
-    for frame in traceback.extract_tb(exc.__traceback__):
-        path = Path(frame.filename).resolve()
-        if path.is_relative_to(root):
-            lines.append(f"  {path.relative_to(root.parent)}:{frame.lineno} in {frame.name}: "
-                         f"{(frame.line or '').strip()}")
-    return "\n".join(lines[:1] + lines[1:][-6:])
-
-
-def _fail(exc: Exception, cell: Cell, tracker: CellTracker | None, run: _TuneRun | None,
-          context: dict) -> CellFailed:
-    """Record the trainer's exception in the cell's run (tag and full traceback) and tell Tune
-    not to retry a permanent one; returns what the trial raises instead."""
-    import traceback
-
-    summary = _summary(exc)
-    permanent = isinstance(exc, _PERMANENT)
-    run_id = None
-    if tracker is not None:
-        with contextlib.suppress(Exception):  # never mask the trainer's own error
-            tracker.finish("FAILED", tags={"hpsweep.error": summary.splitlines()[0][:5000]})
-            run_id = tracker.run_id
-            tracker.client.log_text(run_id, "".join(traceback.format_exception(exc)), "error.txt")
-    latest = run._latest if run is not None else {}
-    # Optuna's searcher reads the metric from every result: no marker before it is known.
-    if permanent and (context["metric"] in latest or not context.get("optuna")):
-        with contextlib.suppress(BaseException):  # a scheduler's stop (SystemExit) included
-            tune.report({**latest, "step": -1, _NO_RETRY: 1})
-    return CellFailed(cell.id, summary, permanent, run_id)
-
-
 def _trial(tune_config: dict, context: dict) -> None:
-    """One cell: open (or reuse) its MLflow run, run the trainer, close the run."""
-    import torch
-
-    from trainers import load_trainer
-    from trainers.common.config import trusted
-
-    if "cell" in tune_config:
-        cell = context["cells"][tune_config["cell"]]
-    else:  # optuna: the sampler chose the values; validated here, once
-        values = {k: tune_config[k] for k in context["swept"]}
-        config = resolve_config(context["spec"], values, context["seed"])
-        cell = Cell(cell_id(context["trainer"], config), -1, context["seed"], values, config)
-    info = load_trainer(context["trainer"])
-    # The planner validated this config (hpsweep.points); the trial trusts it.
-    trainer_config = trusted(info.Config, cell.config)
-    gpus = ray.get_gpu_ids()
-    device = torch.device("cuda") if gpus and torch.cuda.is_available() else torch.device("cpu")
-    torch.set_num_threads(max(1, int(context["cpus"])))
-    runtime = ray.get_runtime_context()
-    storage = open_storage(**context["storage"])
-    lease = _hold_cell(storage, cell, context, force=bool(tune_config.get("force")))
-    if lease is None:
-        return
-    checkpoint_path = (context["sweep"], "cells", cell.id, "checkpoint.pt")
-    tracker = CellTracker(context["tracking_uri"], context["experiment_id"], context["parent_run_id"],
-                          context["sweep"], cell, extra_tags={
-                              TAG["node_ip"]: ray.util.get_node_ip_address(),
-                              TAG["node_id"]: runtime.get_node_id(),
-                              TAG["trial"]: tune.get_context().get_trial_id() or ""},
-                          write_checkpoint=lambda data: (lease.check(), storage.write_bytes(data, *checkpoint_path)))
-    run = _TuneRun(cell, storage, context["sweep"], tracker, context["every"], device, context["metric"],
-                   context.get("bases"))
-    run.lease = lease
-    ended, done_info = FAILED, None
-    try:
-        info.train(trainer_config, run)
-        tracker.finish("FINISHED")
-        ended, done_info = DONE, {"sweep": context["sweep"], "experiment_id": context["experiment_id"],
-                                  "run_id": tracker.run_id, "tracking_uri": context["tracking_uri"]}
-    except LeaseLost:
-        tracker.abandon()  # the cell's new holder owns the run now: leave its status alone
-        raise
-    except SystemExit:
-        # Stopped by the scheduler or by an interruption: send what is buffered and mark the
-        # run KILLED (resumable); the driver, which knows which of the two it was, turns the
-        # scheduler's stops into FINISHED once the trials are done.
-        ended = STOPPED
-        with contextlib.suppress(Exception):
-            tracker.close()
-            if tracker.client.get_run(tracker.run_id).info.status == "RUNNING":
-                tracker.client.set_terminated(tracker.run_id, status="KILLED")
-        raise
-    except Exception as exc:
-        # Tune gets the short form; the full traceback is kept in the run and in Ray's log
-        raise _fail(exc, cell, tracker, run, context) from exc
-    except BaseException:
-        with contextlib.suppress(Exception):  # never mask the trainer's own error
-            tracker.finish("FAILED")
-        raise
-    finally:
-        with contextlib.suppress(Exception):  # the renewals stop whatever happened
-            lease.end(ended, done_info)
+    """The trainable Tune runs: the trial itself is :func:`hpsweep.trial.run_trial`."""
+    run_trial(tune_config, context, Host(tune.report, tune.get_context().get_trial_id() or ""))
 
 
-# --- leases: one cell, one runner, across drivers (the protocol is storage.HeldLease's) ------
-
-_HELD_BY = "hpsweep/held_by"   # the result of a trial that found its cell held elsewhere
-
-
-def _hold_cell(storage: Storage, cell: Cell, context: dict, force: bool = False) -> HeldLease | None:
-    """Take the cell's lease before anything of the cell is touched; the trial holds it (and
-    renews it) while the cell runs. When another live runner holds it, or it is done, the trial
-    reports who (the driver waits for it, or adopts its run) and runs nothing."""
-    lease, other = HeldLease.acquire(
-        storage, cell.id, context["driver"], ttl=context["lease_ttl"],
-        info={"sweep": context["sweep"], "trial": tune.get_context().get_trial_id() or ""},
-        over=(DONE,) if force else ())  # a done record this sweep's MLflow lacks
-    if lease is None:
-        tune.report({_HELD_BY: other.owner if other else "?", "hpsweep/cell": cell.id,
-                     "hpsweep/lease_state": other.state if other else "?"})
-    return lease
+_BUNDLE_S = 10.0               # bundle: auto fills a trial with about this many seconds of cells
+_BUNDLE_MAX = 256
 
 
 # --- the driver -----------------------------------------------------------------------------
@@ -428,35 +221,114 @@ def _ray_log_dir() -> str:
 class _Outcomes(tune.Callback):
     """Which trials completed or failed (the rest were interrupted), and ASHA's early stops."""
 
-    def __init__(self, tracker: SweepTracker, asha, live: LiveTable) -> None:
+    def __init__(self, tracker: SweepTracker, asha, live: LiveTable, queue: _CellQueue | None = None,
+                 retries: int = 0) -> None:
         self.tracker, self.asha, self.live = tracker, asha, live
         self.completed: set[str] = set()
         self.errored: set[str] = set()
         self.failures: list[CellFailed] = []
         self.stopped: dict[str, bool] = {}   # trial id -> stopped early (ASHA)
         self.held: dict[str, tuple[str, str]] = {}  # cell id -> (owner, lease state): run elsewhere
+        # bundles (queue given): outcomes per cell, and the retries that the queue makes
+        self.queue, self.retries = queue, retries
+        self.cell_state: dict[str, str] = {}          # cell id -> done | failed (its last attempt)
+        self.cell_failure: dict[str, CellFailed] = {}
+        self.attempts: dict[str, int] = {}            # cell id -> failed attempts
+        self.current: dict[str, str] = {}             # trial id -> the cell it runs now
+        self.ended: dict[str, set[str]] = {}          # trial id -> its cells that ended
 
     def __getstate__(self) -> dict:
         # Tuner pickles its run config for Tuner.restore, which hpsweep does not use (cell
         # ids make a rerun resume instead); the MLflow client and the console stay out of it.
         return {**self.__dict__, "tracker": None, "live": None}
 
+    @property
+    def bundled(self) -> bool:
+        return self.queue is not None
+
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.live.started(trial.trial_id, trial.config)
+        if not self.bundled:  # a bundle's rows are its cells', made as they start
+            self.live.started(trial.trial_id, trial.config)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if result.get(_NO_RETRY):
+        if result.get(NO_RETRY):
             # the trial is about to raise an error a retry cannot fix: Tune's retries off
             trial.max_failures = 0
             return
+        if self.bundled:
+            for marker in json.loads(result.get(ENDED_BATCH, "[]")):
+                self._cell_result(trial.trial_id, marker)
+            if CELL in result:
+                self._cell_result(trial.trial_id, result)
+            return
         self.live.result(trial.trial_id, result)
 
+    # -- bundles: a row, a state and the retries per cell
+    def _cell_result(self, trial_id: str, result: dict) -> None:
+        cell = result[CELL]
+        if HELD_BY in result:  # the queue waits for it
+            self.held[cell] = (result[HELD_BY], result.get("hpsweep/lease_state", ""))
+            self.live.elsewhere(None, cell, result[HELD_BY])
+            return
+        key = f"cell:{cell}"
+        if self.current.get(trial_id) != cell:
+            self.current[trial_id] = cell
+            self.live.started(key, {"cell": cell})
+        ended = result.get(ENDED)
+        self.live.result(key, result)
+        if ended is None:
+            return
+        self.current.pop(trial_id, None)
+        self.ended.setdefault(trial_id, set()).add(cell)
+        if CELL_S in result and key in self.live.rows:  # the cell's own time, not the table's
+            self.live.rows[key]["start"] = time.time() - float(result[CELL_S])
+        if ended == "done":
+            self.cell_state[cell] = "done"
+            self.cell_failure.pop(cell, None)
+            self.live.done(key, "done")
+            return
+        failure = CellFailed(cell, result.get(FAILURE, ""), bool(result.get(PERMANENT_KEY)),
+                             result.get(RUN_ID) or None)
+        self._cell_failed(cell, failure, key)
+
+    def _cell_failed(self, cell: str, failure: CellFailed, key: str) -> None:
+        self.cell_state[cell] = "failed"
+        self.cell_failure[cell] = failure
+        self.attempts[cell] = self.attempts.get(cell, 0) + 1
+        if not failure.permanent and self.attempts[cell] <= self.retries:
+            self.queue.requeue([cell])  # from its last checkpoint, in a later bundle
+            self.live.done(key, "retry", error=failure.headline)
+        else:
+            self.live.done(key, "failed", error=failure.headline)
+
+    def _bundle_error(self, trial) -> None:
+        """A bundle's worker died (or its lease was lost): the cell it ran failed this attempt;
+        its cells not started go back to the queue."""
+        cell = self.current.pop(trial.trial_id, None)
+        ended = self.ended.pop(trial.trial_id, set())
+        if cell is not None:
+            message = str(getattr(trial, "error_msg", "") or "the trial's worker died").strip()
+            self._cell_failed(cell, CellFailed(cell, message.splitlines()[-1][:500] if message else
+                                               "the trial's worker died"), f"cell:{cell}")
+        self.queue.requeue([c for c in trial.config.get("cells", ()) if c not in ended and c != cell])
+
+    def final(self) -> tuple[int, int]:
+        """(cells finished, cells failed) by this driver, each cell counted once."""
+        if not self.bundled:
+            return len(self.completed), len(self.errored)
+        states = list(self.cell_state.values())
+        return states.count("done"), states.count("failed")
+
     def on_trial_complete(self, iteration, trials, trial, **info):
+        if self.bundled:
+            self.current.pop(trial.trial_id, None)
+            self.ended.pop(trial.trial_id, None)
+            return
         result = trial.last_result or {}
-        if _HELD_BY in result:  # the cell's lease was held by another driver: not run here
+        if HELD_BY in result:  # the cell's lease was held by another driver: not run here
             cell = result["hpsweep/cell"]
-            self.held[cell] = (result[_HELD_BY], result.get("hpsweep/lease_state", ""))
-            self.live.elsewhere(trial.trial_id, cell, result[_HELD_BY])
+            self.held[cell] = (result[HELD_BY], result.get("hpsweep/lease_state", ""))
+            self.live.elsewhere(trial.trial_id, cell, result[HELD_BY])
             return
         self.completed.add(trial.trial_id)
         self.live.done(trial.trial_id, "done")
@@ -467,6 +339,9 @@ class _Outcomes(tune.Callback):
             self.stopped[trial.trial_id] = not reached
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        if self.bundled:
+            self._bundle_error(trial)
+            return
         self.errored.add(trial.trial_id)
         failure = _cell_failure(trial)
         if failure is not None:
@@ -477,7 +352,9 @@ class _Outcomes(tune.Callback):
     def report_failures(self, note, cells: dict[str, Cell]) -> None:
         """Each distinct error once: the trainer's exception, its frames, the cells it hit."""
         groups: dict[str, list[CellFailed]] = {}
-        for failure in self.failures:
+        failures = self.failures if not self.bundled else [
+            self.cell_failure[c] for c, s in self.cell_state.items() if s == "failed" and c in self.cell_failure]
+        for failure in failures:
             groups.setdefault(failure.summary, []).append(failure)
         for summary, failures in groups.items():
             first = failures[0]
@@ -564,6 +441,7 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
         "metric": spec.metric.name, "optuna": optuna, "bases": spec.data_bases(),
         "driver": driver_id(), "lease_ttl": lease_ttl(),
         "cells": {c.id: c for c in pending},
+        "ran": frozenset(existing),   # cells with a run in MLflow (none finished) at the start
     }
     search_alg, queue = None, None
     if optuna:
@@ -575,8 +453,10 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
         search_alg = OptunaSearch(metric=spec.metric.name, mode=spec.metric.mode)
     else:
         param_space = {}
-        queue = search_alg = _CellQueue(_spread(pending), storage, tracker, table, context)
-    outcomes = _Outcomes(tracker, spec.scheduler if spec.scheduler.type == "asha" else None, table)
+        queue = search_alg = _CellQueue(_spread(pending), storage, tracker, table, context,
+                                        bundle=spec.bundle if spec.bundles() else 1, slots=_slots(spec))
+    outcomes = _Outcomes(tracker, spec.scheduler if spec.scheduler.type == "asha" else None, table,
+                         queue=queue if spec.bundles() else None, retries=spec.retries)
     fit_started = time.time()
     with table, _pending_trials(None if optuna else _slots(spec)):
         _tuner(spec, context, param_space, search_alg, outcomes, storage, todo if optuna else -1).fit()
@@ -585,7 +465,7 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
     elsewhere = len(outcomes.held) if optuna else queue.elsewhere
     if outcomes.stopped:
         outcomes.finish_stopped()
-    completed, failed = len(outcomes.completed), len(outcomes.errored)
+    completed, failed = outcomes.final()
     interrupted = todo - completed - failed - elsewhere
     if interrupted > 0:
         # Trials killed by the interruption leave RUNNING runs: mark them KILLED; a rerun
@@ -614,18 +494,25 @@ def _tuner(spec: SweepSpec, context: dict, param_space: dict, search_alg, outcom
             metric=spec.metric.name, mode=spec.metric.mode, num_samples=num_samples,
             search_alg=search_alg, scheduler=_scheduler(spec),
             max_concurrent_trials=spec.max_concurrent or None, reuse_actors=True,
-            trial_name_creator=lambda t: f"cell_{t.config.get('cell', t.trial_id)}",
-            trial_dirname_creator=lambda t: f"cell_{t.config.get('cell', t.trial_id)}",
+            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
         ),
         run_config=tune.RunConfig(
             # unique per driver and round: drivers of one sweep share the storage
             name=time.strftime("tune-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6],
             storage_path=storage.path(spec.name), storage_filesystem=storage.fs,
-            failure_config=tune.FailureConfig(max_failures=spec.retries),
+            # bundles: the queue retries each failed cell, never a whole bundle
+            failure_config=tune.FailureConfig(max_failures=0 if spec.bundles() else spec.retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[outcomes], verbose=0, progress_reporter=_Silent(),
         ),
     )
+
+
+def _trial_name(trial) -> str:
+    cells = trial.config.get("cells")
+    if cells:
+        return f"cells_{cells[0]}" + (f"_and_{len(cells) - 1}" if len(cells) > 1 else "")
+    return f"cell_{trial.config.get('cell', trial.trial_id)}"
 
 
 def _slots(spec: SweepSpec) -> int:
@@ -686,12 +573,14 @@ class _CellQueue(Searcher):
     record says how a waited-for cell ended: ``done`` in this sweep (its run is in MLflow),
     ``done`` in another sweep sharing the cell (its run is copied into this one), ``failed``
     (that driver's failure, not this one's). The search ends when every cell has been run
-    here or settled elsewhere. Trials still take each lease atomically (``_hold_cell``): the
+    here or settled elsewhere. Trials still take each lease atomically (``hpsweep.trial``): the
     look here only spares a trial for cells already taken."""
 
     def __init__(self, cells: list[Cell], storage: Storage, tracker: SweepTracker, table: LiveTable,
-                 context: dict) -> None:
+                 context: dict, bundle: int | str = 1, slots: int = 1) -> None:
         super().__init__()
+        self.bundle, self.slots = bundle, max(1, slots)   # bundle: 1 (a cell a trial), N, "auto"
+        self.cell_seconds, self.cells_timed = 0.0, 0
         self.storage, self.tracker, self.table = storage, tracker, table
         self.experiment_id, self.cells = context["experiment_id"], context["cells"]
         self.queue = collections.deque(c.id for c in cells)
@@ -714,16 +603,43 @@ class _CellQueue(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         pass
 
+    def bundle_size(self) -> int:
+        """Cells for the next trial. ``auto``: as many as fill about ``_BUNDLE_S`` seconds at
+        the mean duration of the cells ended so far (one until a cell has ended: long cells
+        keep a trial each); never more than half an even share of the queue over the slots, so
+        that bundles shrink towards the end and every slot works until about the same time."""
+        if self.bundle == 1:
+            return 1
+        if self.bundle == "auto":
+            if not self.cells_timed:
+                return 1
+            mean = self.cell_seconds / self.cells_timed
+            n = int(_BUNDLE_S / max(mean, 1e-3))
+        else:
+            n = int(self.bundle)
+        share = -(-len(self.queue) // (2 * self.slots))
+        return max(1, min(n, share, _BUNDLE_MAX))
+
+    def requeue(self, cells: list[str]) -> None:
+        """Cells of a bundle to hand out again (a retry, or a bundle cut short)."""
+        self.queue.extendleft(reversed(cells))
+
     def suggest(self, trial_id: str):
-        while self.queue:
+        size, picked = self.bundle_size(), []
+        while self.queue and len(picked) < size:
             cid = self.queue.popleft()
             lease = None if cid in self.force else self.storage.read_lease(cid)
             if lease is not None and (lease.live or lease.state == DONE):
                 self.waiting[cid] = lease.owner
                 self.table.elsewhere(None, cid, lease.owner)
                 continue
+            picked.append(cid)
+        if picked:
             self.active += 1
-            return {"cell": cid, **({"force": True} if cid in self.force else {})}
+            forced = [c for c in picked if c in self.force]
+            if self.bundle == 1:
+                return {"cell": picked[0], **({"force": True} if forced else {})}
+            return {"cells": picked, **({"force": forced} if forced else {})}
         if self.waiting and time.time() >= self._next_poll:
             self._next_poll = time.time() + self.poll
             self._settle()
@@ -733,10 +649,17 @@ class _CellQueue(Searcher):
             return Searcher.FINISHED
         return None
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if HELD_BY in result:  # its trial lost the race for the lease: wait for the cell
+            self.waiting[result[CELL]] = result[HELD_BY]
+        for marker in json.loads(result.get(ENDED_BATCH, "[]")):
+            self.cell_seconds += float(marker[CELL_S])
+            self.cells_timed += 1
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self.active -= 1
-        if result and _HELD_BY in result:  # its trial lost the race for the lease
-            self.waiting[result["hpsweep/cell"]] = result[_HELD_BY]
+        if result and HELD_BY in result:  # its trial lost the race for the lease
+            self.waiting[result[CELL]] = result[HELD_BY]
 
     def _settle(self) -> None:
         finished = self.tracker.finished_cells()

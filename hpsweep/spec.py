@@ -103,6 +103,9 @@ class SweepSpec(Model):
     resources: Resources = Resources()
     max_concurrent: int = Field(default=0, ge=0)
     retries: int = Field(default=1, ge=0)
+    # cells a trial runs one after another (FIFO grids): "auto" sizes bundles from the cells'
+    # measured durations (short cells share a trial; long ones get one each); 1 = one a trial
+    bundle: int | Literal["auto"] = "auto"
     checkpoint: Checkpointing = Checkpointing()
     selection: Selection | None = None
     claims: list[Claim] = Field(default_factory=list)
@@ -147,6 +150,22 @@ class SweepSpec(Model):
             if len(set(v)) != len(v):
                 raise ValueError(f"seeds must be distinct, got {v}")
         return v
+
+    @field_validator("bundle")
+    @classmethod
+    def _bundle(cls, v: int | str, info) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"must be 'auto' or a number of cells >= 1, got {v}")
+        scheduler, search = info.data.get("scheduler"), info.data.get("search")
+        if isinstance(v, int) and v > 1 and (getattr(scheduler, "type", "fifo") != "fifo"
+                                             or getattr(search, "algorithm", "grid") == "optuna"):
+            raise ValueError("a trial runs several cells only under scheduler fifo with grid or random "
+                             "search (ASHA and Optuna act on one cell a trial): remove bundle, or set it to 1")
+        return v
+
+    def bundles(self) -> bool:
+        """Whether trials run bundles of cells (FIFO, cells planned ahead, not ``bundle: 1``)."""
+        return self.bundle != 1 and self.scheduler.type == "fifo" and self.search.algorithm != "optuna"
 
     @property
     def seed_list(self) -> list[int]:

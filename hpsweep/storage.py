@@ -98,6 +98,7 @@ class Lease:
     expires: float
     info: dict
     version: str = ""
+    first: bool = False   # as acquired: the key had no record before (never held by anyone)
 
     @property
     def live(self) -> bool:
@@ -289,7 +290,8 @@ class Storage:
 
         def decide(current: Lease | None) -> Lease | None:
             if current is None or current.acquirable or current.state in over:
-                return dataclasses.replace(mine, expires=time.time() + ttl)
+                # first: no runner has ever held this key (so none has written anything of it)
+                return dataclasses.replace(mine, expires=time.time() + ttl, first=current is None)
             return None
 
         return self._cas(key, decide)
@@ -449,7 +451,7 @@ def _read_all(fd: int) -> bytes:
 
 
 class HeldLease:
-    """The per-cell lease protocol, on the side that runs the cell (see ``engine._trial``).
+    """The per-cell lease protocol, on the side that runs the cell (see ``hpsweep.trial``).
 
     :meth:`acquire` takes the cell's lease (or says who holds it); while held, a daemon thread
     renews it every ``ttl / 3``; a renewal refused means another process took the cell over

@@ -293,8 +293,12 @@ class CellTracker:
     """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_name: str,
-                 cell: Any, extra_tags: dict[str, str] | None = None, write_checkpoint=None) -> None:
+                 cell: Any, extra_tags: dict[str, str] | None = None, write_checkpoint=None,
+                 fresh: bool = False) -> None:
         self.client = mlflow_client(tracking_uri)
+        # fresh: the caller knows the cell has no run in this sweep (none when its driver read
+        # MLflow, and its lease never held before): no search for one to reuse
+        self._fresh = fresh
         self.cell = cell
         self._write_checkpoint = write_checkpoint
         self._buffer: list[Any] = []
@@ -335,7 +339,7 @@ class CellTracker:
         import hpsweep
 
         cell = self.cell
-        existing = self.client.search_runs(
+        existing = [] if self._fresh else self.client.search_runs(
             [experiment_id], f"tags.`{TAG['cell']}` = '{cell.id}' and tags.`{_PARENT}` = '{parent_run_id}'",
             order_by=["attributes.start_time DESC"])
         if any(r.info.status == "FINISHED" for r in existing):

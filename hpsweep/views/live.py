@@ -79,7 +79,7 @@ class LiveTable:
             metric = f"{self.spec.metric.name}={fmt_value(row['metric'])}" if row["metric"] is not None else ""
             why = f"  ({error.strip().splitlines()[-1][:120]})" if error.strip() else ""
             self.console.print(f"[{finished}/{self.total}] {status:<6} {row['label']}  {metric}"
-                               f"  {row['end'] - row['start']:.1f}s{why}", highlight=False)
+                               f"  {row['end'] - row['start']:.1f}s{why}", highlight=False, markup=False)
         self._redraw(force=True)
 
     # -- cells run by other drivers (their leases held): shown as running there
@@ -93,7 +93,7 @@ class LiveTable:
         self.rows[f"held:{cell_id}"] = {"label": label, "status": "running", "step": None,
                                         "metric": None, "start": time.time(), "end": None}
         if not self.enabled:
-            self.console.print(f"[running elsewhere] {label}", highlight=False)
+            self.console.print(f"[running elsewhere] {label}", highlight=False, markup=False)
         self._redraw(force=True)
 
     def settled(self, cell_id: str, status: str) -> None:

@@ -44,21 +44,21 @@ def test_outputs_go_to_s3_storage_and_back_through_the_engines_run(moto_server, 
     a rewrite of the output (a rerun of stage 1) is fetched again, not served from the cache."""
     from mlflow import MlflowClient
 
-    from hpsweep.engine import _TuneRun
     from hpsweep.plan import Cell
     from hpsweep.storage import open_storage
     from hpsweep.store import CellTracker, SweepTracker
+    from hpsweep.trial import TrialRun
 
     monkeypatch.setenv("HPSWEEP_DATA_CACHE", str(tmp_path / "cache"))
     bucket = moto_server.create_bucket()
     storage = open_storage(f"s3://{bucket}/hp")
 
-    def engine_run(sweep: str) -> _TuneRun:
+    def engine_run(sweep: str) -> TrialRun:
         tracker = SweepTracker(mlflow_server.url, sweep)
         parent = tracker.start("h", "name: x")
         cell = Cell("c" + sweep[-1], 0, 0, {}, {"seed": 0})
         cell_tracker = CellTracker(mlflow_server.url, tracker.experiment_id, parent, sweep, cell)
-        return _TuneRun(cell, storage, sweep, cell_tracker, 1, torch.device("cpu"), "m",
+        return TrialRun(cell, storage, sweep, cell_tracker, 1, torch.device("cpu"), "m",
                         [str(tmp_path), str(tmp_path / "root")])
 
     stage1 = engine_run("stage-1")

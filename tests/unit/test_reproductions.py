@@ -68,7 +68,8 @@ def test_reproduction_sweep_follows_the_protocol(name):
         assert claim["metric"] != chooser or not chooser.startswith("valid/"), "claims are judged on test"
 
 
-REPORTS = sorted(DOCS.glob("*/report.md"))
+REPORTS = sorted(p for p in DOCS.glob("*/report.md") if not p.parent.name.startswith("_"))
+FAMILY = DOCS / "_family" / "report.md"   # every sweep on one page (make reproduce writes it)
 
 
 def test_committed_reports_name_code_version_and_their_claims_parse():
@@ -89,6 +90,16 @@ def check_report(index, report: Path) -> None:
     assert all(r["verdict"] in index.VERDICTS for r in rows)
     prov = json.loads((report.parent / "provenance.json").read_text())
     assert prov["runs"] and all(r["wall_s"] >= 0 and r["code_version"] for r in prov["runs"])
+
+
+def test_family_page_holds_every_sweep_claim_once():
+    assert FAMILY.exists() or not REPORTS, "make reproduce writes the family page with the reports"
+    index = load_index()
+    rows = index.parse_claims(FAMILY.read_text(encoding="utf-8"))
+    per_sweep = [r["claim"] for p in REPORTS for r in index.parse_claims(p.read_text(encoding="utf-8"))]
+    assert sorted(r["claim"] for r in rows) == sorted(per_sweep)
+    verdicts = {r["claim"]: r["verdict"] for p in REPORTS for r in index.parse_claims(p.read_text())}
+    assert all(verdicts[r["claim"]] == r["verdict"] for r in rows)
 
 
 def test_index_table_is_generated_from_the_reports():

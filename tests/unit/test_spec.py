@@ -21,7 +21,7 @@ BAD = [
     (HEAD + "name: u\n", ["bad.yaml:4: name: duplicate key (first defined on line 1); remove one of them"]),
     (HEAD + "num_sample: 3\n", ["bad.yaml:4: num_sample: unknown key (known keys: name, description, "
                                "trainer, config, parameters, variants, exclude, seeds, metric, search, "
-                               "scheduler, resources, max_concurrent, retries, checkpoint, selection, claims)"]),
+                               "scheduler, resources, max_concurrent, retries, bundle, checkpoint, selection, claims)"]),
     (HEAD + "search: {algorithm: random, num_sample: 3}\n",
      ["bad.yaml:4: search.num_sample: unknown key (did you mean 'samples'?)"]),
     (HEAD + "sceduler: {type: fifo}\n", ["bad.yaml:4: sceduler: unknown key (did you mean 'scheduler'?)"]),
@@ -75,7 +75,7 @@ BAD = [
     (HEAD + "parameters:\n  x: {grid: [1]}\nexclude:\n  - {y: 1}\n", ["bad.yaml:7: exclude.0.y: exclude names a parameter that is not swept"]),
     (HEAD + "evil: !!python/object/apply:os.system [echo hacked]\n",
      ["bad.yaml:4: evil: tag 'tag:yaml.org,2002:python/object/apply:os.system' is not allowed (only plain YAML data: mappings, lists, strings, numbers, booleans, null)",
-      "bad.yaml:4: evil: unknown key (known keys: name, description, trainer, config, parameters, variants, exclude, seeds, metric, search, scheduler, resources, max_concurrent, retries, checkpoint, selection, claims)"]),
+      "bad.yaml:4: evil: unknown key (known keys: name, description, trainer, config, parameters, variants, exclude, seeds, metric, search, scheduler, resources, max_concurrent, retries, bundle, checkpoint, selection, claims)"]),
     (HEAD + "parameters:\n  x: {pow10: [-1]}\nsearch: {algorithm: optuna, samples: 3}\nseeds: 2\n",
      ["bad.yaml:7: seeds: optuna tunes one seed at a time: give seeds: 1 (or a one-seed list), then rerun the best configurations with more seeds as a grid"]),
 ]
