@@ -124,6 +124,11 @@ class Engine:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"dockerd exited {self.proc.returncode}:\n{self.log_tail()}")
             if self.sock.exists() and self.docker("version", check=False).returncode == 0:
+                # containers of an earlier run on the cached data root come back with the engine
+                # (their restart policy): removed before anything is built or timed
+                left = self.docker("ps", "-aq", check=False).stdout.split()
+                if left:
+                    self.docker("rm", "-f", *left, check=False, timeout=300)
                 return
             time.sleep(0.5)
         raise RuntimeError(f"dockerd did not answer in 60 s:\n{self.log_tail()}")

@@ -79,7 +79,8 @@ def params(run: dict) -> dict[str, str]:
 def history(stack, run_id: str, key: str = METRIC) -> list[dict]:
     from urllib.parse import quote
 
-    return mlflow(stack, f"metrics/get-history?run_id={run_id}&metric_key={quote(key)}")["metrics"]
+    # a run that has not logged ``key`` yet: MLflow's REST API answers {} (no "metrics" at all)
+    return mlflow(stack, f"metrics/get-history?run_id={run_id}&metric_key={quote(key)}").get("metrics", [])
 
 
 def checkpoint_keys(stack, prefix: str) -> list[str]:
