@@ -226,8 +226,8 @@ class _Teller:
     """What a bundle tells Tune: one result at most every ``_TELL_S`` seconds, holding the
     cells that ended since (``ENDED_BATCH``, JSON) and the latest progress of the cell running
     now; the rest at the bundle's end. Each ``tune.report`` waits for the driver to take the
-    result (a round trip), which for short cells cost more than the cell; under FIFO nothing
-    but the live table needs every step, and MLflow has them all."""
+    result (a round trip): a bundle of short cells makes one a second instead of two a cell.
+    Under FIFO nothing but the live table needs every step, and MLflow has them all."""
 
     def __init__(self, report) -> None:
         self.report = report
