@@ -205,9 +205,11 @@ def run_and_status(sizes: list[int], bare: bool = True) -> None:
         path = work / f"instant-{n}.yaml"
         path.write_text(run_sweep_text(n))
         t0 = time.perf_counter()
+        # a storage of its own per size: the sizes share cells (x = 0..99), which would else be
+        # copied from the smaller sweep instead of run
         out = subprocess.run([hpsweep, "run", str(path), "--tracking-uri", mlflow.url, "--storage",
-                              str(work / "storage"), "--no-live"], env=env, cwd=work, capture_output=True,
-                             text=True)
+                              str(work / f"storage-{n}"), "--no-live"], env=env, cwd=work,
+                             capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if out.returncode != 0:
             raise SystemExit(f"hpsweep run of {n} cells failed:\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
@@ -235,7 +237,7 @@ def run_and_status(sizes: list[int], bare: bool = True) -> None:
     for _ in range(3):
         t0 = time.perf_counter()
         out = subprocess.run([hpsweep, "status", str(path), "--tracking-uri", mlflow.url, "--storage",
-                              str(work / "storage"), "--limit", "5"], env=env, cwd=work,
+                              str(work / f"storage-{hi}"), "--limit", "5"], env=env, cwd=work,
                              capture_output=True, text=True)
         times.append(time.perf_counter() - t0)
         if out.returncode != 0 or f"done {hi}" not in out.stdout:

@@ -703,7 +703,7 @@ def _adopt(tracker: SweepTracker, storage: Storage, cell: Cell, lease: Lease) ->
             info.get("tracking_uri") != tracker.tracking_uri or not info.get("run_id"):
         return False
     with storage.lock(f"adopt-{tracker.experiment_id}-{cell.id}"):
-        if cell.id in tracker.finished_cells():
+        if tracker.cell_finished(cell.id):
             return True
         return tracker.adopt(cell, info["run_id"], info.get("sweep", ""))
 

@@ -225,6 +225,14 @@ class SweepTracker:
             if not token:
                 return runs
 
+    def cell_finished(self, cell_id: str) -> bool:
+        """Whether cell ``cell_id`` has a FINISHED run in this sweep (one search for that cell,
+        not a read of the whole sweep)."""
+        runs = self.client.search_runs(
+            [self.experiment_id], f"tags.`{TAG['cell']}` = '{cell_id}' and tags.`{_PARENT}` = "
+            f"'{self.parent_run_id}' and attributes.status = 'FINISHED'", max_results=1)
+        return bool(runs)
+
     def finished_cells(self, runs: dict[str, list[Any]] | None = None) -> set[str]:
         runs = self.cell_runs() if runs is None else runs
         return {cell for cell, rs in runs.items() if any(r.info.status == "FINISHED" for r in rs)}
