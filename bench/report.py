@@ -127,7 +127,8 @@ def main() -> None:
                                      "--port", str(port), "--workers", "1",
                                      "--backend-store-uri", f"sqlite:///{db}",
                                      "--artifacts-destination", str(work / "artifacts")],
-                          log_path=work / "mlflow.log", cwd=work)
+                          log_path=work / "mlflow.log", cwd=work,
+                          env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # as docker/ ships it
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(server, lambda: http_ok(f"{url}/health"), timeout=180, what="/health")

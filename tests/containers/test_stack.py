@@ -312,16 +312,9 @@ def test_the_cuda_dockerfile_builds_on_a_stand_in_base(engine, images, tmp_path)
     """docker/Dockerfile.cuda, unchanged, on a stand-in of PyTorch's CUDA image (Python 3.11 and
     torch 2.13.0, the CPU build): its base checks, the locked install without torch, the
     project. The CUDA runtime itself cannot be pulled or run here."""
-    from dockerenv import CUDA_IMAGE
+    from dockerenv import CUDA_IMAGE, build_cuda_image
 
-    ctx = tmp_path / "ctx"
-    ctx.mkdir()
-    shutil.copy2(Path(__file__).parent / "standins" / "pytorch.Dockerfile", ctx / "Dockerfile")
-    builds, index = images["builds"], images["index"]
-    base = builds.build("hpsweep-ci/pytorch:2.13.0-standin", ctx / "Dockerfile", ctx,
-                        {"BASE_IMAGE": images["base"], "PIP_INDEX_URL": index.url})
-    builds.build(CUDA_IMAGE, REPO / "docker" / "Dockerfile.cuda", REPO,
-                 {"BASE_IMAGE": base, "PIP_INDEX_URL": index.url})
+    build_cuda_image(images)
     out = engine.docker("run", "--rm", "--network", "none", CUDA_IMAGE, "python", "-c",
                         "import torch, ray, mlflow, hpsweep; print(torch.__version__, ray.__version__, "
                         "mlflow.__version__, hpsweep.__version__)").stdout.split()

@@ -311,6 +311,9 @@ def start_mlflow_server(
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "true",
         "PYTHONUNBUFFERED": "1",
+        # MLflow's job runner (huey consumers polling the store) is for GenAI jobs, which
+        # hpsweep never starts: off, as in docker/Dockerfile.mlflow
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
     server, url = start_on_free_port(
         "mlflow_server",

@@ -71,7 +71,9 @@ def test_signal_at_a_cell_end_then_rerun(tmp_path, mlflow_server, moto_server, p
     env = cli_env(tmp_path, moto_server)
     pauses = tmp_path / "pauses"
     pauses.mkdir()
-    env.update(HPSWEEP_TEST_PAUSE_AT=point, HPSWEEP_TEST_PAUSE_DIR=str(pauses), HPSWEEP_TEST_PAUSE_S="30")
+    # a short lease: the retried trial of a killed worker takes its cell over within seconds
+    env.update(HPSWEEP_TEST_PAUSE_AT=point, HPSWEEP_TEST_PAUSE_DIR=str(pauses), HPSWEEP_TEST_PAUSE_S="10",
+               HPSWEEP_LEASE_TTL="6")
     storage = tmp_path / "storage"
     args = ["run", str(path), "--tracking-uri", mlflow_server.url, "--storage", str(storage), "--no-live"]
     proc = subprocess.Popen([HPSWEEP, *args], env=env, cwd=tmp_path, stdout=subprocess.PIPE,

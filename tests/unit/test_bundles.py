@@ -111,3 +111,56 @@ def test_bundles_need_fifo(tmp_path) -> None:
     path.write_text(path.read_text().replace("bundle: 4", "bundle: auto"))
     spec = load_spec(str(path))
     assert not spec.bundles()   # auto under ASHA: one cell a trial
+
+
+class _Tracker:
+    """Counts MLflow reads: one search per cell, or one read of the whole sweep."""
+
+    tracking_uri = "sqlite:///x"
+
+    def __init__(self, finished: set[str]) -> None:
+        self.finished, self.searched, self.whole_reads = finished, [], 0
+
+    def cell_finished(self, cell_id: str) -> bool:
+        self.searched.append(cell_id)
+        return cell_id in self.finished
+
+    def finished_cells(self) -> set[str]:
+        self.whole_reads += 1
+        return set(self.finished)
+
+
+def _waiting_queue(leases: dict, finished: set[str], n: int = 200):
+    from hpsweep.engine import _CellQueue
+
+    cells = [Cell(f"c{i:03d}", i, 0, {"x": i}, {"x": i}) for i in range(n)]
+    context = {"experiment_id": "1", "cells": {c.id: c for c in cells}, "lease_ttl": 30.0}
+    tracker = _Tracker(finished)
+    q = _CellQueue(cells, _Storage(leases), tracker, _Table(), context, bundle=1, slots=1)
+    q.table.settled = lambda cid, how: q.table.elsewhere_calls.append(f"{cid}:{how}")
+    q.table.note = lambda text: None
+    q.queue.clear()
+    q.waiting = {cid: "other:1" for cid in leases}
+    return q, tracker
+
+
+def test_settling_asks_mlflow_only_about_cells_whose_leases_ended() -> None:
+    now = time.time()
+    leases = {"c000": Lease("c000", HELD, "h", "other:1", now + 30, {}),        # still at work
+              "c001": Lease("c001", HELD, "h", "other:1", now - 1, {}),         # its driver died
+              "c002": Lease("c002", HELD, "h", "other:1", now - 1, {})}         # died after finishing
+    q, tracker = _waiting_queue(leases, finished={"c002"})
+    q._settle()
+    assert sorted(tracker.searched) == ["c001", "c002"] and tracker.whole_reads == 0
+    assert list(q.waiting) == ["c000"]            # the live one is still waited for
+    assert list(q.queue) == ["c001"]              # the dead one is taken over
+    assert "c002:done" in q.table.elsewhere_calls and q.elsewhere == 1
+
+
+def test_settling_many_ended_cells_reads_the_sweep_once() -> None:
+    now = time.time()
+    leases = {f"c{i:03d}": Lease(f"c{i:03d}", HELD, "h", "other:1", now - 1, {}) for i in range(50)}
+    q, tracker = _waiting_queue(leases, finished={f"c{i:03d}" for i in range(0, 50, 2)})
+    q._settle()
+    assert tracker.searched == [] and tracker.whole_reads == 1
+    assert len(q.queue) == 25 and q.elsewhere == 25 and not q.waiting
