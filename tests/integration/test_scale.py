@@ -1,7 +1,10 @@
 """A 10^4-cell sweep of instant trials (issue 11), run as a user would (`hpsweep run`, in-process
 Ray, a real `mlflow server`, local storage): it runs to the end with one FINISHED run per cell
 and one lease record per cell, in bundles, so that Ray Tune makes far fewer trials than cells.
-The wall time is printed, never asserted."""
+The wall time is printed, never asserted.
+
+About ten minutes on a 2-core machine: a long run, so ``make test-scale`` runs it, not
+``make test`` (whose tiers, with the container tier, must fit CI's 45 minutes)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_engine import cli_env, run_cli, sweep_file
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.scale]
 
 N = 10_000
 
