@@ -666,7 +666,9 @@ class _CellQueue(Searcher):
 
     def _settle(self) -> None:
         leases = {cid: self.storage.read_lease(cid) for cid in self.waiting}
-        ended_here = [cid for cid, lease in leases.items() if lease is None or not lease.live]
+        # a failed lease settles its cell without MLflow; a live one is still at work
+        ended_here = [cid for cid, lease in leases.items()
+                      if lease is None or not (lease.live or lease.state == FAILED)]
         finished = self._finished(ended_here)
         taken = []
         for cid, lease in leases.items():

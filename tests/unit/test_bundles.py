@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from hpsweep.plan import Cell
-from hpsweep.storage import DONE, HELD, Lease
+from hpsweep.storage import DONE, FAILED, HELD, Lease
 
 
 class _Storage:
@@ -28,6 +28,12 @@ class _Table:
 
     def elsewhere(self, trial_id, cell_id, owner) -> None:
         self.elsewhere_calls.append(cell_id)
+
+    def settled(self, cell_id, how) -> None:
+        self.elsewhere_calls.append(f"{cell_id}:{how}")
+
+    def note(self, text) -> None:
+        pass
 
 
 def _queue(n: int, bundle, slots: int = 2, leases: dict | None = None):
@@ -137,8 +143,6 @@ def _waiting_queue(leases: dict, finished: set[str], n: int = 200):
     context = {"experiment_id": "1", "cells": {c.id: c for c in cells}, "lease_ttl": 30.0}
     tracker = _Tracker(finished)
     q = _CellQueue(cells, _Storage(leases), tracker, _Table(), context, bundle=1, slots=1)
-    q.table.settled = lambda cid, how: q.table.elsewhere_calls.append(f"{cid}:{how}")
-    q.table.note = lambda text: None
     q.queue.clear()
     q.waiting = {cid: "other:1" for cid in leases}
     return q, tracker
@@ -148,13 +152,14 @@ def test_settling_asks_mlflow_only_about_cells_whose_leases_ended() -> None:
     now = time.time()
     leases = {"c000": Lease("c000", HELD, "h", "other:1", now + 30, {}),        # still at work
               "c001": Lease("c001", HELD, "h", "other:1", now - 1, {}),         # its driver died
-              "c002": Lease("c002", HELD, "h", "other:1", now - 1, {})}         # died after finishing
+              "c002": Lease("c002", HELD, "h", "other:1", now - 1, {}),         # died after finishing
+              "c003": Lease("c003", FAILED, "h", "other:1", now - 1, {})}       # failed there
     q, tracker = _waiting_queue(leases, finished={"c002"})
     q._settle()
     assert sorted(tracker.searched) == ["c001", "c002"] and tracker.whole_reads == 0
     assert list(q.waiting) == ["c000"]            # the live one is still waited for
     assert list(q.queue) == ["c001"]              # the dead one is taken over
-    assert "c002:done" in q.table.elsewhere_calls and q.elsewhere == 1
+    assert {"c002:done", "c003:failed"} <= set(q.table.elsewhere_calls) and q.elsewhere == 2
 
 
 def test_settling_many_ended_cells_reads_the_sweep_once() -> None:
