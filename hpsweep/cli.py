@@ -124,14 +124,18 @@ def cmd_status(args) -> int:
         raise UsageError("status: give a sweep file (or --address URL [JOB] for cluster jobs)")
     from hpsweep.plan import plan
     from hpsweep.stats import completeness
-    from hpsweep.store import load_sweep, resolve_tracking_uri
+    from hpsweep.store import load_states, load_sweep, resolve_tracking_uri
     from hpsweep.views.tables import status_table, with_leases
 
     spec = _load(args.sweep)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     _check_tracking(tracking_uri)
-    runs = load_sweep(tracking_uri, spec.name)
-    matrix = completeness(plan(spec), runs)
+    cells = plan(spec)
+    runs = None
+    if cells:  # a grid: the finished index answers for most cells (an optuna search: no plan)
+        runs = load_states(tracking_uri, spec.name, [c.id for c in cells], lambda uri: _index(uri, args))
+    runs = runs or load_sweep(tracking_uri, spec.name)
+    matrix = completeness(cells, runs)
     storage = _held_storage(args, runs.storage)
     held = _held_cells(storage, args.s3_endpoint, [c.cell_id for c in matrix.cells if c.state != "done"])
     matrix = with_leases(matrix, {k: lease.owner for k, lease in held.items()})
@@ -151,6 +155,17 @@ def cmd_status(args) -> int:
     for owner, n in sorted(by_owner.items()):
         console.print(f"running by driver {owner}: {n} cells (leases held)")
     return 0
+
+
+def _index(uri: str, args):
+    """The storage of a sweep's finished index (its experiment's tag names it); None when
+    it is a directory that no longer exists."""
+    from hpsweep.storage import open_storage
+
+    if not uri.startswith("s3://") and not Path(uri).is_dir():
+        return None
+    _check_storage(uri, args.s3_endpoint)
+    return open_storage(uri, args.s3_endpoint)
 
 
 def _held_storage(args, tagged: str | None) -> str:

@@ -366,19 +366,23 @@ class _Outcomes(tune.Callback):
             note(f"\n{label} failed{retry}{more}:\n{summary}\nfull traceback: {where}; Ray's logs: "
                  f"{_ray_log_dir()}")
 
-    def finish_stopped(self, rounds: int = 3) -> None:
+    def finish_stopped(self, rounds: int = 3) -> set[str]:
         """Close the runs of trials the scheduler stopped: they end KILLED or RUNNING (stopped
         inside a report); found by the trial id every attempt tags its run with. A few rounds,
-        for workers still closing their runs when the sweep ends."""
+        for workers still closing their runs when the sweep ends. Returns their cells."""
+        closed: set[str] = set()
         for i in range(rounds):
-            for run in (r for rs in self.tracker.cell_runs().values() for r in rs):
-                trial = run.data.tags.get(TAG["trial"])
-                if trial in self.stopped and run.info.status in ("RUNNING", "KILLED"):
-                    self.tracker.client.set_tag(run.info.run_id, TAG["early"],
-                                                "true" if self.stopped[trial] else "false")
-                    self.tracker.client.set_terminated(run.info.run_id, status="FINISHED")
+            for cell, rs in self.tracker.cell_runs().items():
+                for run in rs:
+                    trial = run.data.tags.get(TAG["trial"])
+                    if trial in self.stopped and run.info.status in ("RUNNING", "KILLED"):
+                        self.tracker.client.set_tag(run.info.run_id, TAG["early"],
+                                                    "true" if self.stopped[trial] else "false")
+                        self.tracker.client.set_terminated(run.info.run_id, status="FINISHED")
+                        closed.add(cell)
             if i < rounds - 1:
                 time.sleep(1.0)
+        return closed
 
 
 def run_sweep(spec: SweepSpec, spec_text: str, *, tracking_uri: str, storage_uri: str | None = None,
@@ -410,6 +414,8 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
         parent = tracker.start(spec.spec_hash(), spec_text, spec.description, storage_uri=storage.uri)
     existing = tracker.cell_runs()
     finished = tracker.finished_cells(existing)
+    if tracker.index:  # finished runs the index lacks (a crash between the two, an older sweep)
+        _mark_finished(storage, tracker.index, finished - storage.finished_marks(tracker.index))
 
     optuna = spec.search.algorithm == "optuna"
     cells = plan(spec)
@@ -439,7 +445,7 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
         "experiment_id": tracker.experiment_id, "parent_run_id": parent,
         "storage": storage.spec(), "every": spec.checkpoint.every, "cpus": spec.resources.cpus,
         "metric": spec.metric.name, "optuna": optuna, "bases": spec.data_bases(),
-        "driver": driver_id(), "lease_ttl": lease_ttl(),
+        "driver": driver_id(), "lease_ttl": lease_ttl(), "index": tracker.index,
         "cells": {c.id: c for c in pending},
         "ran": frozenset(existing),   # cells with a run in MLflow (none finished) at the start
     }
@@ -464,7 +470,9 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
     outcomes.report_failures(table.note, context["cells"])
     elsewhere = len(outcomes.held) if optuna else queue.elsewhere
     if outcomes.stopped:
-        outcomes.finish_stopped()
+        closed = outcomes.finish_stopped()
+        if tracker.index:
+            _mark_finished(storage, tracker.index, closed)
     completed, failed = outcomes.final()
     interrupted = todo - completed - failed - elsewhere
     if interrupted > 0:
@@ -717,9 +725,27 @@ def _adopt(tracker: SweepTracker, storage: Storage, cell: Cell, lease: Lease) ->
             info.get("tracking_uri") != tracker.tracking_uri or not info.get("run_id"):
         return False
     with storage.lock(f"adopt-{tracker.experiment_id}-{cell.id}"):
-        if tracker.cell_finished(cell.id):
-            return True
-        return tracker.adopt(cell, info["run_id"], info.get("sweep", ""))
+        adopted = tracker.cell_finished(cell.id) or tracker.adopt(cell, info["run_id"], info.get("sweep", ""))
+    if adopted and tracker.index:
+        _mark_finished(storage, tracker.index, {cell.id})
+    return adopted
+
+
+def _mark_finished(storage: Storage, index: str, cells: set[str]) -> None:
+    """Add ``cells`` (each with a FINISHED run now) to the sweep's finished index; S3 writes in
+    a thread pool. A mark that fails to be written costs ``status`` a search, nothing more."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def mark(cid: str) -> None:
+        with contextlib.suppress(Exception):
+            storage.mark_finished(index, cid)
+
+    if len(cells) < 8 or not storage.is_s3:
+        for cid in cells:
+            mark(cid)
+        return
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(mark, cells))
 
 
 class _Silent(tune.ProgressReporter):

@@ -31,6 +31,15 @@ local file system an exclusive ``flock`` around each read-modify-write of the re
 kernel drops the lock when its process dies, so a killed driver never leaves a stale lock;
 exclusive creation alone cannot take over an expired record without an ABA race). See
 :class:`Lease` for the states and :class:`HeldLease` for the protocol.
+
+The finished index, so that ``hpsweep status`` of a big sweep need not read every run:
+
+    <root>/finished/<index>/<cell id>               empty: the cell has a FINISHED run
+
+``<index>`` is a random key that a sweep's MLflow experiment names in a tag (with this
+storage's URI) when it is created; a trial writes its cell's mark after the run is FINISHED,
+and a driver after copying a run in from another sweep. Reading it is one listing (1,000 keys
+a request on S3). :mod:`hpsweep.store` decides when the index may be trusted.
 """
 
 from __future__ import annotations
@@ -257,18 +266,33 @@ class Storage:
 
     def lease_keys(self) -> set[str]:
         """The keys that have a lease record (one listing: cheap next to reading each)."""
+        return {n[:-len(".json")] for n in self._names("leases") if n.endswith(".json")}
+
+    def _names(self, *parts: str) -> list[str]:
+        """The names of the files directly in folder ``parts`` (none if it does not exist):
+        one directory read, or one S3 listing of 1,000 keys a request."""
         if self.is_s3:
             client, bucket = self._s3()
-            prefix = self._s3_key("x")[:-len("x.json")]
-            keys: set[str] = set()
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-                keys.update(o["Key"][len(prefix):-len(".json")] for o in page.get("Contents", [])
-                            if o["Key"].endswith(".json"))
-            return keys
+            prefix = self.path(*parts, "").partition("/")[2]
+            names: list[str] = []
+            for page in client.get_paginator("list_objects_v2").paginate(
+                    Bucket=bucket, Prefix=prefix, Delimiter="/"):
+                names.extend(o["Key"][len(prefix):] for o in page.get("Contents", []))
+            return names
         try:
-            return {n[:-len(".json")] for n in os.listdir(self.path("leases")) if n.endswith(".json")}
+            return os.listdir(self.path(*parts))
         except FileNotFoundError:
-            return set()
+            return []
+
+    # -- the finished index (see the module docstring) --------------------------------------
+
+    def mark_finished(self, index: str, cell_id: str) -> None:
+        """Record that cell ``cell_id`` has a FINISHED run in the experiment of ``index``."""
+        self.write_bytes(b"", "finished", index, cell_id)
+
+    def finished_marks(self, index: str) -> set[str]:
+        """The cells marked finished under ``index``: one listing, however many."""
+        return {n for n in self._names("finished", index) if not n.endswith(".tmp")}
 
     def live_leases(self, keys) -> dict[str, Lease]:
         """key -> its live lease, for those of ``keys`` some runner holds now."""

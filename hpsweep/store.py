@@ -41,7 +41,8 @@ import subprocess
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ __all__ = [
     "TAG", "EXPERIMENT_KIND", "mlflow_client", "default_tracking_uri", "resolve_tracking_uri",
     "code_version", "experiment_url", "run_url", "log_report",
     "SweepTracker", "CellTracker",
-    "CellRun", "SweepRuns", "STATES", "load_sweep", "fetch_histories", "run_state",
+    "CellRun", "SweepRuns", "STATES", "load_sweep", "load_states", "fetch_histories", "run_state",
 ]
 
 DEFAULT_DIR = ".hpsweep"
@@ -60,6 +61,9 @@ TAG = {
     "version": "hpsweep.version", "spec_hash": "hpsweep.spec_hash", "node_ip": "hpsweep.node_ip",
     "node_id": "hpsweep.node_id", "attempts": "hpsweep.attempts", "early": "hpsweep.early_stopped",
     "trial": "hpsweep.trial_id", "storage": "hpsweep.storage",
+    # on the experiment: "<key> <storage uri>", where the finished index of the sweep is
+    # (see hpsweep.storage), or "mixed" once drivers with another storage ran the sweep
+    "index": "hpsweep.finished_index",
 }
 _PARENT = "mlflow.parentRunId"
 #: the experiment tag the MLflow UI (3.x) reads to choose an experiment's landing page; without
@@ -170,6 +174,7 @@ class SweepTracker:
         self.client = mlflow_client(tracking_uri)
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
+        self.index: str | None = None   # the key of the sweep's finished index, when trusted
 
     def start(self, spec_hash: str, spec_text: str, description: str = "",
               storage_uri: str | None = None) -> str:
@@ -177,6 +182,7 @@ class SweepTracker:
         ``storage_uri`` (where the cells' checkpoints and leases live) is tagged on the parent,
         so that ``hpsweep status`` reads the right leases without being told."""
         from mlflow.entities import RunStatus
+        from mlflow.exceptions import MlflowException
 
         client = self.client
         experiment = client.get_experiment_by_name(self.sweep_name)
@@ -184,14 +190,23 @@ class SweepTracker:
             location = None
             if self.tracking_uri.startswith("sqlite:") or self.tracking_uri.startswith("file:"):
                 location = (Path(DEFAULT_DIR).resolve() / "artifacts").as_uri()
-            self.experiment_id = client.create_experiment(
-                self.sweep_name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
-        else:
+            key = uuid.uuid4().hex[:16]
+            tags = dict([EXPERIMENT_KIND], **({TAG["index"]: f"{key} {storage_uri}"} if storage_uri else {}))
+            try:
+                self.experiment_id = client.create_experiment(
+                    self.sweep_name, artifact_location=location, tags=tags)
+                self.index = key if storage_uri else None
+            except MlflowException:  # a driver with another storage created it meanwhile
+                experiment = client.get_experiment_by_name(self.sweep_name)
+                if experiment is None:
+                    raise
+        if experiment is not None:
             if experiment.lifecycle_stage == "deleted":
                 client.restore_experiment(experiment.experiment_id)
             self.experiment_id = experiment.experiment_id
             if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
                 client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
+            self.index = self._index(experiment.tags.get(TAG["index"]), storage_uri)
         parents = client.search_runs(
             [self.experiment_id], f"tags.`{TAG['role']}` = 'sweep'", max_results=1,
             order_by=["attributes.start_time ASC"])
@@ -210,6 +225,28 @@ class SweepTracker:
             client.set_tag(self.parent_run_id, "mlflow.note.content", description)
         client.log_text(self.parent_run_id, spec_text, "sweep.yaml")
         return self.parent_run_id
+
+    def _index(self, tag: str | None, storage_uri: str | None) -> str | None:
+        """The finished index this driver writes to: the tagged one if it lives in this
+        driver's storage. An experiment from before the index gets one (the driver marks what
+        is finished already, see :meth:`mark_finished`); a driver with another storage marks
+        the sweep ``mixed`` (its cells' leases and marks are out of sight of the index)."""
+        if tag == "mixed" or not storage_uri:
+            return None
+        if tag is None:
+            key = uuid.uuid4().hex[:16]
+            self.client.set_experiment_tag(self.experiment_id, TAG["index"], f"{key} {storage_uri}")
+            now = self.client.get_experiment(self.experiment_id).tags.get(TAG["index"])
+            if now == f"{key} {storage_uri}":
+                return key
+            tag = now  # another driver tagged it meanwhile: the same storage's or mixed
+            if tag is None:
+                return None
+        key, _, uri = tag.partition(" ")
+        if uri == storage_uri:
+            return key
+        self.client.set_experiment_tag(self.experiment_id, TAG["index"], "mixed")
+        return None
 
     def cell_runs(self) -> dict[str, list[Any]]:
         """cell id -> every child run of the sweep for that cell (newest first)."""
@@ -756,6 +793,78 @@ def load_sweep(
                 wanted.setdefault(k, set()).add(c.run_id)
         runs = fetch_histories(runs, wanted, client=client)
     return dataclasses.replace(runs, fetch_seconds=time.perf_counter() - t0)
+
+
+def load_states(tracking_uri: str | None, sweep_name: str, planned: Iterable[str],
+                open_index: Callable[[str], Any]) -> SweepRuns | None:
+    """Each cell's state (done, running, failed; no params, no metrics) for ``status``: the
+    sweep's finished index says which cells are done, and MLflow is asked only about the rest
+    -- the runs that are not FINISHED (one search, small once a sweep is done) and the planned
+    cells that a lease says something ran but that have no mark (a search each up to 20, else
+    one read of the sweep's finished runs). ``open_index(uri)`` opens the storage that the
+    experiment's index tag names (None: it is gone). None when the sweep has no index to trust
+    (never tracked, made before the index, run with several storages, or an index that is gone
+    or empty beside finished runs): :func:`load_sweep` reads it.
+
+    Why a planned cell with no mark, no unfinished run and no lease record has no run: every
+    driver of the sweep uses the index's storage (one with another storage marks the sweep
+    ``mixed``), every runner holds the cell's lease there before it creates a run, and marks
+    the cell after its run is FINISHED (a driver marks what it finds finished without one).
+    A run deleted in the MLflow UI keeps its mark: ``status`` shows it done until a rerun."""
+    t0 = time.perf_counter()
+    client = mlflow_client(tracking_uri)
+    exp = client.get_experiment_by_name(sweep_name)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        return None
+    key, _, uri = exp.tags.get(TAG["index"], "").partition(" ")
+    if not uri:
+        return None
+    storage = open_index(uri)
+    if storage is None:
+        return None
+    eid = exp.experiment_id
+    base = f"tags.`{TAG['sweep']}` = '{sweep_name}' and tags.`{TAG['role']}`"
+    marks = storage.finished_marks(key)
+    if not marks and client.search_runs([eid], f"{base} = 'cell' and attributes.status = 'FINISHED'",
+                                        max_results=1):
+        return None  # finished runs but no marks: the storage was emptied or replaced
+    parents = _search_all(client, [eid], f"{base} = 'sweep'")
+    parent = max(parents, key=lambda r: r.info.start_time or 0) if parents else None
+    by_cell: dict[str, list] = {}
+
+    def add(run) -> None:
+        if TAG["cell"] in run.data.tags:
+            by_cell.setdefault(run.data.tags[TAG["cell"]], []).append(run)
+
+    for run in _search_all(client, [eid], f"{base} = 'cell' and attributes.status != 'FINISHED'"):
+        add(run)
+    held = storage.lease_keys()
+    ran = [c for c in planned if c not in marks and c not in by_cell and c in held]
+    ran = [c for c in ran if not ((lease := storage.read_lease(c)) is not None and lease.live)]
+    if len(ran) > _STATE_SEARCHES:
+        wanted = set(ran)
+        for run in _search_all(client, [eid], f"{base} = 'cell' and attributes.status = 'FINISHED'"):
+            if run.data.tags.get(TAG["cell"]) in wanted:
+                add(run)
+    else:
+        for cid in ran:
+            for run in client.search_runs([eid], f"{base} = 'cell' and tags.`{TAG['cell']}` = '{cid}' "
+                                          "and attributes.status = 'FINISHED'", max_results=1):
+                add(run)
+    cells = {cid: _pick_cell(cands) for cid, cands in by_cell.items()}
+    for cid in marks:
+        if cid not in cells or cells[cid].status != "done":
+            cells[cid] = CellRun(cid, "", "done", "FINISHED", None, {}, {}, {}, {}, None, None)
+    return SweepRuns(sweep_name, tracking_uri, eid, parent.info.run_id if parent else None, cells,
+                     time.perf_counter() - t0, uri)
+
+
+def _pick_cell(candidates: list) -> CellRun:
+    run, dups = _pick(candidates)
+    return _to_cell(run, dups)
+
+
+_STATE_SEARCHES = 20   # unmarked cells that ran, asked about one search each; more: one read
 
 
 def fetch_histories(sweep_runs: SweepRuns, wanted: Mapping[str, Iterable[str]],

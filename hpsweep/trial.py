@@ -295,6 +295,9 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
     try:
         info.train(trainer_config, run)
         tracker.finish("FINISHED")
+        if context.get("index"):  # after FINISHED: a mark never names an unfinished run
+            with contextlib.suppress(Exception):  # a missing mark costs status a search
+                storage.mark_finished(context["index"], cell.id)
         ended, done_info = DONE, {"sweep": context["sweep"], "experiment_id": context["experiment_id"],
                                   "run_id": tracker.run_id, "tracking_uri": context["tracking_uri"]}
     except LeaseLost:

@@ -23,6 +23,8 @@ from test_engine import HPSWEEP, child_runs, cli_env, sweep_file
 
 from hpsweep.plan import plan
 from hpsweep.spec import load_spec
+from hpsweep.storage import open_storage
+from hpsweep.store import TAG
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +76,10 @@ def starts(starts_dir: Path) -> dict[str, list[int]]:
     return {f.name: [int(line) for line in f.read_text().split()] for f in starts_dir.iterdir()}
 
 
-def assert_one_finished_run_per_cell(uri: str, name: str, cells: int) -> list:
+def assert_one_finished_run_per_cell(uri: str, name: str, cells: int, storage: str | None = None,
+                                     endpoint: str | None = None) -> list:
+    """... and, given the storage, that the sweep's finished index marks exactly those cells
+    (whichever driver or trial finished them, or copied them in from another sweep)."""
     runs = child_runs(uri, name)
     by_cell: dict[str, list] = {}
     for r in runs:
@@ -85,6 +90,10 @@ def assert_one_finished_run_per_cell(uri: str, name: str, cells: int) -> list:
     assert not bad, bad
     parent = MlflowClient(uri).search_runs([runs[0].info.experiment_id], "tags.`hpsweep.role` = 'sweep'")
     assert len(parent) == 1 and parent[0].info.status == "FINISHED", [p.info.status for p in parent]
+    if storage:
+        key, _, where = MlflowClient(uri).get_experiment_by_name(name).tags[TAG["index"]].partition(" ")
+        store = open_storage(storage, endpoint)
+        assert where == store.uri and store.finished_marks(key) == set(by_cell)
     return runs
 
 
@@ -116,7 +125,7 @@ def _three_drivers(tmp_path, mlflow_server, moto_server, storage: str, baseline_
         assert rc == 0, out
     counted = starts(starts_dir)
     assert len(counted) == 24 and all(v == [0] for v in counted.values()), counted
-    runs = assert_one_finished_run_per_cell(mlflow_server.url, name, 24)
+    runs = assert_one_finished_run_per_cell(mlflow_server.url, name, 24, storage, moto_server.url)
     assert_no_duplicated_step(mlflow_server.url, runs)
     assert all(r.data.tags["hpsweep.attempts"] == "1" for r in runs)
     ran_by = [int(re.search(r"(\d+) cells finished, ", out).group(1)) for _, out in results]
@@ -133,7 +142,7 @@ def test_three_drivers_local_storage_each_cell_once(tmp_path, mlflow_server, mot
                    str(tmp_path / "storage-one"))
 
 
-def test_three_drivers_s3_storage_each_cell_once(tmp_path, mlflow_server, moto_server) -> None:
+def test_three_drivers_s3_storage_each_cell_once(tmp_path, mlflow_server, moto_server, aws_env) -> None:
     bucket = moto_server.create_bucket()
     _three_drivers(tmp_path, mlflow_server, moto_server, f"s3://{bucket}/sweeps", f"s3://{bucket}/one")
     assert any(k.startswith("sweeps/leases/") for k in moto_server.keys(bucket, "sweeps/"))
@@ -168,7 +177,7 @@ def test_a_killed_driver_cells_are_taken_over_after_the_lease_expires(tmp_path, 
     results = finish(procs[1:])
     for rc, out in results:
         assert rc == 0, out
-    runs = assert_one_finished_run_per_cell(mlflow_server.url, name, 24)
+    runs = assert_one_finished_run_per_cell(mlflow_server.url, name, 24, storage)
     assert_no_duplicated_step(mlflow_server.url, runs)
     counted = starts(starts_dir)
     assert len(counted) == 24
@@ -192,8 +201,8 @@ def test_overlapping_sweeps_run_shared_cells_once(tmp_path, mlflow_server, moto_
         assert rc == 0, out
     counted = starts(starts_dir)
     assert len(counted) == 18 and all(v == [0] for v in counted.values()), counted
-    runs_a = assert_one_finished_run_per_cell(mlflow_server.url, name_a, 12)
-    runs_b = assert_one_finished_run_per_cell(mlflow_server.url, name_b, 12)
+    runs_a = assert_one_finished_run_per_cell(mlflow_server.url, name_a, 12, storage)
+    runs_b = assert_one_finished_run_per_cell(mlflow_server.url, name_b, 12, storage)
     copied = [r for r in runs_a + runs_b if "hpsweep.copied_from" in r.data.tags]
     assert len(copied) == 6, [r.data.tags.get("hpsweep.copied_from") for r in runs_a + runs_b]
     assert_no_duplicated_step(mlflow_server.url, runs_a + runs_b)
