@@ -72,11 +72,18 @@ def cmd_run(args) -> int:
     address = args.address or os.environ.get("HPSWEEP_RAY_ADDRESS")
     if address and not args.allow_local_store:
         _check_cluster_store(address, tracking_uri, storage)
+    ray_start = None
+    if not address:  # Ray starts while the engine is imported and reads the sweep's state
+        from hpsweep import localray
+        from hpsweep.plan import plan
+        from hpsweep.storage import open_storage
+
+        ray_start = localray.begin([c.id for c in plan(spec)], open_storage(storage, args.s3_endpoint))
     from hpsweep.engine import run_sweep
 
     outcome = run_sweep(spec, spec_text, tracking_uri=tracking_uri, storage_uri=storage,
                         address=address, s3_endpoint=args.s3_endpoint,
-                        live=False if args.no_live else None, console=console)
+                        live=False if args.no_live else None, console=console, ray_start=ray_start)
     console.print(f"\n{outcome.finished} cells finished, {outcome.failed} failed, "
                   f"{outcome.skipped} already done, {outcome.interrupted} interrupted "
                   f"in {outcome.wall_s:.1f}s ({outcome.fit_s:.1f}s running trials)")
@@ -106,7 +113,7 @@ def _check_cluster_store(address: str, tracking_uri: str, storage: str | None) -
     elif address.startswith("ray://"):
         where = "a Ray Client address runs the driver on the cluster, not on this machine"
     else:
-        from hpsweep.engine import cluster_nodes
+        from hpsweep.localray import cluster_nodes
 
         nodes = cluster_nodes(address)
         if len(nodes) <= 1:
@@ -400,5 +407,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> None:
+    """The ``hpsweep`` command: :func:`main`, then out without waiting for in-process Ray's
+    shutdown (see :func:`hpsweep.localray.leave`)."""
+    code = main()
+    if "hpsweep.localray" in sys.modules:  # imported by a command that ran trials
+        sys.modules["hpsweep.localray"].leave(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

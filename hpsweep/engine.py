@@ -34,35 +34,18 @@ import os
 import time
 import uuid
 
-# Set before ray.tune is imported: no per-result JSON/CSV/TensorBoard files (MLflow has the
-# metrics), and trials run in the caller's working directory so relative data paths work.
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1e9")
-# Trainers report different metrics at different times (training loss every few steps,
-# validation now and then); Tune's check that every result carries the sweep metric would
-# fail them. TrialRun carries the latest value of the sweep metric forward instead.
-os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-# A failed trial's error is shown once per distinct error, in the trainer's own terms
-# (_Outcomes.report_failures), not as Tune's log of every attempt's full Ray traceback.
-os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
-# In-process Ray on loopback only. ray.init turns `_node_ip_address="127.0.0.1"` into the
-# machine's external address (ray._private.services.resolve_ip_for_localhost) unless Ray runs
-# without multi-node support, which this variable (read when ray is imported) switches off;
-# then the GCS, raylet, object manager, workers, driver and agents all bind 127.0.0.1 (see
-# README, "What listens where"). A driver joining a cluster (`--address`) takes the node's
-# address from the cluster instead, so this changes nothing there.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# isort: off
+# localray sets the variables Ray and Ray Tune read when they are imported: it comes first
+from hpsweep import localray
+# isort: on
 
-import ray  # noqa: E402
-from ray import tune  # noqa: E402
-from ray.tune.search import Searcher  # noqa: E402
+import ray
+from ray import tune
+from ray.tune.search import Searcher
 
-from hpsweep import reaper  # noqa: E402
-from hpsweep.plan import Cell, plan  # noqa: E402
-from hpsweep.spec import SweepSpec  # noqa: E402
-from hpsweep.storage import (  # noqa: E402
+from hpsweep.plan import Cell, plan
+from hpsweep.spec import SweepSpec
+from hpsweep.storage import (
     DONE,
     FAILED,
     Lease,
@@ -71,8 +54,8 @@ from hpsweep.storage import (  # noqa: E402
     lease_ttl,
     open_storage,
 )
-from hpsweep.store import TAG, SweepTracker, code_version  # noqa: E402
-from hpsweep.trial import (  # noqa: E402
+from hpsweep.store import TAG, SweepTracker
+from hpsweep.trial import (
     CELL,
     CELL_S,
     ENDED,
@@ -86,12 +69,9 @@ from hpsweep.trial import (  # noqa: E402
     Host,
     run_trial,
 )
-from hpsweep.views.live import LiveTable  # noqa: E402
+from hpsweep.views.live import LiveTable
 
-__all__ = ["SweepOutcome", "run_sweep", "cluster_nodes"]
-
-_FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-                  "MLFLOW_DISABLE_TELEMETRY", "HPSWEEP_DATA_CACHE", "HPSWEEP_SHARED_DATA")
+__all__ = ["SweepOutcome", "run_sweep"]
 
 
 @dataclasses.dataclass
@@ -154,40 +134,6 @@ def _keep_credentials_out_of_runtime_envs() -> None:
     names = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
     if isinstance(names, set):
         names.difference_update(_CREDENTIAL_ENV)
-
-
-def _init_ray(address: str | None, env: dict[str, str]) -> None:
-    _keep_credentials_out_of_runtime_envs()
-    # Tune's end-of-run analysis looks for the per-result JSON/CSV files that hpsweep turns
-    # off (the metrics are in MLflow); its warning about them is noise.
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    if ray.is_initialized():
-        return
-    runtime_env = {"env_vars": env}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING",
-                 log_to_driver=False)
-    else:
-        # In-process Ray for one machine: every port on loopback (see the top of this module),
-        # no dashboard. Ray's default token authentication stays on (the token is under
-        # ~/.ray); only its notice about it is kept off the user's screen.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=runtime_env,
-                 logging_level="WARNING", log_to_driver=False, configure_logging=True)
-        with contextlib.suppress(Exception):  # the embedded Ray ends with this process
-            reaper.watch(ray._private.worker._global_node.get_session_dir_path())
-
-
-def cluster_nodes(address: str) -> list[str]:
-    """The addresses of the alive nodes of the cluster at ``address`` (connects, then lets go:
-    ``run_sweep`` connects again with the trials' runtime environment)."""
-    if ray.is_initialized():
-        return sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
-    ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-    try:
-        return sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
-    finally:
-        ray.shutdown()
 
 
 def _cell_failure(trial) -> CellFailed | None:
@@ -387,7 +333,7 @@ class _Outcomes(tune.Callback):
 
 def run_sweep(spec: SweepSpec, spec_text: str, *, tracking_uri: str, storage_uri: str | None = None,
               address: str | None = None, s3_endpoint: str | None = None, live: bool | None = None,
-              console=None) -> SweepOutcome:
+              console=None, ray_start: localray.Start | None = None) -> SweepOutcome:
     """Run every cell of ``spec`` that has no finished run yet; see the module docstring.
 
     The sweep's parent run never stays RUNNING when this raises: a Ctrl-C during Ray's
@@ -396,7 +342,8 @@ def run_sweep(spec: SweepSpec, spec_text: str, *, tracking_uri: str, storage_uri
     tracker = SweepTracker(tracking_uri, spec.name)
     try:
         return _run_sweep(spec, spec_text, tracker, tracking_uri=tracking_uri, storage_uri=storage_uri,
-                          address=address, s3_endpoint=s3_endpoint, live=live, console=console)
+                          address=address, s3_endpoint=s3_endpoint, live=live, console=console,
+                          ray_start=ray_start)
     except BaseException as exc:
         if tracker.parent_run_id is not None:
             with contextlib.suppress(Exception):  # never mask the interruption or the error
@@ -407,7 +354,7 @@ def run_sweep(spec: SweepSpec, spec_text: str, *, tracking_uri: str, storage_uri
 
 def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracking_uri: str,
                storage_uri: str | None, address: str | None, s3_endpoint: str | None,
-               live: bool | None, console) -> SweepOutcome:
+               live: bool | None, console, ray_start: localray.Start | None) -> SweepOutcome:
     started = time.time()
     storage = open_storage(storage_uri, s3_endpoint)
     with storage.lock(f"sweep-{spec.name}"):  # drivers started together: one parent run
@@ -435,10 +382,14 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
         table.note(f"all {total} cells of {spec.name!r} already have a finished run; nothing to run")
         return SweepOutcome(total, skipped, 0, 0, 0, parent, tracker.experiment_id, time.time() - started)
 
-    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
-    env.update({"HPSWEEP_CODE_VERSION": code_version(), "RAY_CHDIR_TO_TRIAL_DIR": "0",
-                "HPSWEEP_LEASE_TTL": str(lease_ttl())})
-    _init_ray(address, env)
+    if ray_start is not None:  # begun before this driver read the sweep's state
+        ray_start.wait()
+    else:
+        localray.init(address, localray.ray_env())
+    _keep_credentials_out_of_runtime_envs()
+    # Tune's end-of-run analysis looks for the per-result JSON/CSV files that hpsweep turns
+    # off (the metrics are in MLflow); its warning about them is noise.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
     context = {
         "trainer": spec.trainer, "sweep": spec.name, "tracking_uri": tracking_uri,

@@ -208,18 +208,57 @@ def _bundle_trial(tune_config: dict, context: dict, host: Host) -> None:
     hands its cells out again)."""
     force = set(tune_config.get("force", ()))
     teller = _Teller(host.report)
-    for cid in tune_config["cells"]:
-        t0 = time.perf_counter()
-        try:
-            ran = _run_cell(context["cells"][cid], context, host, force=cid in force, teller=teller)
-        except CellFailed as failure:
-            teller.ended({CELL: cid, ENDED: "failed", CELL_S: time.perf_counter() - t0,
-                          FAILURE: failure.summary, PERMANENT_KEY: int(failure.permanent),
-                          RUN_ID: failure.run_id or ""})
-            continue
-        if ran:
-            teller.ended({CELL: cid, ENDED: "done", CELL_S: time.perf_counter() - t0})
+    closer = _Closer()
+    try:
+        for cid in tune_config["cells"]:
+            try:
+                _run_cell(context["cells"][cid], context, host, force=cid in force, teller=teller,
+                          closer=closer)
+            except CellFailed as failure:
+                teller.ended(_failed(cid, failure, closer.started))
+    finally:
+        closer.drain()  # every cell handed to it is closed before the trial ends
     teller.flush()
+
+
+def _failed(cid: str, failure: CellFailed, started: float) -> dict:
+    return {CELL: cid, ENDED: "failed", CELL_S: time.perf_counter() - started,
+            FAILURE: failure.summary, PERMANENT_KEY: int(failure.permanent), RUN_ID: failure.run_id or ""}
+
+
+class _Closer:
+    """Closes a bundle's cells in a thread of the bundle's own, while the next cell trains: the
+    run's last metrics and its FINISHED status, the cell's mark, then its lease ended done (in
+    that order, as for a cell alone), and the cell's end told to the driver. A bundle of short
+    cells then waits for none of those round trips to the tracking server (about 40 ms a cell
+    against a local one, measured; more against a remote one). Cells are closed in the order
+    they finished; the bundle waits for the last before it ends (:meth:`drain`)."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self.started = time.perf_counter()   # when the cell running now began
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="hpsweep-closer", daemon=True)
+        self._thread.start()
+
+    def submit(self, close: Callable[[], None]) -> None:
+        self._jobs.put(close)
+        self.started = time.perf_counter()
+
+    def _loop(self) -> None:
+        while (close := self._jobs.get()) is not None:
+            try:
+                close()
+            except BaseException:  # noqa: BLE001 - close() reports its own failures; go on
+                import traceback
+
+                traceback.print_exc()  # into the worker's log
+
+    def drain(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
 
 
 class _Teller:
@@ -230,40 +269,56 @@ class _Teller:
     Under FIFO nothing but the live table needs every step, and MLflow has them all."""
 
     def __init__(self, report) -> None:
+        import threading
+
         self.report = report
         self.ends: list[dict] = []
         self.latest: dict | None = None
         self.last = time.monotonic()
+        self._lock = threading.Lock()   # the closer thread adds ends; only the trial reports
 
     def __call__(self, result: dict) -> None:   # a trainer's progress
-        self.latest = result
+        with self._lock:
+            self.latest = result
         self._maybe()
 
-    def ended(self, marker: dict) -> None:
-        self.ends.append(marker)
-        if self.latest is not None and self.latest.get(CELL) == marker[CELL]:
-            marker.update({k: v for k, v in self.latest.items() if k not in (CELL, "step")})
-            self.latest = None  # the marker carries the cell's last metrics
-        self._maybe()
+    def take(self, cid: str) -> dict:
+        """The last progress of cell ``cid`` (its marker carries it), taken out of the next result."""
+        with self._lock:
+            if self.latest is None or self.latest.get(CELL) != cid:
+                return {}
+            latest, self.latest = self.latest, None
+        return {k: v for k, v in latest.items() if k not in (CELL, "step")}
+
+    def ended(self, marker: dict, report: bool = True) -> None:
+        """A cell ended; ``report=False`` from another thread than the trial's (only the
+        trial may call Tune's report): sent with the trial's next result."""
+        marker.update(self.take(marker[CELL]))
+        with self._lock:
+            self.ends.append(marker)
+        if report:
+            self._maybe()
 
     def _maybe(self) -> None:
         if time.monotonic() - self.last >= _TELL_S:
             self.flush()
 
     def flush(self) -> None:
-        if not self.ends and self.latest is None:
-            return
-        result = dict(self.latest or {"step": -1})
-        if self.ends:
-            result[ENDED_BATCH] = json.dumps(self.ends)
-        self.ends, self.latest, self.last = [], None, time.monotonic()
+        with self._lock:
+            if not self.ends and self.latest is None:
+                return
+            result = dict(self.latest or {"step": -1})
+            if self.ends:
+                result[ENDED_BATCH] = json.dumps(self.ends)
+            self.ends, self.latest, self.last = [], None, time.monotonic()
         self.report(result)
 
 
 def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
-              teller: _Teller | None = None) -> bool:
+              teller: _Teller | None = None, closer: _Closer | None = None) -> bool:
     """One cell: take its lease, open (or reuse) its MLflow run, run the trainer, close the
-    run. False if another runner holds the cell (reported to the driver; nothing run)."""
+    run (in a bundle, ``closer`` closes it and tells ``teller``, while the next cell runs).
+    False if another runner holds the cell (reported to the driver; nothing run)."""
     import torch
 
     from trainers import load_trainer
@@ -291,15 +346,17 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
     run = TrialRun(cell, storage, context["sweep"], tracker, context["every"], device, context["metric"],
                    context.get("bases"), tell=teller or host.report)
     run.lease = lease
-    ended, done_info = FAILED, None
+    ended: str | None = FAILED
     try:
         info.train(trainer_config, run)
-        tracker.finish("FINISHED")
-        if context.get("index"):  # after FINISHED: a mark never names an unfinished run
-            with contextlib.suppress(Exception):  # a missing mark costs status a search
-                storage.mark_finished(context["index"], cell.id)
-        ended, done_info = DONE, {"sweep": context["sweep"], "experiment_id": context["experiment_id"],
-                                  "run_id": tracker.run_id, "tracking_uri": context["tracking_uri"]}
+        close = _closing(cell, context, host, storage, lease, tracker, run, teller, closer)
+        ended = None  # from here ``close`` ends the lease
+        if closer is None:
+            close()
+        else:
+            closer.submit(close)
+    except CellFailed:  # closing failed: close() recorded it
+        raise
     except LeaseLost:
         tracker.abandon()  # the cell's new holder owns the run now: leave its status alone
         raise
@@ -321,9 +378,47 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
             tracker.finish("FAILED")
         raise
     finally:
-        with contextlib.suppress(Exception):  # the renewals stop whatever happened
-            lease.end(ended, done_info)
+        if ended is not None:
+            with contextlib.suppress(Exception):  # the renewals stop whatever happened
+                lease.end(ended)
     return True
+
+
+def _closing(cell: Cell, context: dict, host: Host, storage: Storage, lease: HeldLease,
+             tracker: CellTracker, run: TrialRun, teller: _Teller | None,
+             closer: _Closer | None) -> Callable[[], None]:
+    """What closes a cell whose trainer returned: its run FINISHED, then its mark in the
+    sweep's finished index, then its lease ended done; in a bundle, the cell's end told to
+    ``teller`` (a failure to close as the cell's failure)."""
+    last = teller.take(cell.id) if teller is not None else {}
+    started = closer.started if closer is not None else time.perf_counter()
+
+    def close() -> None:
+        ended, info = FAILED, None
+        try:
+            tracker.finish("FINISHED")
+            if context.get("index"):  # after FINISHED: a mark never names an unfinished run
+                with contextlib.suppress(Exception):  # a missing mark costs status a search
+                    storage.mark_finished(context["index"], cell.id)
+            ended, info = DONE, {"sweep": context["sweep"], "experiment_id": context["experiment_id"],
+                                 "run_id": tracker.run_id, "tracking_uri": context["tracking_uri"]}
+        except LeaseLost:
+            tracker.abandon()  # the cell's new holder owns the run now: leave its status alone
+            if closer is None:
+                raise
+        except Exception as exc:
+            failure = _fail(exc, cell, tracker, run, context, host, bundled=teller is not None)
+            if closer is None:
+                raise failure from exc
+            teller.ended(_failed(cell.id, failure, started), report=False)
+        finally:
+            with contextlib.suppress(Exception):  # the renewals stop whatever happened
+                lease.end(ended, info)
+        if ended == DONE and teller is not None:
+            teller.ended({CELL: cell.id, ENDED: "done", CELL_S: time.perf_counter() - started, **last},
+                         report=closer is None)
+
+    return close
 
 
 # --- leases: one cell, one runner, across drivers (the protocol is storage.HeldLease's) ------

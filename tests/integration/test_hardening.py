@@ -161,8 +161,10 @@ def test_ctrl_c_during_ray_start_up_leaves_no_run_running(tmp_path) -> None:
     proc, env, name = _start_in_background(tmp_path, "{reports: 2, sleep: 0.01}")
     ray_tmp = Path(env["RAY_TMPDIR"])
     try:
+        # Ray starts in a thread of its own while the driver creates the sweep's parent run:
+        # Ctrl-C once both are under way (Ray takes seconds more to be up)
         deadline = time.monotonic() + 120
-        while not list(ray_tmp.glob("ray/session_*")):  # ray.init has begun
+        while not (list(ray_tmp.glob("ray/session_*")) and _has_parent_run(tmp_path / ".hpsweep" / "mlflow.db")):
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "Ray never started"
             time.sleep(0.05)
@@ -189,6 +191,18 @@ def test_ctrl_c_during_ray_start_up_leaves_no_run_running(tmp_path) -> None:
     parents = [r for r in runs if r.data.tags.get("hpsweep.role") == "sweep"]
     assert [r.info.status for r in parents] == ["KILLED"], out[-3000:]
     assert not [r for r in runs if r.info.status == "RUNNING"], out[-3000:]
+
+
+def _has_parent_run(db: Path) -> bool:
+    """Whether the SQLite store has a sweep's parent run yet (read directly: it may be mid-migration)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.1)) as conn:
+            return bool(conn.execute("select count(*) from tags where key = 'hpsweep.role' "
+                                     "and value = 'sweep'").fetchone()[0])
+    except sqlite3.Error:
+        return False
 
 
 # --- 5: in-process Ray listens on loopback only ---------------------------------------------
