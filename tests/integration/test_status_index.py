@@ -15,7 +15,7 @@ from hpsweep.plan import plan
 from hpsweep.spec import load_spec_text
 from hpsweep.stats import completeness
 from hpsweep.storage import DONE, FAILED, open_storage
-from hpsweep.store import TAG, SweepTracker, load_states, load_sweep, mlflow_client
+from hpsweep.store import TAG, SweepTracker, _RestReader, load_states, load_sweep, mlflow_client
 
 pytestmark = pytest.mark.slow
 
@@ -50,26 +50,32 @@ def _child(tracker: SweepTracker, cell, status: str) -> str:
 
 
 class _Counting:
-    """The MLflow client of load_states, counting its searches."""
+    """The searches load_states makes, through its REST reader (or MLflow's client)."""
 
     def __init__(self, monkeypatch):
         import hpsweep.store as store
 
         self.searches = 0
         real = store.mlflow_client
+        search = store._RestReader.search_runs
+
+        def counted_search(reader, *a, **k):
+            self.searches += 1
+            return search(reader, *a, **k)
 
         def counted(uri):
             client = real(uri)
-            search = client.search_runs
+            client_search = client.search_runs
 
             def search_runs(*a, **k):
                 self.searches += 1
-                return search(*a, **k)
+                return client_search(*a, **k)
 
             client.search_runs = search_runs
             return client
 
         monkeypatch.setattr(store, "mlflow_client", counted)
+        monkeypatch.setattr(store._RestReader, "search_runs", counted_search)
 
 
 def _states(cells, runs) -> dict[str, str]:
@@ -112,6 +118,7 @@ def test_index_answers_as_a_full_read_does(mlflow_server, storage, monkeypatch, 
     storage.mark_finished(tracker.index, other.id)
 
     count = _Counting(monkeypatch)
+    assert _RestReader.for_uri(mlflow_server.url) is not None  # read without MLflow's client
     fast = load_states(mlflow_server.url, spec.name, [c.id for c in cells], lambda uri: open_storage(uri, storage.endpoint))
     assert fast is not None and fast.storage == storage.uri
     # the parents, the runs not FINISHED, and one search for each of the 3 unmarked cells whose
@@ -119,6 +126,14 @@ def test_index_answers_as_a_full_read_does(mlflow_server, storage, monkeypatch, 
     assert count.searches == 1 + 1 + 3
     full = load_sweep(mlflow_server.url, spec.name)
     assert _states(cells, fast) == _states(cells, full)
+    # read with MLflow's own client (as where credentials are set): the very same cells
+    count.searches = 0
+    monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "false")
+    with_client = load_states(mlflow_server.url, spec.name, [c.id for c in cells],
+                              lambda uri: open_storage(uri, storage.endpoint))
+    monkeypatch.delenv("MLFLOW_TRACKING_INSECURE_TLS")
+    assert with_client.cells == fast.cells and with_client.parent_run_id == fast.parent_run_id
+    assert count.searches == 1 + 1 + 3
     counts = completeness(cells, fast).counts
     assert (counts["done"], counts["failed"], counts["running"], counts["pending"]) == (25, 2, 3, 30)
     assert [o.cell_id for o in completeness(cells, fast).orphans] == [other.id]

@@ -25,9 +25,12 @@ class _Tracker:
 
     events: list[tuple[str, str, float]] = []
     fail_for: set[str] = set()
+    open_now = most_open = 0   # runs opened and not yet finished
 
     def __init__(self, tracking_uri, experiment_id, parent_run_id, sweep, cell, extra_tags=None,
                  write_checkpoint=None, fresh=False) -> None:
+        _Tracker.open_now += 1
+        _Tracker.most_open = max(_Tracker.most_open, _Tracker.open_now)
         self.cell, self.write_checkpoint = cell, write_checkpoint
         self.run_id = f"run-{cell.id}"
         self.client = SimpleNamespace(log_text=lambda *a, **k: None)
@@ -46,6 +49,7 @@ class _Tracker:
             time.sleep(FINISH_S)
             if self.cell.id in self.fail_for:
                 raise ConnectionError("tracking server unreachable")
+        _Tracker.open_now -= 1
         self.events.append((self.cell.id, status, time.perf_counter()))
 
     def abandon(self) -> None:
@@ -58,7 +62,7 @@ def bundle(tmp_path, monkeypatch):
     monkeypatch.setattr(trial, "ray", SimpleNamespace(
         get_gpu_ids=lambda: [], get_runtime_context=lambda: SimpleNamespace(get_node_id=lambda: "n"),
         util=SimpleNamespace(get_node_ip_address=lambda: "127.0.0.1")))
-    _Tracker.events, _Tracker.fail_for = [], set()
+    _Tracker.events, _Tracker.fail_for, _Tracker.open_now, _Tracker.most_open = [], set(), 0, 0
     storage = open_storage(str(tmp_path / "store"))
     cells = [Cell(f"c{i}", i, 0, {"x": float(i)}, {"x": float(i), "reports": 2, "sleep": SLEEP_S / 2,
                                                    "seed": 0}) for i in range(N)]
@@ -113,3 +117,16 @@ def test_a_cell_that_fails_to_close_is_reported_failed_and_the_rest_go_on(bundle
     assert cells[1].id not in storage.finished_marks("ix")
     # the failure was recorded on the run (FAILED) after the finish that raised
     assert (cells[1].id, "FAILED") in [(cid, status) for cid, status, _ in _Tracker.events]
+
+
+def test_cells_faster_than_their_closes_wait_for_them(bundle):
+    """Instant cells: closes would pile up (each with its run open on the tracking server);
+    at most one waits while another runs, so at most three runs are open at a time."""
+    storage, _, context, host, results = bundle
+    cells = [Cell(f"i{i}", i, 0, {"x": float(i)}, {"x": float(i), "reports": 1, "sleep": 0.0, "seed": 0})
+             for i in range(8)]
+    context["cells"] = {c.id: c for c in cells}
+    trial.run_trial({"cells": [c.id for c in cells]}, context, host)
+    assert [cid for cid, what, _ in _Tracker.events if what == "FINISHED"] == [c.id for c in cells]
+    assert _Tracker.most_open <= 3, _Tracker.most_open   # closing, waiting, training
+    assert storage.finished_marks("ix") == {c.id for c in cells}
