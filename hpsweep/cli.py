@@ -130,8 +130,9 @@ def cmd_status(args) -> int:
     if not args.sweep:
         raise UsageError("status: give a sweep file (or --address URL [JOB] for cluster jobs)")
     from hpsweep.plan import plan
+    from hpsweep.runs import load_states, load_sweep
     from hpsweep.stats import completeness
-    from hpsweep.store import load_states, load_sweep, resolve_tracking_uri
+    from hpsweep.store import resolve_tracking_uri
     from hpsweep.views.tables import status_table, with_leases
 
     spec = _load(args.sweep)
@@ -254,8 +255,8 @@ def cmd_schema(args) -> int:
 def _print_results(spec, tracking_uri: str, group_by, limit: int = 0, metric: str | None = None,
                    as_json: bool = False) -> None:
     from hpsweep.plan import plan
+    from hpsweep.runs import load_sweep
     from hpsweep.stats import aggregate, observations
-    from hpsweep.store import load_sweep
     from hpsweep.views.tables import results_json, results_table
 
     metric = metric or spec.metric.name

@@ -48,8 +48,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from hpsweep.fmt import fmt_value
+from hpsweep.runs import STATES
 from hpsweep.spec_protocol import Claim, Match, Selection
-from hpsweep.store import STATES
 
 __all__ = [
     "Obs", "Stat", "GroupChoice", "Verdict", "CellState", "Completeness",

@@ -39,7 +39,7 @@ The finished index, so that ``hpsweep status`` of a big sweep need not read ever
 ``<index>`` is a random key that a sweep's MLflow experiment names in a tag (with this
 storage's URI) when it is created; a trial writes its cell's mark after the run is FINISHED,
 and a driver after copying a run in from another sweep. Reading it is one listing (1,000 keys
-a request on S3). :mod:`hpsweep.store` decides when the index may be trusted.
+a request on S3). :mod:`hpsweep.runs` decides when the index may be trusted.
 """
 
 from __future__ import annotations

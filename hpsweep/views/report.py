@@ -1,6 +1,6 @@
 """``hpsweep report``: a sweep's runs in MLflow become the paper's tables, figures and claims.
 
-:func:`build_report` reads the sweep back from MLflow (:func:`hpsweep.store.load_sweep`, in
+:func:`build_report` reads the sweep back from MLflow (:func:`hpsweep.runs.load_sweep`, in
 bulk), lines it up against the plan (missing cells stay visible as missing: every statistic
 says ``n=finished/planned``), applies the sweep's selection protocol (or ranks configurations
 by the sweep metric when there is none), judges the claims (:mod:`hpsweep.stats`), draws
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hpsweep.fmt import fmt_value
+from hpsweep.runs import SweepRuns, fetch_histories, load_sweep
 from hpsweep.stats import (
     GroupChoice,
     Obs,
@@ -33,7 +34,7 @@ from hpsweep.stats import (
     pick_configuration,
     rank_configs,
 )
-from hpsweep.store import SweepRuns, fetch_histories, load_sweep, log_report, run_url
+from hpsweep.store import log_report, run_url
 from hpsweep.views import figures as figs
 from hpsweep.views.document import (
     PARAM_DIGITS,

@@ -1,4 +1,4 @@
-"""The finished index (hpsweep.storage marks, hpsweep.store.load_states) against a real
+"""The finished index (hpsweep.storage marks, hpsweep.runs.load_states) against a real
 ``mlflow server``, on a local directory and on S3 (moto_server): ``status`` read through the
 index shows every cell in the state a full read of the sweep (``load_sweep``) shows, in every
 kind of state a cell can be in, while asking MLflow only about the cells the index leaves open;
@@ -12,10 +12,11 @@ import shutil
 import pytest
 
 from hpsweep.plan import plan
+from hpsweep.runs import _RestReader, load_states, load_sweep
 from hpsweep.spec import load_spec_text
 from hpsweep.stats import completeness
 from hpsweep.storage import DONE, FAILED, open_storage
-from hpsweep.store import TAG, SweepTracker, _RestReader, load_states, load_sweep, mlflow_client
+from hpsweep.store import TAG, SweepTracker, mlflow_client
 
 pytestmark = pytest.mark.slow
 
@@ -53,11 +54,11 @@ class _Counting:
     """The searches load_states makes, through its REST reader (or MLflow's client)."""
 
     def __init__(self, monkeypatch):
-        import hpsweep.store as store
+        import hpsweep.runs as runs
 
         self.searches = 0
-        real = store.mlflow_client
-        search = store._RestReader.search_runs
+        real = runs.mlflow_client
+        search = runs._RestReader.search_runs
 
         def counted_search(reader, *a, **k):
             self.searches += 1
@@ -74,8 +75,8 @@ class _Counting:
             client.search_runs = search_runs
             return client
 
-        monkeypatch.setattr(store, "mlflow_client", counted)
-        monkeypatch.setattr(store._RestReader, "search_runs", counted_search)
+        monkeypatch.setattr(runs, "mlflow_client", counted)
+        monkeypatch.setattr(runs._RestReader, "search_runs", counted_search)
 
 
 def _states(cells, runs) -> dict[str, str]:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from hpsweep.plan import plan
+from hpsweep.runs import load_sweep
 from hpsweep.spec import load_spec
 from hpsweep.stats import completeness
-from hpsweep.store import load_sweep
 
 pytestmark = pytest.mark.slow
 

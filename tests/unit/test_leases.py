@@ -207,8 +207,8 @@ def test_a_slow_lock_holder_keeps_the_lock_past_the_ttl(storage, monkeypatch):
 def test_status_marks_running_cells_without_a_live_lease_stale():
     from types import SimpleNamespace
 
+    from hpsweep.runs import SweepRuns
     from hpsweep.stats import completeness
-    from hpsweep.store import SweepRuns
     from hpsweep.views.tables import with_leases
 
     cells = [SimpleNamespace(id=f"c{i}", params={"x": i}, seed=0) for i in range(4)]

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 from pydantic import ValidationError
 
+from hpsweep.runs import CellRun, SweepRuns
 from hpsweep.spec_protocol import Claim, Selection
 from hpsweep.stats import (
     apply_selection,
@@ -17,7 +18,6 @@ from hpsweep.stats import (
     rank_configs,
     stat,
 )
-from hpsweep.store import CellRun, SweepRuns
 
 
 def _sweep(results, statuses=None):

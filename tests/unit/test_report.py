@@ -16,8 +16,9 @@ import pytest
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/report_support.py
 from report_support import ReportPage  # noqa: E402
 
+from hpsweep.runs import CellRun, SweepRuns, load_sweep
 from hpsweep.spec_protocol import Claim, Selection
-from hpsweep.store import CellRun, SweepRuns, load_sweep, run_url
+from hpsweep.store import run_url
 from hpsweep.views.report import render_report
 
 
