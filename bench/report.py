@@ -106,9 +106,9 @@ def main() -> None:
     from report_support import log_sweep
     from servers import VENV_BIN, free_port, group_cpu_seconds, http_ok, start_server, wait_settled, wait_until
 
-    from hpsweep.plan import plan
-    from hpsweep.runs import load_sweep
-    from hpsweep.spec import load_spec_text
+    from hpsweep.spec.model import load_spec_text
+    from hpsweep.spec.plan import plan
+    from hpsweep.store.runs import load_sweep
     from hpsweep.views.report import build_report
 
     n_sleep = 10
@@ -178,7 +178,7 @@ def main() -> None:
         with ThreadPoolExecutor(args.threads) as pool:
             per_run = list(pool.map(lambda r: client.get_metric_history(r, "loss"), ids))
         t_each = time.perf_counter() - t
-        from hpsweep.runs import _histories  # the report's own bulk path
+        from hpsweep.store.runs import _histories  # the report's own bulk path
 
         t = time.perf_counter()
         bulk = _histories(client, {"loss": set(ids)})

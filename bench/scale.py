@@ -62,8 +62,8 @@ def timed(fn):
 
 
 def validate_and_plan(path: Path):
-    from hpsweep.plan import plan
-    from hpsweep.spec import load_spec
+    from hpsweep.spec.model import load_spec
+    from hpsweep.spec.plan import plan
 
     t_load, spec = timed(lambda: load_spec(path))
     t_plan, cells = timed(lambda: plan(spec))
@@ -79,8 +79,8 @@ def floor(cells) -> float:
 
 
 def per_cell(cells) -> float:
-    from hpsweep.plan import cell_id
-    from trainers.common.config import build_config
+    from hpsweep.spec.plan import cell_id
+    from hpsweep.trainer.config import build_config
     from trainers.sleep.config import Config
 
     fixed = {"sleep": 0.0}
@@ -96,8 +96,8 @@ def per_cell(cells) -> float:
 BEFORE = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from hpsweep.spec import load_spec
-from hpsweep.plan import plan
+from hpsweep.spec.model import load_spec
+from hpsweep.spec.plan import plan
 t0 = time.perf_counter(); spec = load_spec(sys.argv[2]); t1 = time.perf_counter()
 cells = plan(spec); t2 = time.perf_counter()
 print(t1 - t0, t2 - t1, len(cells))

@@ -33,7 +33,7 @@ def _add_tracking(p: argparse.ArgumentParser) -> None:
 
 
 def _load(path: str):
-    from hpsweep.spec import load_spec
+    from hpsweep.spec.model import load_spec
 
     return load_spec(path)
 
@@ -41,8 +41,8 @@ def _load(path: str):
 # --- commands -------------------------------------------------------------------------------
 
 def cmd_validate(args) -> int:
-    from hpsweep.plan import plan
-    from hpsweep.spec import SpecError
+    from hpsweep.spec.model import SpecError
+    from hpsweep.spec.plan import plan
 
     bad = 0
     for path in args.sweeps:
@@ -59,8 +59,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from hpsweep import preflight
-    from hpsweep.store import resolve_tracking_uri
+    from hpsweep.run import preflight
+    from hpsweep.store.mlflow import resolve_tracking_uri
 
     spec = _load(args.sweep)  # every problem reported before Ray starts
     spec_text = Path(args.sweep).read_text(encoding="utf-8")
@@ -74,12 +74,12 @@ def cmd_run(args) -> int:
         _check_cluster_store(address, tracking_uri, storage)
     ray_start = None
     if not address:  # Ray starts while the engine is imported and reads the sweep's state
-        from hpsweep import localray
-        from hpsweep.plan import plan
-        from hpsweep.storage import open_storage
+        from hpsweep.run import localray
+        from hpsweep.spec.plan import plan
+        from hpsweep.store.storage import open_storage
 
         ray_start = localray.begin([c.id for c in plan(spec)], open_storage(storage, args.s3_endpoint))
-    from hpsweep.engine import run_sweep
+    from hpsweep.run.engine import run_sweep
 
     outcome = run_sweep(spec, spec_text, tracking_uri=tracking_uri, storage_uri=storage,
                         address=address, s3_endpoint=args.s3_endpoint,
@@ -92,7 +92,7 @@ def cmd_run(args) -> int:
                       f"{outcome.interrupted} unfinished cells (finished ones are not re-run)")
     _print_results(spec, tracking_uri, group_by=None, limit=15)
     _print_ui_hint(tracking_uri, outcome.experiment_id, spec)
-    from hpsweep.storage import open_storage
+    from hpsweep.store.storage import open_storage
 
     console.print(f"runs: {tracking_uri} (experiment {spec.name!r}); checkpoints: "
                   f"{open_storage(storage, args.s3_endpoint).uri}", markup=False)
@@ -103,7 +103,7 @@ def _check_cluster_store(address: str, tracking_uri: str, storage: str | None) -
     """``run --address``: refuse runs or checkpoints on a disk that the cluster's other nodes,
     or the user after the job, cannot reach: the job's working directory (which Ray deletes)
     or one node's disk of a multi-node cluster."""
-    from hpsweep import preflight
+    from hpsweep.run import preflight
 
     if preflight.local_tracking_path(tracking_uri) is None and preflight.local_storage_path(storage) is None:
         return
@@ -113,7 +113,7 @@ def _check_cluster_store(address: str, tracking_uri: str, storage: str | None) -
     elif address.startswith("ray://"):
         where = "a Ray Client address runs the driver on the cluster, not on this machine"
     else:
-        from hpsweep.localray import cluster_nodes
+        from hpsweep.run.localray import cluster_nodes
 
         nodes = cluster_nodes(address)
         if len(nodes) <= 1:
@@ -124,15 +124,15 @@ def _check_cluster_store(address: str, tracking_uri: str, storage: str | None) -
 
 def cmd_status(args) -> int:
     if args.address:
-        from hpsweep.cluster import job_status
+        from hpsweep.cluster.jobs import job_status
 
         return job_status(args.address, args.sweep)
     if not args.sweep:
         raise UsageError("status: give a sweep file (or --address URL [JOB] for cluster jobs)")
-    from hpsweep.plan import plan
-    from hpsweep.runs import load_states, load_sweep
-    from hpsweep.stats import completeness
-    from hpsweep.store import resolve_tracking_uri
+    from hpsweep.spec.plan import plan
+    from hpsweep.store.mlflow import resolve_tracking_uri
+    from hpsweep.store.runs import load_states, load_sweep
+    from hpsweep.views.stats import completeness
     from hpsweep.views.tables import status_table, with_leases
 
     spec = _load(args.sweep)
@@ -168,7 +168,7 @@ def cmd_status(args) -> int:
 def _index(uri: str, args):
     """The storage of a sweep's finished index (its experiment's tag names it); None when
     it is a directory that no longer exists."""
-    from hpsweep.storage import open_storage
+    from hpsweep.store.storage import open_storage
 
     if not uri.startswith("s3://") and not Path(uri).is_dir():
         return None
@@ -179,7 +179,7 @@ def _index(uri: str, args):
 def _held_storage(args, tagged: str | None) -> str:
     """Where the sweep's leases are: the flag or variable if given, else the storage its last
     driver tagged on the sweep's run, else the default."""
-    from hpsweep.storage import DEFAULT_STORAGE
+    from hpsweep.store.storage import DEFAULT_STORAGE
 
     return args.storage or os.environ.get("HPSWEEP_STORAGE") or tagged or DEFAULT_STORAGE
 
@@ -188,7 +188,7 @@ def _held_cells(uri: str, endpoint: str | None, cell_ids: list[str]) -> dict:
     """Live leases on ``cell_ids`` in storage ``uri`` (none if it does not exist yet)."""
     if not cell_ids:
         return {}
-    from hpsweep.storage import open_storage
+    from hpsweep.store.storage import open_storage
 
     if not uri.startswith("s3://") and not Path(uri).is_dir():
         return {}
@@ -197,7 +197,7 @@ def _held_cells(uri: str, endpoint: str | None, cell_ids: list[str]) -> dict:
 
 
 def cmd_results(args) -> int:
-    from hpsweep.store import resolve_tracking_uri
+    from hpsweep.store.mlflow import resolve_tracking_uri
 
     spec = _load(args.sweep)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
@@ -213,7 +213,7 @@ def cmd_results(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from hpsweep.store import resolve_tracking_uri
+    from hpsweep.store.mlflow import resolve_tracking_uri
     from hpsweep.views.report import build_reports
 
     specs = [_load(path) for path in args.sweeps]
@@ -231,7 +231,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from hpsweep.store import resolve_tracking_uri
+    from hpsweep.store.mlflow import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     if uri.startswith("http"):
@@ -244,7 +244,7 @@ def cmd_ui(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from hpsweep.spec import json_schema
+    from hpsweep.spec.model import json_schema
 
     print(json.dumps(json_schema(), indent=2))
     return 0
@@ -254,9 +254,9 @@ def cmd_schema(args) -> int:
 
 def _print_results(spec, tracking_uri: str, group_by, limit: int = 0, metric: str | None = None,
                    as_json: bool = False) -> None:
-    from hpsweep.plan import plan
-    from hpsweep.runs import load_sweep
-    from hpsweep.stats import aggregate, observations
+    from hpsweep.spec.plan import plan
+    from hpsweep.store.runs import load_sweep
+    from hpsweep.views.stats import aggregate, observations
     from hpsweep.views.tables import results_json, results_table
 
     metric = metric or spec.metric.name
@@ -271,7 +271,7 @@ def _print_results(spec, tracking_uri: str, group_by, limit: int = 0, metric: st
 
 
 def _print_ui_hint(tracking_uri: str, experiment_id: str, spec) -> None:
-    from hpsweep.store import experiment_url
+    from hpsweep.store.mlflow import experiment_url
 
     def url(ui: str) -> str:
         return experiment_url(ui, experiment_id, spec.metric.name, spec.metric.mode)
@@ -284,7 +284,7 @@ def _print_ui_hint(tracking_uri: str, experiment_id: str, spec) -> None:
 
 def _check_tracking(uri: str) -> None:
     """Fail fast, before Ray starts, when a tracking server is not there."""
-    from hpsweep.preflight import check_tracking_uri
+    from hpsweep.run.preflight import check_tracking_uri
 
     check_tracking_uri(uri)  # a scheme, file or driver MLflow cannot use
     if not uri.startswith("http"):
@@ -300,12 +300,12 @@ def _check_tracking(uri: str) -> None:
 
 
 def _check_storage(uri: str | None, endpoint: str | None) -> None:
-    from hpsweep.preflight import check_local_storage
+    from hpsweep.run.preflight import check_local_storage
 
     check_local_storage(uri)  # a directory that cannot be written, a path under a file
     if not uri or not uri.startswith("s3://"):
         return
-    from hpsweep.storage import open_storage
+    from hpsweep.store.storage import open_storage
 
     open_storage(uri, endpoint).check_reachable()
 
@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="print the JSON Schema of sweep files")
     p.set_defaults(func=cmd_schema)
 
-    from hpsweep import cluster  # submit | logs | stop | render: the Ray Jobs side
+    from hpsweep.cluster import jobs as cluster  # submit | logs | stop | render: the Ray Jobs side
 
     cluster.register(sub)
     return parser
@@ -410,10 +410,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The ``hpsweep`` command: :func:`main`, then out without waiting for in-process Ray's
-    shutdown (see :func:`hpsweep.localray.leave`)."""
+    shutdown (see :func:`hpsweep.run.localray.leave`)."""
     code = main()
-    if "hpsweep.localray" in sys.modules:  # imported by a command that ran trials
-        sys.modules["hpsweep.localray"].leave(code)
+    if "hpsweep.run.localray" in sys.modules:  # imported by a command that ran trials
+        sys.modules["hpsweep.run.localray"].leave(code)
     sys.exit(code)
 
 

@@ -1,6 +1,6 @@
 """The one way hpsweep writes a value for a person to read (tables, labels, reports).
 
-Dependency-free on purpose: :mod:`hpsweep.plan` (cell labels) and every view import it.
+Dependency-free on purpose: :mod:`hpsweep.spec.plan` (cell labels) and every view import it.
 """
 
 from __future__ import annotations

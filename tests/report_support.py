@@ -1,5 +1,5 @@
 """Helpers for the report tests and bench/report.py: log a sweep's runs to MLflow directly,
-following the tracking conventions (see hpsweep/store.py), with statuses chosen by the test."""
+following the tracking conventions (see hpsweep/store/mlflow.py), with statuses chosen by the test."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class CollectRun:
 
 def run_sleep(config: Mapping) -> dict[str, list[tuple[int, float]]]:
     """Run the real sleep trainer on ``config`` (a resolved config dict) and collect its metrics."""
-    from trainers.common.config import build_config
+    from hpsweep.trainer.config import build_config
     from trainers.sleep import Config, train
 
     cfg, problems = build_config(Config, dict(config))

@@ -1,4 +1,4 @@
-"""What a person sees of a sweep, all drawn from the same objects of :mod:`hpsweep.stats`:
+"""What a person sees of a sweep, all drawn from the same objects of :mod:`hpsweep.views.stats`:
 
 - :mod:`~hpsweep.views.tables`: the terminal tables of ``hpsweep results`` and ``status``;
 - :mod:`~hpsweep.views.live`: the live table of a running sweep;

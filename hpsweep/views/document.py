@@ -1,7 +1,7 @@
 """Rendering the report's sections to a self-contained HTML page and a Markdown twin.
 
 The report is built as plain data (:class:`Section`, :class:`Table`, cells that are scalars,
-:class:`~hpsweep.stats.Stat` or :class:`Links`); this module only turns it into text.
+:class:`~hpsweep.views.stats.Stat` or :class:`Links`); this module only turns it into text.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hpsweep.fmt import fmt_value
-from hpsweep.stats import Stat
+from hpsweep.views.stats import Stat
 
 __all__ = ["Links", "Table", "Section", "render_html", "render_markdown"]
 

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 
-from hpsweep.stats import Obs, mean_std  # noqa: E402
+from hpsweep.views.stats import Obs, mean_std  # noqa: E402
 
 __all__ = ["Figure", "curves", "sensitivity", "parallel_coordinates", "per_task", "heatmap",
            "band", "MAX_LINES"]
@@ -49,7 +49,7 @@ def band(series: Sequence[Sequence[tuple[int, float]]]) -> tuple[np.ndarray, np.
 
 
 def _mean_std_arrays(samples: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`hpsweep.stats.mean_std` of each sample; an undefined std (one value) draws as a
+    """:func:`hpsweep.views.stats.mean_std` of each sample; an undefined std (one value) draws as a
     zero-width band."""
     pairs = [mean_std(list(v)) for v in samples]
     mean = np.array([m for m, _ in pairs], dtype=float)

@@ -1,9 +1,9 @@
 """``hpsweep report``: a sweep's runs in MLflow become the paper's tables, figures and claims.
 
-:func:`build_report` reads the sweep back from MLflow (:func:`hpsweep.runs.load_sweep`, in
+:func:`build_report` reads the sweep back from MLflow (:func:`hpsweep.store.runs.load_sweep`, in
 bulk), lines it up against the plan (missing cells stay visible as missing: every statistic
 says ``n=finished/planned``), applies the sweep's selection protocol (or ranks configurations
-by the sweep metric when there is none), judges the claims (:mod:`hpsweep.stats`), draws
+by the sweep metric when there is none), judges the claims (:mod:`hpsweep.views.stats`), draws
 the figures (:mod:`hpsweep.views.figures`) and writes a self-contained HTML page (figures embedded
 as base64 PNG) and a Markdown twin, then logs both as artifacts of the sweep's parent run.
 
@@ -22,8 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from hpsweep.fmt import fmt_value
-from hpsweep.runs import SweepRuns, fetch_histories, load_sweep
-from hpsweep.stats import (
+from hpsweep.store.mlflow import log_report, resolve_tracking_uri, run_url
+from hpsweep.store.runs import SweepRuns, fetch_histories, load_sweep
+from hpsweep.views import figures as figs
+from hpsweep.views.document import (
+    PARAM_DIGITS,
+    Links,
+    Section,
+    Table,
+    render_html,
+    render_markdown,
+)
+from hpsweep.views.stats import (
     GroupChoice,
     Obs,
     Verdict,
@@ -34,16 +44,6 @@ from hpsweep.stats import (
     pick_configuration,
     rank_configs,
 )
-from hpsweep.store import log_report, run_url
-from hpsweep.views import figures as figs
-from hpsweep.views.document import (
-    PARAM_DIGITS,
-    Links,
-    Section,
-    Table,
-    render_html,
-    render_markdown,
-)
 
 __all__ = ["build_report", "build_reports", "render_report", "render_reports"]
 
@@ -53,7 +53,7 @@ _MATRIX_ROWS = 300        # beyond this, the completeness matrix lists only inco
 
 def _plan_cells(spec) -> list | None:
     try:
-        from hpsweep.plan import plan
+        from hpsweep.spec.plan import plan
     except ImportError:
         return None
     return plan(spec)
@@ -65,7 +65,7 @@ def build_report(tracking_uri: str | None, spec, out_dir: str | Path, *, cells=N
     """Write ``report.html`` and ``report.md`` (and ``figures/*.png``) into ``out_dir`` for
     the sweep ``spec``, from the runs at ``tracking_uri``; log them to the parent run.
 
-    ``cells``: the plan (default: ``hpsweep.plan.plan(spec)``). ``tracking_ui``: the MLflow UI
+    ``cells``: the plan (default: ``hpsweep.spec.plan.plan(spec)``). ``tracking_ui``: the MLflow UI
     base for run links (default: the tracking URI when it is http(s), else
     ``http://127.0.0.1:5000``, where ``mlflow ui`` serves a local store). ``timings``, when
     given, receives ``fetch_s``, ``render_s`` and ``log_s``. Returns (html path, md path).
@@ -80,9 +80,7 @@ def build_reports(tracking_uri: str | None, specs: Sequence[Any], out_dir: str |
     """One report page for one sweep or several (a family of reproductions): with several, the
     claims of every sweep come first in one table, then each sweep's own sections under its
     name. The page is logged to every sweep's parent run. See :func:`build_report`."""
-    import mlflow
-
-    uri = tracking_uri or mlflow.get_tracking_uri()
+    uri = resolve_tracking_uri(tracking_uri)
     t0 = time.perf_counter()
     plans = list(cells) if cells is not None else [_plan_cells(spec) for spec in specs]
     all_runs = [load_sweep(uri, spec.name) for spec in specs]

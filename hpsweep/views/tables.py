@@ -1,6 +1,6 @@
 """Tables a person reads in a terminal: results over seeds (``hpsweep results``, and after
 ``hpsweep run``) and the completeness matrix (``hpsweep status``). The numbers come from
-:mod:`hpsweep.stats`; an undefined one (no finished cell, the std of one value) is a dash."""
+:mod:`hpsweep.views.stats`; an undefined one (no finished cell, the std of one value) is a dash."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hpsweep.fmt import fmt_value
-from hpsweep.stats import Completeness, Stat
+from hpsweep.views.stats import Completeness, Stat
 
 __all__ = ["results_table", "results_json", "status_table", "with_leases"]
 
@@ -18,12 +18,12 @@ _MARK = {"done": ("●", "green"), "running": ("◐", "yellow"), "failed": ("✗
          "pending": ("·", "dim"), "stale": ("◌", "magenta")}
 
 def results_json(groups: list[tuple[dict, Stat]]) -> list[dict[str, Any]]:
-    """The groups of :func:`hpsweep.stats.aggregate`, JSON-able (undefined numbers as null)."""
+    """The groups of :func:`hpsweep.views.stats.aggregate`, JSON-able (undefined numbers as null)."""
     return [{"params": params, **s.as_dict()} for params, s in groups]
 
 def results_table(groups: list[tuple[dict, Stat]], metric: str, mode: str, title: str,
                   limit: int = 0) -> Table:
-    """The groups of :func:`hpsweep.stats.aggregate` (best first): mean, std, n, missing."""
+    """The groups of :func:`hpsweep.views.stats.aggregate` (best first): mean, std, n, missing."""
     names = list(dict.fromkeys(k for params, _ in groups for k in params))
     table = Table(title=title, caption=f"{metric}: final value, mean ± std over seeds "
                                        f"({'lower' if mode == 'min' else 'higher'} is better)")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from hpsweep import cluster
 from hpsweep.cli import main
+from hpsweep.cluster import jobs as cluster
 from hpsweep.errors import UserError
 
 SWEEP = """\

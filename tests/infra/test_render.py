@@ -8,8 +8,9 @@ import pytest
 import yaml
 from k8s_tools import REPO, containers, validate
 
-from hpsweep import __version__, render
+from hpsweep import __version__
 from hpsweep.cli import main
+from hpsweep.cluster import render
 from hpsweep.errors import UserError
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))

@@ -10,7 +10,7 @@ from k8s_tools import REPO, containers, kustomize_build
 from pins import IMAGE, MLFLOW_IMAGE, base_image, lock_pins, project_version, pyproject_pins
 
 import hpsweep
-from hpsweep import render
+from hpsweep.cluster import render
 
 DOCKER = REPO / "docker"
 #: every text file that names an image or a version (manifests, compose, launcher, Dockerfiles)

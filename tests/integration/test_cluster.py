@@ -155,7 +155,7 @@ def test_fractional_gpu_trials_share_the_gpu_node(ray_cluster, mlflow_server, mo
 
 
 def _checkpointed_step(moto_server, bucket: str, key: str) -> int:
-    from trainers.common.run import load_state
+    from hpsweep.trainer.checkpoint import load_state
 
     body = moto_server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
     return int(load_state(body, "cpu")["step"])

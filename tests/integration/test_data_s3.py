@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainers.common.run import LocalRun
+from hpsweep.trainer.run import LocalRun
 from trainers.mbpa import Config
 from trainers.mbpa.data import load_image_folder, load_images
 
@@ -44,10 +44,11 @@ def test_outputs_go_to_s3_storage_and_back_through_the_engines_run(moto_server, 
     a rewrite of the output (a rerun of stage 1) is fetched again, not served from the cache."""
     from mlflow import MlflowClient
 
-    from hpsweep.plan import Cell
-    from hpsweep.storage import open_storage
-    from hpsweep.store import CellTracker, SweepTracker
-    from hpsweep.trial import TrialRun
+    from hpsweep.run.trial import TrialRun
+    from hpsweep.spec.plan import Cell
+    from hpsweep.store.mlflow import SweepTracker
+    from hpsweep.store.storage import open_storage
+    from hpsweep.store.tracker import CellTracker
 
     monkeypatch.setenv("HPSWEEP_DATA_CACHE", str(tmp_path / "cache"))
     bucket = moto_server.create_bucket()
@@ -84,7 +85,7 @@ def test_outputs_go_to_s3_storage_and_back_through_the_engines_run(moto_server, 
     assert again == local and torch.equal(torch.load(again, weights_only=True)["w"], torch.arange(5.0))
     with pytest.raises(FileNotFoundError, match="no output 'models/none.pt'"):
         stage2.data_path("output:models/none.pt")
-    from trainers.common.data import PathEscape
+    from hpsweep.trainer.data import PathEscape
 
     with pytest.raises(PathEscape):
         stage2.data_path("../../../etc/passwd")

@@ -344,7 +344,7 @@ def test_a_killed_driver_leaves_no_ray_process_and_its_cells_show_stale(tmp_path
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         # every Ray process of the session ends within seconds, not the minutes Ray's agents take
-        from hpsweep.reaper import session_processes
+        from hpsweep.run.reaper import session_processes
 
         deadline = time.monotonic() + 30
         while (left := session_processes(str(session))) and time.monotonic() < deadline:

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from hpsweep.storage import DONE, HELD, HeldLease, open_storage
+from hpsweep.store.leases import DONE, HELD, HeldLease
+from hpsweep.store.storage import open_storage
 
 pytestmark = pytest.mark.slow
 

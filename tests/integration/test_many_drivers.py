@@ -21,10 +21,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_engine import HPSWEEP, child_runs, cli_env, sweep_file
 
-from hpsweep.plan import plan
-from hpsweep.spec import load_spec
-from hpsweep.storage import open_storage
-from hpsweep.store import TAG
+from hpsweep.spec.model import load_spec
+from hpsweep.spec.plan import plan
+from hpsweep.store.mlflow import TAG
+from hpsweep.store.storage import open_storage
 
 pytestmark = pytest.mark.slow
 

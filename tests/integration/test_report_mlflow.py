@@ -27,8 +27,8 @@ def tracked(mlflow_server):
     """A sweep of 24 cells: one never ran, one failed, one still running, the rest finished."""
     from mlflow.tracking import MlflowClient
 
-    from hpsweep.plan import plan
-    from hpsweep.spec import load_spec_text
+    from hpsweep.spec.model import load_spec_text
+    from hpsweep.spec.plan import plan
 
     name = f"report-{uuid.uuid4().hex[:8]}"
     spec = load_spec_text(SLEEP_SPEC.format(name=name))

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from hpsweep.spec import load_spec_text
+from hpsweep.spec.model import load_spec_text
 
 pytestmark = pytest.mark.slow
 
 
 def run(tmp_path: Path, uri: str, body: str):
-    from hpsweep.engine import run_sweep
+    from hpsweep.run.engine import run_sweep
 
     name = f"s-{secrets.token_hex(4)}"
     text = f"name: {name}\ntrainer: sleep\nmetric: {{name: loss, mode: min}}\n" + textwrap.dedent(body)

@@ -1,4 +1,4 @@
-"""The finished index (hpsweep.storage marks, hpsweep.runs.load_states) against a real
+"""The finished index (hpsweep.storage marks, hpsweep.store.runs.load_states) against a real
 ``mlflow server``, on a local directory and on S3 (moto_server): ``status`` read through the
 index shows every cell in the state a full read of the sweep (``load_sweep``) shows, in every
 kind of state a cell can be in, while asking MLflow only about the cells the index leaves open;
@@ -11,12 +11,13 @@ import shutil
 
 import pytest
 
-from hpsweep.plan import plan
-from hpsweep.runs import _RestReader, load_states, load_sweep
-from hpsweep.spec import load_spec_text
-from hpsweep.stats import completeness
-from hpsweep.storage import DONE, FAILED, open_storage
-from hpsweep.store import TAG, SweepTracker, mlflow_client
+from hpsweep.spec.model import load_spec_text
+from hpsweep.spec.plan import plan
+from hpsweep.store.leases import DONE, FAILED
+from hpsweep.store.mlflow import TAG, SweepTracker, mlflow_client
+from hpsweep.store.runs import _RestReader, load_states, load_sweep
+from hpsweep.store.storage import open_storage
+from hpsweep.views.stats import completeness
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,7 @@ class _Counting:
     """The searches load_states makes, through its REST reader (or MLflow's client)."""
 
     def __init__(self, monkeypatch):
-        import hpsweep.runs as runs
+        import hpsweep.store.runs as runs
 
         self.searches = 0
         real = runs.mlflow_client

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from hpsweep.plan import plan
-from hpsweep.runs import load_sweep
-from hpsweep.spec import load_spec
-from hpsweep.stats import completeness
+from hpsweep.spec.model import load_spec
+from hpsweep.spec.plan import plan
+from hpsweep.store.runs import load_sweep
+from hpsweep.views.stats import completeness
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def test_the_list_covers_every_cpu_sized_sweep() -> None:
 
 @pytest.mark.parametrize("name", CPU_SWEEPS)
 def test_cpu_sweep_runs_end_to_end(name: str, mlflow_server, local_ray, tmp_path_factory, monkeypatch) -> None:
-    from hpsweep.engine import run_sweep
+    from hpsweep.run.engine import run_sweep
 
     monkeypatch.chdir(ROOT)  # the data root defaults to ../shared/data from here
     path = ROOT / "sweeps" / name

@@ -8,8 +8,9 @@ import builtins
 import pytest
 import torch
 
-from trainers.common.run import LocalRun, UnsafeCheckpoint, dump_state, load_state
-from trainers.common.seeding import rng_state, seed_everything, set_rng_state
+from hpsweep.trainer.checkpoint import UnsafeCheckpoint, dump_state, load_state
+from hpsweep.trainer.run import LocalRun
+from hpsweep.trainer.seeding import rng_state, seed_everything, set_rng_state
 
 CPU = torch.device("cpu")
 
@@ -82,3 +83,39 @@ def test_a_real_checkpoint_with_every_rng_state_round_trips() -> None:
     set_rng_state(back["rng"])
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
     assert back["step"] == 3 and torch.equal(back["w"], state["w"]) and back["nested"] == state["nested"]
+
+
+def test_a_plain_pickle_with_a_payload_is_refused_too(tmp_path) -> None:
+    """The torch-free format: a file that names any global is refused before it runs."""
+    import pickle
+
+    from hpsweep.trainer.checkpoint import PLAIN
+
+    marker = tmp_path / "ran"
+    with pytest.raises(UnsafeCheckpoint, match="not allowed"):
+        load_state(PLAIN + pickle.dumps({"step": 1, "x": Payload(marker)}))
+    assert not marker.exists()
+    with pytest.raises(UnsafeCheckpoint, match="not allowed"):   # refused when saved, too
+        dump_state({"x": Payload(marker)})
+    assert not marker.exists()
+
+
+def test_a_state_without_tensors_round_trips_without_torch(tmp_path) -> None:
+    """A trainer that never imports torch saves and loads its checkpoints without it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, random\n"
+            "from hpsweep.trainer.checkpoint import dump_state, load_state\n"
+            "state = {'step': 7, 'w': [0.5, -1.0], 'rng': random.getstate(), 'b': b'x', 'n': None}\n"
+            "back = load_state(dump_state(state))\n"
+            "assert back == state, back\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    # a tensor anywhere in the state takes the torch format, which loads back as it was
+    state = {"step": 1, "deep": [{"t": torch.arange(3)}]}
+    data = dump_state(state)
+    assert data[:2] == b"PK"
+    assert torch.equal(load_state(data)["deep"][0]["t"], torch.arange(3))

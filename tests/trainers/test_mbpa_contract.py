@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainers import load_trainer
-from trainers.common.config import build_config
-from trainers.common.run import LocalRun
+from hpsweep.trainer.config import build_config
+from hpsweep.trainer.registry import load_trainer
+from hpsweep.trainer.run import LocalRun
 from trainers.mbpa import Config, train
 
 DATA = Path(os.environ.get("HPSWEEP_SHARED_DATA", Path(__file__).resolve().parents[2] / ".." / "shared" / "data"))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainers.common.run import LocalRun
+from hpsweep.trainer.run import LocalRun
 from trainers.mbpa import Config, train
 from trainers.mbpa import data as mbpa_data
 from trainers.mbpa.data import load_image_folder, read_idx

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainers.common.run import LocalRun
+from hpsweep.trainer.run import LocalRun
 from trainers.mbpa import Config, train
 from trainers.mbpa.classify import _new_state
 from trainers.mbpa.data import read_idx

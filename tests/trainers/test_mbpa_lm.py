@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainers.common.run import LocalRun
+from hpsweep.trainer.run import LocalRun
 from trainers.mbpa.config import Config
 from trainers.mbpa.data import load_corpus, load_mnist, read_idx, resolve_uri
 from trainers.mbpa.lm import evaluate_with_memory

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainers.common.run import LocalRun
+from hpsweep.trainer.run import LocalRun
 from trainers.mbpa import Config, train
 
 DATA = Path(os.environ.get("HPSWEEP_SHARED_DATA", Path(__file__).resolve().parents[2] / ".." / "shared" / "data"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainers.common.run import LocalRun
+from hpsweep.trainer.run import LocalRun
 from trainers.snap import Config, train
 
 ROOT = Path(__file__).resolve().parents[2]

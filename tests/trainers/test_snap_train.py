@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainers import load_trainer
-from trainers.common.cli import main
-from trainers.common.run import LocalRun
+from hpsweep.trainer.cli import main
+from hpsweep.trainer.registry import load_trainer
+from hpsweep.trainer.run import LocalRun
 from trainers.snap import Config, train
 from trainers.snap.tasks import ByteCorpus, Curriculum, copy_batch, read_bytes
 
@@ -151,7 +151,7 @@ def test_byte_corpus_from_a_directory_of_splits(tmp_path):
 def test_relative_data_path_resolves_under_the_data_root_not_elsewhere(tmp_path, monkeypatch):
     """Standalone, a relative data path resolves under the current directory or the data root
     and may not climb out: the trainer refuses ``../../../etc/passwd`` before reading it."""
-    from trainers.common.data import PathEscape
+    from hpsweep.trainer.data import PathEscape
 
     root = tmp_path / "root"
     (root / "enwiki").mkdir(parents=True)

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from hpsweep.plan import Cell
-from hpsweep.storage import DONE, FAILED, HELD, Lease
+from hpsweep.spec.plan import Cell
+from hpsweep.store.leases import DONE, FAILED, HELD, Lease
 
 
 class _Storage:
@@ -39,7 +39,7 @@ class _Table:
 def _queue(n: int, bundle, slots: int = 2, leases: dict | None = None):
     # imported here, not at collection: other unit tests check that a bad sweep file never
     # imports ray.tune in their process
-    from hpsweep.engine import _CellQueue
+    from hpsweep.run.queue import CellQueue as _CellQueue
 
     cells = [Cell(f"c{i:03d}", i, 0, {"x": i}, {"x": i}) for i in range(n)]
     context = {"experiment_id": "1", "cells": {c.id: c for c in cells}, "lease_ttl": 30.0}
@@ -50,7 +50,7 @@ def _queue(n: int, bundle, slots: int = 2, leases: dict | None = None):
 def _ended(queue, seconds: float, n: int = 4) -> None:
     """``n`` cells of ``seconds`` each ended, told in one result (as a bundle batches them)."""
     markers = [{"hpsweep/cell": f"x{i}", "hpsweep/ended": "done", "hpsweep/cell_s": seconds} for i in range(n)]
-    queue.on_trial_result("t0", {"step": -1, "hpsweep/ended_batch": json.dumps(markers)})
+    queue.on_result({"step": -1, "hpsweep/ended_batch": json.dumps(markers)})
 
 
 def test_auto_starts_with_one_cell_a_trial_then_fills_ten_seconds() -> None:
@@ -73,13 +73,13 @@ def test_a_bundle_is_never_more_than_half_an_even_share_of_the_queue() -> None:
 
 def test_bundle_one_hands_out_single_cells_and_bundles_hand_out_lists() -> None:
     single = _queue(5, 1)
-    assert single.suggest("t0") == {"cell": "c000"}
+    assert single.suggest() == {"cell": "c000"}
     bundled = _queue(9, 2, slots=1)
-    assert bundled.suggest("t0") == {"cells": ["c000", "c001"]}
-    assert bundled.suggest("t1") == {"cells": ["c002", "c003"]}
-    assert bundled.suggest("t2") == {"cells": ["c004", "c005"]}
-    assert bundled.suggest("t3") == {"cells": ["c006", "c007"]}   # ceil(3 / 2) = 2
-    assert bundled.suggest("t4") == {"cells": ["c008"]}
+    assert bundled.suggest() == {"cells": ["c000", "c001"]}
+    assert bundled.suggest() == {"cells": ["c002", "c003"]}
+    assert bundled.suggest() == {"cells": ["c004", "c005"]}
+    assert bundled.suggest() == {"cells": ["c006", "c007"]}   # ceil(3 / 2) = 2
+    assert bundled.suggest() == {"cells": ["c008"]}
     assert bundled.active == 5
 
 
@@ -88,7 +88,7 @@ def test_cells_held_elsewhere_are_passed_over_and_requeued_cells_come_first() ->
     leases = {"c001": Lease("c001", HELD, "h", "other:1", now + 30, {}),
               "c002": Lease("c002", DONE, "h", "other:1", now - 5, {})}
     q = _queue(12, 4, slots=1, leases=leases)
-    assert q.suggest("t0") == {"cells": ["c000", "c003", "c004", "c005"]}
+    assert q.suggest() == {"cells": ["c000", "c003", "c004", "c005"]}
     assert set(q.waiting) == {"c001", "c002"}
     q.requeue(["c004", "c005"])          # a bundle cut short: its unstarted cells go first, in order
     assert list(q.queue)[:2] == ["c004", "c005"]
@@ -97,7 +97,7 @@ def test_cells_held_elsewhere_are_passed_over_and_requeued_cells_come_first() ->
 @pytest.mark.parametrize("bundle", [0, -3])
 def test_bundle_must_be_auto_or_positive(tmp_path, bundle) -> None:
     from hpsweep.errors import UserError
-    from hpsweep.spec import load_spec
+    from hpsweep.spec.model import load_spec
 
     path = tmp_path / "s.yaml"
     path.write_text(f"name: b\ntrainer: sleep\nmetric: {{name: loss, mode: min}}\nbundle: {bundle}\n")
@@ -107,7 +107,7 @@ def test_bundle_must_be_auto_or_positive(tmp_path, bundle) -> None:
 
 def test_bundles_need_fifo(tmp_path) -> None:
     from hpsweep.errors import UserError
-    from hpsweep.spec import load_spec
+    from hpsweep.spec.model import load_spec
 
     path = tmp_path / "s.yaml"
     path.write_text("name: b\ntrainer: sleep\nmetric: {name: loss, mode: min}\n"
@@ -137,7 +137,7 @@ class _Tracker:
 
 
 def _waiting_queue(leases: dict, finished: set[str], n: int = 200):
-    from hpsweep.engine import _CellQueue
+    from hpsweep.run.queue import CellQueue as _CellQueue
 
     cells = [Cell(f"c{i:03d}", i, 0, {"x": i}, {"x": i}) for i in range(n)]
     context = {"experiment_id": "1", "cells": {c.id: c for c in cells}, "lease_ttl": 30.0}

@@ -1,5 +1,5 @@
 """A bundle closes each cell (run FINISHED, finished mark, lease done, the driver told) in a
-thread of its own while the next cell trains: the real bundle trial (hpsweep.trial), the sleep
+thread of its own while the next cell trains: the real bundle trial (hpsweep.run.trial), the sleep
 trainer, a real local storage with real leases; the tracking client is a recorder that takes
 ``FINISH_S`` to finish a run (the round trips to a tracking server), so that overlap shows in
 the wall time, and that can be told to fail for one cell."""
@@ -13,9 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 
-import hpsweep.trial as trial
-from hpsweep.plan import Cell
-from hpsweep.storage import DONE, FAILED, open_storage
+import hpsweep.run.trial as trial
+from hpsweep.spec.plan import Cell
+from hpsweep.store.leases import DONE, FAILED
+from hpsweep.store.storage import open_storage
 
 FINISH_S, SLEEP_S, N = 0.3, 0.4, 4   # a close is shorter than a cell: none waits for another
 

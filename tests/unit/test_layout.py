@@ -1,9 +1,13 @@
 """The import graph of hpsweep/: no cycle (imports inside functions count; those only for type
-checkers do not), and only engine.py imports ray.tune."""
+checkers do not); the packages import one way, in the order of the flow (cli -> cluster -> run ->
+views -> spec | store -> trainer); ray.tune only in run/engine.py, MLflow only in store/; the
+public trainer API imports no torch, Ray or MLflow; no module over 500 lines."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "hpsweep"
@@ -86,7 +90,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycle_in_hpsweep():
     edges = graph()
-    assert "hpsweep.spec" in edges and "hpsweep.store" in edges["hpsweep.views.report"]
+    assert "hpsweep.spec.model" in edges and "hpsweep.store.mlflow" in edges["hpsweep.views.report"]
     assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
 
 
@@ -97,13 +101,96 @@ def test_only_the_engine_imports_ray_tune():
         for name, line in imports(path)
         if name == "ray.tune" or name.startswith("ray.tune.")
     )
-    assert users and all(u.startswith("hpsweep/engine.py:") for u in users), users
+    assert users and all(u.startswith("hpsweep/run/engine.py:") for u in users), users
 
 
 def test_tag_names_and_the_mlflow_client_live_in_the_store():
     for path in PKG.rglob("*.py"):
-        if path.name == "store.py":
+        if path.relative_to(PKG).parts[0] == "store":
             continue
         text = path.read_text(encoding="utf-8")
         assert "MlflowClient" not in text, path
         assert "'hpsweep.cell" not in text and '"hpsweep.cell' not in text, path
+
+
+#: a package (or top-level module) of hpsweep/ may import only those of a higher number: the
+#: flow read from the user's side down to the trainer contract; spec and store share a rank and
+#: import neither each other; errors, fmt and the package root (its version) are leaves every layer may use
+RANK = {"__init__": 6, "cli": 0, "api": 0, "cluster": 1, "run": 2, "views": 3, "spec": 4, "store": 4,
+        "trainer": 5, "errors": 6, "fmt": 6}
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def layer_violations(edges: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for mod, targets in edges.items():
+        for target in targets:
+            a, b = _layer(mod), _layer(target)
+            if a != b and RANK[b] <= RANK[a]:
+                bad.append(f"{mod} -> {target}")
+    return sorted(bad)
+
+
+def test_every_package_has_a_rank():
+    assert {_layer(m) for m in graph()} <= set(RANK), {_layer(m) for m in graph()} - set(RANK)
+
+
+def test_the_layer_rule_catches_an_arrow_back_up():
+    assert layer_violations({"hpsweep.spec.plan": {"hpsweep.run.engine"}}) == \
+        ["hpsweep.spec.plan -> hpsweep.run.engine"]
+    assert layer_violations({"hpsweep.store.runs": {"hpsweep.spec.model"}}) == \
+        ["hpsweep.store.runs -> hpsweep.spec.model"]
+    assert layer_violations({"hpsweep.run.engine": {"hpsweep.views.live"}}) == []
+
+
+def test_packages_import_one_way_down_the_flow():
+    assert layer_violations(graph()) == []
+
+
+def _users(prefixes: tuple[str, ...], top_level_only: bool = False) -> list[str]:
+    out = []
+    for path in PKG.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        lines = None
+        if top_level_only:   # statements run at import time: module level, not inside a def
+            lines = {n.lineno for stmt in tree.body if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                                          ast.ClassDef))
+                     for n in ast.walk(stmt) if hasattr(n, "lineno")}
+        for name, line in imports(path):
+            if lines is not None and line not in lines:
+                continue
+            if any(name == p or name.startswith(p + ".") for p in prefixes):
+                out.append(f"{path.relative_to(PKG.parent)}:{line}")
+    return sorted(out)
+
+
+def test_only_the_store_imports_mlflow():
+    users = _users(("mlflow",))
+    assert users, "the store imports MLflow's client"
+    assert all(u.startswith("hpsweep/store/") for u in users), users
+
+
+def test_the_trainer_api_imports_no_torch_ray_or_mlflow_at_import_time():
+    users = [u for u in _users(("torch", "ray", "mlflow"), top_level_only=True) if u.startswith("hpsweep/trainer/")]
+    assert users == [], users
+    # and for real: every module of the API imported in a fresh interpreter (-X importtime lists
+    # each module as it is loaded)
+    mods = sorted(f"hpsweep.trainer.{p.stem}" for p in (PKG / "trainer").glob("*.py")
+                  if p.stem not in ("__init__", "__main__"))
+    code = "import hpsweep.trainer, " + ", ".join(mods) + "; from hpsweep.trainer import Run, LocalRun, DataPath"
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True,
+                         check=True).stderr
+    loaded = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in out.splitlines() if "|" in line}
+    assert "hpsweep" in loaded   # the listing is read right
+    assert not loaded & {"torch", "ray", "mlflow"}, sorted(loaded & {"torch", "ray", "mlflow"})
+
+
+def test_no_module_over_500_lines():
+    big = {str(p.relative_to(PKG.parent)): n
+           for p in [*PKG.rglob("*.py"), *(PKG.parent / "trainers").rglob("*.py")]
+           if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500}
+    assert big == {}, big

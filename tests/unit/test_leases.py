@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from hpsweep.storage import DONE, FAILED, HELD, HeldLease, LeaseLost, open_storage
+from hpsweep.store.leases import DONE, FAILED, HELD, HeldLease, LeaseLost
+from hpsweep.store.storage import open_storage
 
 
 @pytest.fixture
@@ -171,8 +172,8 @@ def test_live_leases_lists_only_live_holders(storage):
 @pytest.mark.slow  # the first use of a SQLite store migrates its schema: ~10 s
 def test_status_shows_cells_a_driver_holds_as_running(tmp_path, capsys):
     from hpsweep.cli import main
-    from hpsweep.plan import plan
-    from hpsweep.spec import load_spec
+    from hpsweep.spec.model import load_spec
+    from hpsweep.spec.plan import plan
 
     good = tmp_path / "good.yaml"
     good.write_text("name: t\ntrainer: sleep\nmetric: {name: loss, mode: min}\n"
@@ -207,8 +208,8 @@ def test_a_slow_lock_holder_keeps_the_lock_past_the_ttl(storage, monkeypatch):
 def test_status_marks_running_cells_without_a_live_lease_stale():
     from types import SimpleNamespace
 
-    from hpsweep.runs import SweepRuns
-    from hpsweep.stats import completeness
+    from hpsweep.store.runs import SweepRuns
+    from hpsweep.views.stats import completeness
     from hpsweep.views.tables import with_leases
 
     cells = [SimpleNamespace(id=f"c{i}", params={"x": i}, seed=0) for i in range(4)]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from hpsweep.storage import open_storage
-from trainers.common.config import DataPath, OutputName, path_fields
-from trainers.common.data import PathEscape, check_location, check_output_name, locate
+from hpsweep.store.storage import open_storage
+from hpsweep.trainer.config import DataPath, OutputName, path_fields
+from hpsweep.trainer.data import PathEscape, check_location, check_output_name, locate
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -124,7 +124,7 @@ def test_the_standalone_trainer_refuses_escapes_before_running(tmp_path) -> None
 def test_local_run_outputs_round_trip_files_and_directories(tmp_path) -> None:
     import torch
 
-    from trainers.common.run import LocalRun
+    from hpsweep.trainer.run import LocalRun
 
     run = LocalRun(tmp_path / "a", device=torch.device("cpu"), outputs_dir=tmp_path / "outputs")
     with run.output("models/m.pt") as path:

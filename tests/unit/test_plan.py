@@ -5,8 +5,8 @@ from __future__ import annotations
 import collections
 import math
 
-from hpsweep.plan import cell_id, plan
-from hpsweep.spec import load_spec_text
+from hpsweep.spec.model import load_spec_text
+from hpsweep.spec.plan import cell_id, plan
 
 HEAD = "name: t\ntrainer: sleep\nmetric: {name: loss, mode: min}\n"
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hpsweep.plan import cell_id, plan
-from hpsweep.spec import SpecError, load_spec_text
+from hpsweep.spec.model import SpecError, load_spec_text
+from hpsweep.spec.plan import cell_id, plan
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAD = "name: t\ntrainer: sleep\nmetric: {name: loss, mode: min}\n"

@@ -15,7 +15,7 @@ GOOD = "name: t\ntrainer: sleep\nmetric: {name: loss, mode: min}\nparameters:\n 
 
 
 def _ray_started() -> bool:
-    return "ray.tune" in sys.modules or "hpsweep.engine" in sys.modules
+    return "ray.tune" in sys.modules or "hpsweep.run.engine" in sys.modules
 
 
 @pytest.fixture

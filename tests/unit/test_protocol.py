@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 from pydantic import ValidationError
 
-from hpsweep.runs import CellRun, SweepRuns
-from hpsweep.spec_protocol import Claim, Selection
-from hpsweep.stats import (
+from hpsweep.spec.protocol import Claim, Selection
+from hpsweep.store.runs import CellRun, SweepRuns
+from hpsweep.views.stats import (
     apply_selection,
     completeness,
     judge_claims,

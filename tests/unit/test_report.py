@@ -16,9 +16,9 @@ import pytest
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/report_support.py
 from report_support import ReportPage  # noqa: E402
 
-from hpsweep.runs import CellRun, SweepRuns, load_sweep
-from hpsweep.spec_protocol import Claim, Selection
-from hpsweep.store import run_url
+from hpsweep.spec.protocol import Claim, Selection
+from hpsweep.store.mlflow import run_url
+from hpsweep.store.runs import CellRun, SweepRuns, load_sweep
 from hpsweep.views.report import render_report
 
 
@@ -156,9 +156,9 @@ def test_shipped_paper_sweeps_render(name, tmp_path):
     metric its trainer declares; one configuration is left unfinished to stay visible."""
     import hashlib
 
-    from hpsweep.plan import plan
-    from hpsweep.spec import load_spec
-    from trainers import load_trainer
+    from hpsweep.spec.model import load_spec
+    from hpsweep.spec.plan import plan
+    from hpsweep.trainer.registry import load_trainer
 
     spec = load_spec(SWEEPS / name)
     cells = plan(spec)

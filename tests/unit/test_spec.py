@@ -6,7 +6,7 @@ import tracemalloc
 
 import pytest
 
-from hpsweep.spec import SpecError, json_schema, load_spec, load_spec_text
+from hpsweep.spec.model import SpecError, json_schema, load_spec, load_spec_text
 
 HEAD = "name: t\ntrainer: sleep\nmetric: {name: loss, mode: min}\n"
 

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 from rich.console import Console
 
-from hpsweep.runs import CellRun, SweepRuns
-from hpsweep.stats import aggregate, mean_std, observations, stat
+from hpsweep.store.runs import CellRun, SweepRuns
 from hpsweep.views.document import Section, Table, render_html, render_markdown
+from hpsweep.views.stats import aggregate, mean_std, observations, stat
 from hpsweep.views.tables import results_json, results_table
 
 

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 from mlflow.entities import Metric, RunData, RunTag
 
-import hpsweep.store as tracking
-from hpsweep.plan import Cell
+import hpsweep.store.tracker as tracking
+from hpsweep.spec.plan import Cell
 
 
 class FakeClient:

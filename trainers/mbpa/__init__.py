@@ -12,7 +12,7 @@ Layout: ``config.py`` (Config, METRICS; no torch), ``training.py`` (``train``),
 Only ``Config`` and ``METRICS`` are imported with the package; ``train`` on first use.
 """
 
-from trainers import lazy_exports
+from hpsweep.trainer.registry import lazy_exports
 from trainers.mbpa.config import METRICS, Config
 
 __getattr__ = lazy_exports(__name__, {"train": "training"})

@@ -1,6 +1,6 @@
 import sys
 
-from trainers.common.cli import main
+from hpsweep.trainer.cli import main
 from trainers.mbpa import Config, train
 
 sys.exit(main("mbpa", Config, train))

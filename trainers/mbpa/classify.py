@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from trainers.common.seeding import rng_state, seed_everything, set_rng_state
+from hpsweep.trainer.seeding import rng_state, seed_everything, set_rng_state
 from trainers.mbpa.adapt import FirstStep, adapt_predict_mlp, first_step_terms, mlp_layers
 from trainers.mbpa.config import Config
 from trainers.mbpa.data import load_images

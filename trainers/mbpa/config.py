@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Literal
 
-from trainers.common.config import DataPath, OutputName
+from hpsweep.trainer.config import DataPath, OutputName
 
 __all__ = ["Config", "METRICS"]
 

@@ -2,7 +2,7 @@
 
 Every location goes through ``run.data_path(uri)``, so a local directory and an ``s3://``
 prefix work alike, and a relative path resolves where the run says (under the sweep file's
-directory or the data root, see :mod:`trainers.common.data`), never against this checkout.
+directory or the data root, see :mod:`hpsweep.trainer.data`), never against this checkout.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainers.common.data import default_cache_dir, expand_vars
+from hpsweep.trainer.data import default_cache_dir, expand_vars
 
 __all__ = ["resolve_uri", "read_idx", "load_mnist", "IMAGE_SUFFIXES", "scan_image_folder",
            "load_image_folder", "load_images", "Corpus", "load_corpus"]
@@ -149,7 +149,7 @@ def load_image_folder(root: Path, size: int | None = None, channels: int = 1) ->
     channel-major to float32 in [0, 1]. Labels index the class folder names sorted.
 
     Decoded uint8 arrays are kept per process and in ``HPSWEEP_DATA_CACHE/image_folder/`` (the
-    data cache of trainers/common/data.py), keyed by the files' names, sizes and mtimes and
+    data cache of hpsweep/trainer/data.py), keyed by the files' names, sizes and mtimes and
     the conversion, so trials and epochs decode once.
     """
     classes, files = scan_image_folder(root)

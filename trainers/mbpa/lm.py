@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trainers.common.run import safe_load
-from trainers.common.seeding import rng_state, seed_everything, set_rng_state
+from hpsweep.trainer.checkpoint import safe_load
+from hpsweep.trainer.seeding import rng_state, seed_everything, set_rng_state
 from trainers.mbpa.config import Config
 from trainers.mbpa.data import Corpus, load_corpus
 from trainers.mbpa.lm_adapt import cache_probs, mixture_log_probs, softmax_explicit, softmax_sgd_correction

@@ -7,7 +7,7 @@ each call of ``train`` appends the step it starts from to a file of its own per 
 (``x=<x>,seed=<seed>``), so tests can check that a cell ran exactly once across drivers.
 """
 
-from trainers import lazy_exports
+from hpsweep.trainer.registry import lazy_exports
 from trainers.sleep.config import METRICS, Config
 
 __all__ = ["Config", "train", "METRICS", "InjectedFailure"]

@@ -7,7 +7,7 @@ modelling (:mod:`trainers.snap.tasks`). ``train(config, run)`` is the trainer;
 ``METRICS`` are imported with the package (no torch); the rest on first use.
 """
 
-from trainers import lazy_exports
+from hpsweep.trainer.registry import lazy_exports
 from trainers.snap.config import METRICS, Config
 
 __all__ = ["Config", "METRICS", "SparseRNN", "sequence_gradient", "train"]

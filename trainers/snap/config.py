@@ -9,7 +9,7 @@ import dataclasses
 import re
 from typing import Annotated, Literal
 
-from trainers.common.config import DataPath
+from hpsweep.trainer.config import DataPath
 
 __all__ = ["Config", "METRICS", "parse_method"]
 

@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from trainers.common.seeding import rng_state, seed_everything, set_rng_state
+from hpsweep.trainer.seeding import rng_state, seed_everything, set_rng_state
 from trainers.snap.cells import SparseRNN
 from trainers.snap.config import Config
 from trainers.snap.gradients import bptt_window

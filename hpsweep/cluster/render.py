@@ -117,7 +117,7 @@ def rayjob_manifests(
     max_gpu_workers: int = 4,
 ) -> list[dict[str, Any]]:
     """The ConfigMap and RayJob for ``sweep`` (validated first; a bad file raises SpecError)."""
-    from hpsweep.spec import load_spec
+    from hpsweep.spec.model import load_spec
 
     sweep = Path(sweep)
     if not sweep.is_file():

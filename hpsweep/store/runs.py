@@ -8,10 +8,10 @@ when asked, metric histories; :func:`fetch_histories` reads the histories of cho
 on the server; requests in a thread pool) -- never one request per run per metric: measured
 side by side on a local server, 300 runs' histories took 1.2 s in bulk against 16 s one request
 a run with 8 threads (bench/report.py). A local SQL store is read through the store's own bulk
-query. What the runs mean (completeness, means over seeds) is :mod:`hpsweep.stats`'s business.
+query. What the runs mean (completeness, means over seeds) is :mod:`hpsweep.views.stats`'s business.
 
 ``status`` of a big sweep reads less: :func:`load_states` takes the finished cells from the
-sweep's finished index (:mod:`hpsweep.storage`) and asks MLflow only about the rest.
+sweep's finished index (:mod:`hpsweep.store.storage`) and asks MLflow only about the rest.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from hpsweep.store import TAG, mlflow_client
+from hpsweep.store.mlflow import TAG, mlflow_client
 
 __all__ = ["CellRun", "SweepRuns", "STATES", "load_sweep", "load_states", "fetch_histories", "run_state"]
 

@@ -7,8 +7,8 @@ and a cell's id does not change when a default value is spelled out in the YAML.
 Order: seeds outermost (every configuration gets its first seed before any gets a second),
 then variants in file order, then the product of the parameters in declaration order.
 The points (swept values, random samples included) and their validated configs come from
-:mod:`hpsweep.points`, once per distinct config; this module crosses them with the seeds.
-A cell id is the sha256 of :func:`hpsweep.points.id_text`, built from pieces encoded once.
+:mod:`hpsweep.spec.points`, once per distinct config; this module crosses them with the seeds.
+A cell id is the sha256 of :func:`hpsweep.spec.points.id_text`, built from pieces encoded once.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import hashlib
 from typing import TYPE_CHECKING
 
 from hpsweep.fmt import fmt_value
-from hpsweep.points import Resolved, id_text, resolve
+from hpsweep.spec.points import Resolved, id_text, resolve
 
 if TYPE_CHECKING:
-    from hpsweep.spec import SweepSpec
+    from hpsweep.spec.model import SweepSpec
 
 __all__ = ["Cell", "plan", "cell_id", "resolve_config"]
 
@@ -49,8 +49,8 @@ def resolve_config(spec: SweepSpec, values: dict, seed: int) -> dict:
     for values no plan knew in advance (an optuna sampler's), validated here, once."""
     import json
 
-    from trainers import load_config
-    from trainers.common.config import build_config
+    from hpsweep.trainer.config import build_config
+    from hpsweep.trainer.registry import load_config
 
     config, problems = build_config(load_config(spec.trainer).Config, {**spec.config, **values, "seed": seed})
     if problems:
@@ -64,7 +64,7 @@ def _resolved(spec: SweepSpec) -> Resolved:
     cached = getattr(spec, "_points", None)
     if cached is not None:
         return cached
-    from trainers import load_config
+    from hpsweep.trainer.registry import load_config
 
     resolved, failures = resolve(spec, load_config(spec.trainer).Config)
     if failures:  # load_spec reports these with their lines; reaching here is a bug

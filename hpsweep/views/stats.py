@@ -6,7 +6,7 @@ Observations: one per planned cell (:func:`observations`). Aggregation over seed
 ``n`` finished of ``N`` planned, the rest missing -- never averaged away. With n = 1 the std is
 undefined (NaN, shown as a dash everywhere); with n = 0 so is the mean.
 
-The selection protocol and the claims (models in :mod:`hpsweep.spec_protocol`):
+The selection protocol and the claims (models in :mod:`hpsweep.spec.protocol`):
 
 ``selection`` says how the paper picked what it reports: within each group (``group_by``), the
 value of the ``over`` parameters with the best mean ``select_by`` over replicates; then the
@@ -48,8 +48,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from hpsweep.fmt import fmt_value
-from hpsweep.runs import STATES
-from hpsweep.spec_protocol import Claim, Match, Selection
+from hpsweep.spec.protocol import Claim, Match, Selection
+from hpsweep.store.runs import STATES
 
 __all__ = [
     "Obs", "Stat", "GroupChoice", "Verdict", "CellState", "Completeness",
@@ -128,7 +128,7 @@ def completeness(cells_from_plan: Iterable[Any], sweep_runs) -> Completeness:
     """Line the plan's cells up against the runs: done / running / failed / pending per cell.
 
     ``cells_from_plan``: objects with ``.id``, ``.params`` (swept values) and ``.seed`` (what
-    :func:`hpsweep.plan.plan` returns). A planned cell with no run is *pending*; runs whose cell
+    :func:`hpsweep.spec.plan.plan` returns). A planned cell with no run is *pending*; runs whose cell
     id the plan does not produce are listed as ``orphans`` (never mixed into the matrix).
     """
     cells: list[CellState] = []

@@ -1,7 +1,7 @@
 """The ``selection:`` and ``claims:`` blocks of a sweep file: the paper's selection protocol
-and its qualitative claims, as strict pydantic models (part of :class:`hpsweep.spec.SweepSpec`).
+and its qualitative claims, as strict pydantic models (part of :class:`hpsweep.spec.model.SweepSpec`).
 
-What they mean when applied to results is :mod:`hpsweep.stats`'s business; this module only
+What they mean when applied to results is :mod:`hpsweep.views.stats`'s business; this module only
 says what a sweep file may write.
 """
 

@@ -6,15 +6,15 @@ drawn from a generator seeded by the sweep's name, so the points of a random swe
 fixed as a grid's; points excluded by ``exclude`` or equal to an earlier one are left out.
 
 :func:`resolve` validates the config of every point once, through the trainer's own Config
-(pydantic, :mod:`trainers.common.config`), in the process that plans, and keeps the resolved
-configs (defaults in) with the text their cell ids hash: :mod:`hpsweep.plan` crosses them with
+(pydantic, :mod:`hpsweep.trainer.config`), in the process that plans, and keeps the resolved
+configs (defaults in) with the text their cell ids hash: :mod:`hpsweep.spec.plan` crosses them with
 the seeds without validating again, and a trial trusts them. The seed is set to the first seed
 while validating: the sweep's own model checks every seed (ints >= 0), and the spec checks the
 fixed options with each seed once, so a seed cannot make a config invalid that another seed
 makes valid. Only the trainer's ``config`` module is imported (no torch).
 
 Pure: no Ray, no MLflow; it does not import :mod:`hpsweep.spec` (which calls it) nor
-:mod:`hpsweep.plan` (which reads it).
+:mod:`hpsweep.spec.plan` (which reads it).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def resolve(spec, config_cls: type, fixed_seed: int | None = None):
     """Validate each point's config once. Returns ``(resolved, failures)``: ``failures`` lists
     ``(values, problems)`` for the points (and, for sampled domains, the corners) whose config
     the trainer refuses; ``resolved`` is None for an optuna search or when anything failed."""
-    from trainers.common.config import build_config
+    from hpsweep.trainer.config import build_config
 
     seed = spec.seed_list[0] if fixed_seed is None else fixed_seed
     base = {**spec.config, "seed": seed}

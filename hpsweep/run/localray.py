@@ -45,7 +45,7 @@ import threading  # noqa: E402
 
 import ray  # noqa: E402
 
-from hpsweep import reaper  # noqa: E402
+from hpsweep.run import reaper  # noqa: E402
 
 __all__ = ["Start", "begin", "init", "ray_env", "cluster_nodes", "leave"]
 
@@ -58,8 +58,8 @@ _FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_
 
 def ray_env() -> dict[str, str]:
     """The environment variables of the job's runtime environment (every worker's)."""
-    from hpsweep.storage import lease_ttl
-    from hpsweep.store import code_version
+    from hpsweep.store.leases import lease_ttl
+    from hpsweep.store.mlflow import code_version
 
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     env.update({"HPSWEEP_CODE_VERSION": code_version(), "RAY_CHDIR_TO_TRIAL_DIR": "0",
@@ -140,7 +140,7 @@ def leave(code: int) -> None:
     itself and its watcher runs: Ray's own shutdown (about 1.5 s, then the interpreter's
     teardown with Ray and torch loaded: 2.4 s in all, measured) is not worth a person's wait
     once everything is printed. The GCS and the raylet end with this process, and the watcher
-    (:mod:`hpsweep.reaper`) stops the rest of the session's processes, as it does when a driver
+    (:mod:`hpsweep.run.reaper`) stops the rest of the session's processes, as it does when a driver
     is killed. Returns (for a normal exit) in any other case."""
     if not _in_process or not ray.is_initialized():
         return

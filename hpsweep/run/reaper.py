@@ -32,7 +32,7 @@ def watch(session_dir: str) -> subprocess.Popen | None:
     if not os.path.isdir("/proc/self/fd"):
         return None
     return subprocess.Popen(
-        [sys.executable, "-m", "hpsweep.reaper", str(os.getpid()), session_dir],
+        [sys.executable, "-m", "hpsweep.run.reaper", str(os.getpid()), session_dir],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True, close_fds=True)
 

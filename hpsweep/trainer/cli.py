@@ -1,6 +1,6 @@
 """Run a trainer standalone: ``python -m trainers.NAME key=value ... [--out DIR]``.
 
-No Ray, no MLflow: a :class:`~trainers.common.run.LocalRun` writes ``metrics.jsonl`` and
+No Ray, no MLflow: a :class:`~hpsweep.trainer.run.LocalRun` writes ``metrics.jsonl`` and
 ``checkpoint.pt`` under ``--out``; running the same command again resumes from it. Outputs
 (``run.output``) go to ``--outputs`` (default ``OUT/outputs``): give two runs the same one to
 read what the first wrote as ``output:NAME``. Relative data paths resolve under the current
@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from trainers.common.config import OutputName, build_config, config_fields, parse_text, path_fields
-from trainers.common.data import check_location, check_output_name, standalone_bases
-from trainers.common.run import LocalRun
+from hpsweep.trainer.config import OutputName, build_config, config_fields, parse_text, path_fields
+from hpsweep.trainer.data import check_location, check_output_name, standalone_bases
+from hpsweep.trainer.run import LocalRun
 
 __all__ = ["main"]
 

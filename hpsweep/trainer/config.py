@@ -9,7 +9,7 @@ reported in one pass; the dataclass's ``__post_init__`` (its invariants, raising
 ``ValueError``) runs once the types are right.
 
 Used by the sweep spec (each distinct resolved config is validated once, in the planning
-process, see :mod:`hpsweep.points`) and by the standalone command line
+process, see :mod:`hpsweep.spec.points`) and by the standalone command line
 (``python -m trainers.snap key=value ...``, which parses its text with :func:`parse_text`
 first). :func:`trusted` makes the dataclass from a config already validated, without checking
 the types again (the trial does that).
@@ -44,7 +44,7 @@ class DataPath:
     an absolute path or ``s3://`` URI as given, a relative path under the sweep file's directory
     or the data root (never climbing out of it), or ``output:NAME``, a file an earlier run wrote
     through ``run.output``. hpsweep checks these before launching; ``run.data_path`` resolves
-    them. See :mod:`trainers.common.data`."""
+    them. See :mod:`hpsweep.trainer.data`."""
 
 
 class OutputName:

@@ -149,13 +149,13 @@ def _s3_answers(uri: str) -> str | None:
 
 def check_data(spec, sweep_path: str | Path) -> None:
     """Every data location the sweep names (fixed config and swept values of the fields its
-    trainer's Config marks as :class:`trainers.common.config.DataPath`) exists: local paths
+    trainer's Config marks as :class:`hpsweep.trainer.config.DataPath`) exists: local paths
     under the sweep's bases (the sweep file's directory, the data root), ``s3://`` objects or
     prefixes in their bucket. ``output:`` names are written by an earlier sweep and not checked
     here. Every problem at once."""
-    from trainers import load_config
-    from trainers.common.config import DataPath, path_fields
-    from trainers.common.data import OUTPUT_SCHEME, check_location, expand_vars
+    from hpsweep.trainer.config import DataPath, path_fields
+    from hpsweep.trainer.data import OUTPUT_SCHEME, check_location, expand_vars
+    from hpsweep.trainer.registry import load_config
 
     sweep_path = Path(sweep_path)
     fields = [f for f, kind in path_fields(load_config(spec.trainer).Config).items() if kind is DataPath]
@@ -214,7 +214,7 @@ def local_tracking_path(uri: str) -> Path | None:
 
 def local_storage_path(uri: str | None) -> Path | None:
     """The directory a storage URI names on one node, or None for s3://."""
-    from hpsweep.storage import DEFAULT_STORAGE
+    from hpsweep.store.storage import DEFAULT_STORAGE
 
     uri = uri or DEFAULT_STORAGE
     if uri.startswith("s3://"):
@@ -230,7 +230,7 @@ def check_cluster_locations(tracking_uri: str | None, storage: str | None, *, wh
     ``where`` says why local paths are lost (the job's working directory, a node's disk).
     """
     problems = []
-    from hpsweep.store import DEFAULT_DIR
+    from hpsweep.store.mlflow import DEFAULT_DIR
 
     tracking = local_tracking_path(tracking_uri) if tracking_uri else Path(DEFAULT_DIR).absolute() / "mlflow.db"
     if tracking is not None:

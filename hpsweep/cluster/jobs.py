@@ -33,10 +33,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from hpsweep.errors import ClusterError, CredentialRefused, SweepFileMissing, UnknownJob, UsageError
-from hpsweep.store import TAG  # a job is labelled with its sweep as its runs are
+from hpsweep.cluster.shipping import WORKING_DIR_EXCLUDES, no_credentials, stage_working_dir
+from hpsweep.errors import ClusterError, SweepFileMissing, UnknownJob, UsageError
+from hpsweep.store.mlflow import TAG  # a job is labelled with its sweep as its runs are
 
 __all__ = [
     "register",
@@ -50,31 +50,6 @@ __all__ = [
 
 #: where ``--address`` comes from when it is not given, first found wins
 ADDRESS_ENV_VARS = ("HPSWEEP_RAY_ADDRESS", "RAY_ADDRESS")
-
-#: never shipped in a working directory: environments, caches, local results
-WORKING_DIR_EXCLUDES = [
-    ".git", ".venv", "venv", ".hpsweep", "runs", "mlruns", "mlartifacts",
-    "**/__pycache__", "*.pyc", ".pytest_cache", "*.egg-info", "build", "out",
-]
-
-#: what a job's working directory holds: these packages, the sweep file, and the files the
-#: sweep names inside the project (see ``stage_working_dir``); nothing else
-SHIPPED_PACKAGES = ("hpsweep", "trainers")
-
-#: file and directory names that hold credentials: never shipped (stripped from the packages
-#: with a message; refused when the sweep itself names one)
-CREDENTIAL_NAMES = (
-    ".env", ".env.*", "*.env", ".envrc", ".netrc", "_netrc", ".pgpass", ".pypirc", ".npmrc",
-    ".git-credentials", ".dockercfg", "credentials", "credentials.*", "secrets", "secrets.*",
-    "*secret*", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.pem", "*.key", "*.p12",
-    "*.pfx", "*.keystore", "*.jks", "auth_token", ".aws", ".ssh", ".gnupg", ".docker", ".kube",
-    ".azure", ".config",
-)
-
-#: query-string keys that carry a credential (a presigned URL, a token in the URL)
-_SECRET_QUERY_KEYS = ("token", "access_token", "auth", "authorization", "password", "passwd",
-                      "pwd", "secret", "key", "api_key", "apikey", "sig", "signature",
-                      "x-amz-signature", "x-amz-credential", "x-amz-security-token", "sas")
 
 _TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -155,109 +130,11 @@ def _call(client: Any, address: str, job_id: str, fn: Callable[[], Any]) -> Any:
         raise ClusterError(f"lost the Ray Jobs API at {address}: {exc}") from None
 
 
-def _no_credentials(flag: str, uri: str | None) -> None:
-    if uri and urlsplit(uri).password:
-        raise UsageError(
-            f"{flag} {uri.split('@')[-1]!r} carries a password; give credentials to the cluster "
-            "through its environment (Kubernetes Secrets, MLFLOW_TRACKING_PASSWORD), never the job"
-        )
-    if uri:
-        from urllib.parse import parse_qsl
-
-        parts = urlsplit(uri)
-        keys = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True)
-                if k.lower() in _SECRET_QUERY_KEYS or "token" in k.lower() or "secret" in k.lower()]
-        if keys:
-            shown = f"{parts.scheme}://{parts.netloc.split('@')[-1]}{parts.path}"
-            raise CredentialRefused(
-                f"{flag} {shown!r} carries a credential in its query string ({', '.join(keys)}); "
-                "give credentials to the cluster through its environment (Kubernetes Secrets, "
-                "MLFLOW_TRACKING_TOKEN), never the job"
-            )
-
-
-def _is_credential(name: str) -> bool:
-    import fnmatch
-
-    lowered = name.lower()
-    return any(fnmatch.fnmatchcase(lowered, pattern) for pattern in CREDENTIAL_NAMES)
-
-
-def _named_files(spec: Any, root: Path, sweep_dir: Path) -> list[Path]:
-    """Files and directories inside ``root`` that the sweep's config or parameter values name
-    (relative to the working directory or the sweep file)."""
-    values: list[str] = []
-    for value in (spec.config or {}).values():
-        if isinstance(value, str):
-            values.append(value)
-    for domain in (spec.parameters or {}).values():
-        values.extend(v for v in domain.extremes() if isinstance(v, str))
-    found = []
-    for value in values:
-        if "://" in value or not value.strip():
-            continue
-        for base in (sweep_dir, root):
-            path = (base / value).resolve()
-            if path.exists() and path.is_relative_to(root) and path != root:
-                found.append(path)
-                break
-    return found
-
-
-def stage_working_dir(root: Path, sweep: Path, spec: Any) -> tuple[Path, list[str]]:
-    """Copy what the job needs into a fresh directory: the packages (``SHIPPED_PACKAGES`` found
-    in ``root``), the sweep file and what it names inside ``root``, at the same relative paths.
-
-    Credential files are left out of the packages (returned, for a message); a sweep file, or a
-    file it names, that looks like one is refused.
-    """
-    import shutil
-    import tempfile
-
-    stripped: list[str] = []
-
-    def ignore(directory: str, names: list[str]) -> list[str]:
-        skip = []
-        for name in names:
-            full = Path(directory) / name
-            if _is_credential(name):
-                skip.append(name)
-                stripped.append(str(full.relative_to(root)))
-            elif name == "__pycache__" or name.endswith((".pyc", ".egg-info")) or full.is_symlink():
-                skip.append(name)
-        return skip
-
-    wanted = [sweep.resolve(), *_named_files(spec, root, sweep.resolve().parent)]
-    for path in wanted:
-        relative = path.relative_to(root)
-        if any(_is_credential(part) for part in relative.parts):
-            raise CredentialRefused(f"{relative}: looks like a credentials file; it is never shipped to a "
-                            "cluster (give the nodes their credentials through their environment)")
-    stage = Path(tempfile.mkdtemp(prefix="hpsweep-job-"))
-    try:
-        for package in SHIPPED_PACKAGES:
-            if (root / package).is_dir():
-                shutil.copytree(root / package, stage / package, ignore=ignore)
-        for path in wanted:
-            target = stage / path.relative_to(root)
-            if target.exists():
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if path.is_dir():
-                shutil.copytree(path, target, ignore=ignore)
-            else:
-                shutil.copy2(path, target)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    return stage, stripped
-
-
 def _no_local_store(tracking_uri: str | None, storage: str | None) -> None:
     """A tracking file or storage directory given to ``submit`` would be a path on the cluster's
     nodes, inside the job's temporary working directory when relative: refused. Left out, the
     nodes' own settings decide, and the job itself refuses local ones (``run --address``)."""
-    from hpsweep import preflight
+    from hpsweep.run import preflight
 
     if tracking_uri:
         preflight.check_tracking_uri(tracking_uri)
@@ -295,14 +172,14 @@ def build_submission(
     Raises a :class:`hpsweep.errors.UserError` (``SpecError`` for a bad sweep file) before
     anything is sent.
     """
-    from hpsweep.spec import load_spec  # lazily: ``hpsweep logs`` needs no spec machinery
+    from hpsweep.spec.model import load_spec  # lazily: ``hpsweep logs`` needs no spec machinery
 
     sweep = Path(sweep)
     if not sweep.is_file():
         raise SweepFileMissing(f"{sweep}: no such sweep file")
     spec = load_spec(sweep)  # raises SpecError listing every problem
-    _no_credentials("--tracking-uri", tracking_uri)
-    _no_credentials("--storage", storage)
+    no_credentials("--tracking-uri", tracking_uri)
+    no_credentials("--storage", storage)
     if not allow_local_store:
         _no_local_store(tracking_uri, storage)
 
@@ -522,7 +399,7 @@ def _add_address(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> None:
     """Add ``submit``, ``logs``, ``stop`` and ``render`` to the CLI's argparse subparsers."""
-    from hpsweep import render as _render
+    from hpsweep.cluster import render as _render
 
     p = subparsers.add_parser(
         "submit",

@@ -12,7 +12,7 @@ or the checkout's location:
 
 - ``run.data_path(uri)``: a local path to read. ``uri`` is an absolute path or ``s3://`` URI
   (fetched to a node-local cache), a relative path (under the sweep file's directory or the
-  data root, never climbing out: see :mod:`trainers.common.data`), or ``output:NAME``, a file or
+  data root, never climbing out: see :mod:`hpsweep.trainer.data`), or ``output:NAME``, a file or
   directory an earlier run wrote with ``run.output(NAME)``.
 - ``with run.output(name) as path:`` a local path (not yet there) to write a file or a
   directory at; when the block ends without an error, the run stores it as the output
@@ -24,7 +24,6 @@ or the checkout's location:
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -32,13 +31,15 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import torch
+from hpsweep.trainer.checkpoint import dump_state, load_state
+from hpsweep.trainer.data import check_output_name, fetch, locate, output_name, standalone_bases
 
-from trainers.common.data import check_output_name, fetch, locate, output_name, standalone_bases
+__all__ = ["Run", "LocalRun", "default_device"]
 
-__all__ = ["Run", "LocalRun", "dump_state", "load_state", "safe_load", "UnsafeCheckpoint"]
+if TYPE_CHECKING:
+    import torch
 
 
 @runtime_checkable
@@ -59,7 +60,7 @@ def staged_output(name: str, store) -> Iterator[Path]:
     directory; ``store(path)`` once the block ends without an error; the directory removed."""
     problem = check_output_name(name)
     if problem:
-        from trainers.common.data import PathEscape
+        from hpsweep.trainer.data import PathEscape
 
         raise PathEscape(f"run.output: {problem}")
     tmp = Path(tempfile.mkdtemp(prefix="hpsweep-output-"))
@@ -73,37 +74,10 @@ def staged_output(name: str, store) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def dump_state(state: dict) -> bytes:
-    """Serialise a checkpoint (tensors, numbers, nested dicts, RNG states) to bytes."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()
-
-
-class UnsafeCheckpoint(ValueError):
-    """A checkpoint holding more than tensors and plain containers: refused, never unpickled."""
-
-
-def safe_load(source, device: torch.device | str | None = None, what: str = "checkpoint"):
-    """``torch.load(weights_only=True)``: tensors, numbers, strings, lists, tuples and dicts only,
-    so that a pickle placed where a checkpoint is expected cannot run code. Every checkpoint
-    and model file the project reads goes through here."""
-    import pickle
-
-    try:
-        return torch.load(source, map_location=device or "cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsafeCheckpoint(f"{what}: refused to load: it holds objects other than tensors and "
-                               f"plain containers (loaded with weights_only=True): {first}") from None
-
-
-def load_state(data: bytes, device: torch.device | None = None) -> dict:
-    """Inverse of :func:`dump_state`; tensors land on ``device`` (CPU by default)."""
-    return safe_load(io.BytesIO(data), device)
-
-
 def default_device() -> torch.device:
+    """CUDA when there is a GPU, else the CPU (imports torch: call it only when a device is used)."""
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -122,13 +96,20 @@ class LocalRun:
                  outputs_dir: str | Path | None = None, bases: list[Path] | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.device = device or default_device()
+        self._device = device
         self.data_cache = Path(data_cache) if data_cache else None
         self.outputs_dir = Path(outputs_dir) if outputs_dir else self.out_dir / "outputs"
         self.bases = list(bases) if bases is not None else standalone_bases()
         self.echo = echo
         self.history: list[dict[str, float]] = []
         self._metrics = open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8")
+
+    @property
+    def device(self) -> torch.device:
+        """Chosen on first use, so that a trainer without torch never imports it."""
+        if self._device is None:
+            self._device = default_device()
+        return self._device
 
     def report(self, step: int, **metrics: float) -> None:
         row = {"step": int(step), "time": time.time(), **{k: float(v) for k, v in metrics.items()}}

@@ -1,5 +1,5 @@
 """A trial, on a Ray worker: one cell, or a bundle of cells one after another, each under its
-lease, with its own MLflow run and checkpoint (see :mod:`hpsweep.engine` for the driver).
+lease, with its own MLflow run and checkpoint (see :mod:`hpsweep.run.engine` for the driver).
 
 Imports ``ray`` (the worker's node and GPUs) but never ``ray.tune``: the engine, the only user
 of ``ray.tune``, hands each trial a :class:`Host`, Tune's ``report`` and the trial's id. The
@@ -17,9 +17,11 @@ from typing import Any
 
 import ray
 
-from hpsweep.plan import Cell, cell_id, resolve_config
-from hpsweep.storage import DONE, FAILED, STOPPED, HeldLease, LeaseLost, Storage, open_storage
-from hpsweep.store import TAG, CellTracker
+from hpsweep.spec.plan import Cell, cell_id, resolve_config
+from hpsweep.store.leases import DONE, FAILED, STOPPED, HeldLease, LeaseLost
+from hpsweep.store.mlflow import TAG
+from hpsweep.store.storage import Storage, open_storage
+from hpsweep.store.tracker import CellTracker
 
 __all__ = ["Host", "TrialRun", "CellFailed", "run_trial", "CELL", "ENDED", "CELL_S", "ENDED_BATCH",
            "FAILURE", "PERMANENT_KEY", "RUN_ID", "HELD_BY", "NO_RETRY"]
@@ -68,14 +70,14 @@ class TrialRun:
         self.tell({**self._latest, **values, "step": int(step), CELL: self.cell.id})
 
     def save_checkpoint(self, state: dict) -> None:
-        from trainers.common.run import dump_state
+        from hpsweep.trainer.checkpoint import dump_state
 
         self._saves += 1
         if self._saves % self.every == 0:
             self._held = dump_state(state)  # serialised now: the trainer goes on mutating state
 
     def load_checkpoint(self) -> dict | None:
-        from trainers.common.run import load_state
+        from hpsweep.trainer.checkpoint import load_state
 
         data = self.storage.read_bytes(self.sweep, "cells", self.cell.id, "checkpoint.pt")
         return None if data is None else load_state(data, self.device)
@@ -86,7 +88,7 @@ class TrialRun:
     def data_path(self, uri: str):
         from pathlib import Path
 
-        from trainers.common.data import default_cache_dir, fetch, locate, output_name
+        from hpsweep.trainer.data import default_cache_dir, fetch, locate, output_name
 
         name = output_name(uri)
         if name is None:
@@ -98,7 +100,7 @@ class TrialRun:
         return path
 
     def output(self, name: str):
-        from trainers.common.run import staged_output
+        from hpsweep.trainer.run import staged_output
 
         def store(path) -> None:
             self.storage.put_path(path, "outputs", *name.strip("/").split("/"))
@@ -324,11 +326,11 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
     False if another runner holds the cell (reported to the driver; nothing run)."""
     import torch
 
-    from trainers import load_trainer
-    from trainers.common.config import trusted
+    from hpsweep.trainer.config import trusted
+    from hpsweep.trainer.registry import load_trainer
 
     info = load_trainer(context["trainer"])
-    # The planner validated this config (hpsweep.points); the trial trusts it.
+    # The planner validated this config (hpsweep.spec.points); the trial trusts it.
     trainer_config = trusted(info.Config, cell.config)
     gpus = ray.get_gpu_ids()
     device = torch.device("cuda") if gpus and torch.cuda.is_available() else torch.device("cpu")

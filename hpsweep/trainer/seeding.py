@@ -1,17 +1,22 @@
-"""Seeding: one call makes a trial reproducible on CPU (and as far as cuDNN allows on GPU)."""
+"""Seeding: one call makes a trial reproducible on CPU (and as far as cuDNN allows on GPU). NumPy and
+torch are imported when called, not with the module."""
 
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["seed_everything", "rng_state", "set_rng_state"]
 
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; return a torch Generator seeded the same way."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -22,6 +27,9 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def rng_state() -> dict:
     """Every global RNG state, for a checkpoint."""
+    import numpy as np
+    import torch
+
     # NumPy's state as plain containers (its key array as a tensor): a checkpoint holds only
     # what torch.load(weights_only=True) reads back.
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -33,6 +41,9 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))

@@ -1,0 +1,1 @@
+"""A Ray cluster: the Ray Jobs client and the KubeRay manifests."""

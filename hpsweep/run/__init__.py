@@ -1,0 +1,1 @@
+"""The way out: the driver (Ray Tune), the trials on the workers, Ray's start and end."""

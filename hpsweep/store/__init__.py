@@ -1,0 +1,1 @@
+"""The way back: the MLflow layout and writes, bulk reads, storage and leases."""

@@ -1,1 +1,0 @@
-"""What every trainer shares: the Run contract, config parsing, data access, seeding."""
