@@ -151,6 +151,7 @@ def cmd_status(args) -> int:
     counts = matrix.counts
     console.print("  ".join(f"{k} {v}" for k, v in counts.items() if v or k != "stale")
                   + f"  (of {matrix.total} cells)")
+    _print_failures(matrix, runs)
     if matrix.orphans:
         console.print(f"{len(matrix.orphans)} runs belong to cells this file no longer produces")
     if counts.get("stale"):
@@ -163,6 +164,23 @@ def cmd_status(args) -> int:
     for owner, n in sorted(by_owner.items()):
         console.print(f"running by driver {owner}: {n} cells (leases held)")
     return 0
+
+
+def _print_failures(matrix, runs) -> None:
+    """Why the failed cells failed: each distinct reason once, with a cell it hit and how many."""
+    from rich.markup import escape
+
+    from hpsweep.fmt import fmt_value
+
+    reasons: dict[str, list] = {}
+    for c in matrix.cells:
+        if c.state == "failed" and c.cell_id in runs.cells:
+            reasons.setdefault(runs.cells[c.cell_id].error or "(no reason recorded)", []).append(c)
+    for reason, cells in reasons.items():
+        shown = " ".join(f"{k}={fmt_value(v)}" for k, v in cells[0].params.items())
+        more = f" and {len(cells) - 1} more" if len(cells) > 1 else ""
+        console.print(f"[red]failed[/]: cell {cells[0].cell_id} ({shown} seed={cells[0].seed}){more}: {escape(reason)}",
+                      highlight=False)
 
 
 def _index(uri: str, args):

@@ -147,6 +147,10 @@ class Outcomes:
         its cells not started go back to the queue."""
         cell = self.current.pop(trial.trial_id, None)
         ended = self.ended.pop(trial.trial_id, set())
+        if cell is None:
+            # died before its first result: blame the cell it was starting (the first not
+            # ended), so that its retries bound what would otherwise go round for ever
+            cell = next((c for c in trial.config.get("cells", ()) if c not in ended), None)
         if cell is not None:
             message = str(getattr(trial, "error_msg", "") or "the trial's worker died").strip()
             self._cell_failed(cell, CellFailed(cell, message.splitlines()[-1][:500] if message else

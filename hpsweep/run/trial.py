@@ -155,7 +155,12 @@ def _summary(exc: BaseException) -> str:
         if path.is_relative_to(root):
             lines.append(f"  {path.relative_to(root.parent)}:{frame.lineno} in {frame.name}: "
                          f"{(frame.line or '').strip()}")
-    return "\n".join(lines[:1] + lines[1:][-6:])
+    from hpsweep.trainer.command.training import CommandFailed
+
+    tail = [f"  | {line[:300]}" for line in exc.tail[-10:]] if isinstance(exc, CommandFailed) else []
+    if tail:
+        tail.insert(0, "  its last lines of output:")
+    return "\n".join(lines[:1] + lines[1:][-6:] + tail)
 
 
 def _fail(exc: Exception, cell: Cell, tracker: CellTracker | None, run: TrialRun | None,
@@ -169,7 +174,7 @@ def _fail(exc: Exception, cell: Cell, tracker: CellTracker | None, run: TrialRun
     run_id = None
     if tracker is not None:
         with contextlib.suppress(Exception):  # never mask the trainer's own error
-            tracker.finish("FAILED", tags={"hpsweep.error": summary.splitlines()[0][:5000]})
+            tracker.finish("FAILED", tags={TAG["error"]: summary.splitlines()[0][:5000]})
             run_id = tracker.run_id
             tracker.client.log_text(run_id, "".join(traceback.format_exception(exc)), "error.txt")
     latest = run._latest if run is not None else {}
@@ -329,9 +334,6 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
     from hpsweep.trainer.config import trusted
     from hpsweep.trainer.registry import load_trainer
 
-    info = load_trainer(context["trainer"])
-    # The planner validated this config (hpsweep.spec.points); the trial trusts it.
-    trainer_config = trusted(info.Config, cell.config)
     gpus = ray.get_gpu_ids()
     device = torch.device("cuda") if gpus and torch.cuda.is_available() else torch.device("cpu")
     torch.set_num_threads(max(1, int(context["cpus"])))
@@ -353,6 +355,11 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
     run.lease = lease
     ended: str | None = FAILED
     try:
+        # Imported here, under the cell's lease and run: a trainer whose training module fails
+        # to import fails its cell at once (ImportError is permanent), with the reason in its run.
+        info = load_trainer(context["trainer"], cell.config)
+        # The planner validated this config (hpsweep.spec.points); the trial trusts it.
+        trainer_config = trusted(info.Config, cell.config)
         info.train(trainer_config, run)
         close = _closing(cell, context, host, storage, lease, tracker, run, teller, closer)
         ended = None  # from here ``close`` ends the lease

@@ -30,10 +30,15 @@ def check_against_trainer(spec: SweepSpec, loaded: LoadedYaml) -> list[Problem]:
         problems.append(Problem(loaded.line_of(path), ".".join(map(str, path)), message))
 
     try:
-        info = load_config(spec.trainer)
+        info = load_config(spec.trainer, spec.trainer_config())
     except UnknownTrainer as exc:
         add(("trainer",), str(exc))
         return problems
+    own: list[Problem] = []   # the trainer's own checks: reported with, not instead of, the rest
+    if info.check is not None:
+        for field, message in info.check(spec.trainer_config(), [Path(b) for b in spec.data_bases()]):
+            where = ("config", field) if field in spec.config else ("config",)
+            own.append(Problem(loaded.line_of(where), ".".join(map(str, where)), message))
     fields = config_fields(info.Config)
     for key in spec.config:
         if key == "seed":
@@ -74,9 +79,9 @@ def check_against_trainer(spec: SweepSpec, loaded: LoadedYaml) -> list[Problem]:
             add(("variants",) if spec.variants else ("exclude",),
                 "variants and exclude describe grids; optuna searches one space")
     paths = _check_paths(spec, info.Config, swept, loaded)
-    if problems:
-        return problems + paths
-    return _check_configs(spec, info, swept, loaded) + paths
+    found = problems + paths if problems else _check_configs(spec, info, swept, loaded) + paths
+    said = {p.message for p in found}
+    return found + [p for p in own if p.message not in said]
 
 
 def _check_paths(spec: SweepSpec, config_cls: type, swept: dict[str, tuple], loaded: LoadedYaml) -> list[Problem]:

@@ -184,6 +184,11 @@ class SweepSpec(Model):
         base = Path(self._base_dir) if self._base_dir is not None else Path.cwd()
         return [str(base.absolute()), str(data_root())]
 
+    def trainer_config(self) -> dict:
+        """The fixed config with every swept name (valued None): what a trainer whose Config
+        depends on the sweep is asked about (:mod:`hpsweep.trainer.registry`'s hooks)."""
+        return {**self.config, **{n: None for n in self.swept_names() if n not in self.config}}
+
     def swept_names(self) -> list[str]:
         """Every parameter name the sweep varies, in declaration order."""
         names = list(self.parameters)

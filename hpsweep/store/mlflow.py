@@ -48,6 +48,7 @@ TAG = {
     "version": "hpsweep.version", "spec_hash": "hpsweep.spec_hash", "node_ip": "hpsweep.node_ip",
     "node_id": "hpsweep.node_id", "attempts": "hpsweep.attempts", "early": "hpsweep.early_stopped",
     "trial": "hpsweep.trial_id", "storage": "hpsweep.storage",
+    "error": "hpsweep.error",    # a failed cell's reason: its trainer's exception, first line
     # on the experiment: "<key> <storage uri>", where the finished index of the sweep is
     # (see hpsweep.store.storage), or "mixed" once drivers with another storage ran the sweep
     "index": "hpsweep.finished_index",

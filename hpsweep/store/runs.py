@@ -75,6 +75,7 @@ class CellRun:
     end_time: int | None
     duplicates: int = 0         # other runs found for the same cell (crashes, re-runs)
     code_version: str = ""      # the git sha (``+dirty``) the cell's trainer ran
+    error: str = ""             # a failed run's reason (the trainer's exception, its first line)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +140,7 @@ def _to_cell(run, duplicates: int) -> CellRun:
         end_time=run.info.end_time,
         duplicates=duplicates,
         code_version=tags.get(TAG["code"], ""),
+        error=tags.get(TAG["error"], ""),
     )
 
 

@@ -13,6 +13,16 @@ Each trainer is a package ``trainers/<name>/`` with
 A package's ``__init__`` exports these lazily, so that importing ``trainers.snap.config``
 does not import the numeric stack. The registry below is an explicit dictionary: a failed
 lookup lists what exists.
+
+A trainer whose options or metrics depend on the sweep (the command trainer: any name is a
+value for its program, and its metrics are its patterns' names) adds to its config module:
+
+- ``config_class(config) -> type``: the Config for a sweep or cell whose config has these keys;
+- ``metrics_of(config) -> tuple[str, ...]``: the metrics a sweep with this fixed config reports;
+- ``problems(config, bases) -> [(field, message)]``: checks that need the sweep file's directory
+  (``bases``: where relative paths resolve), run by ``hpsweep validate``.
+
+:func:`load_config` and :func:`load_trainer` given the sweep's (or the cell's) config apply them.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 __all__ = ["TRAINERS", "ConfigInfo", "TrainerInfo", "UnknownTrainer", "load_config", "load_trainer",
@@ -31,6 +41,7 @@ TRAINERS: dict[str, str] = {
     "snap": "trainers.snap",
     "mbpa": "trainers.mbpa",
     "sleep": "trainers.sleep",
+    "command": "hpsweep.trainer.command",
 }
 
 
@@ -48,6 +59,8 @@ class ConfigInfo:
     module: str
     Config: type
     metrics: tuple[str, ...]
+    #: ``problems(config, bases)`` of the trainer's config module, or None
+    check: Callable[[Mapping[str, Any], list], list] | None = None
 
     def reports(self, metric: str) -> bool:
         """True when ``metric`` is one of the names (or patterns) the trainer declares."""
@@ -69,19 +82,27 @@ def _package(name: str) -> str:
         ) from None
 
 
-def load_config(name: str) -> ConfigInfo:
-    """A trainer's Config and METRICS, from ``trainers.<name>.config`` alone (no torch)."""
+def load_config(name: str, config: Mapping[str, Any] | None = None) -> ConfigInfo:
+    """A trainer's Config and METRICS, from ``trainers.<name>.config`` alone (no torch); for a
+    sweep's or a cell's ``config`` (its keys, and its fixed values), through the hooks above."""
     package = _package(name)
     module = importlib.import_module(f"{package}.config")
-    return ConfigInfo(name=name, module=package, Config=module.Config, metrics=tuple(module.METRICS))
+    config_cls, metrics = module.Config, tuple(module.METRICS)
+    if config is not None:
+        if hasattr(module, "config_class"):
+            config_cls = module.config_class(config)
+        if hasattr(module, "metrics_of"):
+            metrics = tuple(module.metrics_of(config))
+    return ConfigInfo(name=name, module=package, Config=config_cls, metrics=metrics,
+                      check=getattr(module, "problems", None))
 
 
-def load_trainer(name: str) -> TrainerInfo:
+def load_trainer(name: str, config: Mapping[str, Any] | None = None) -> TrainerInfo:
     """Import a registered trainer (its training loop too); unknown names list the valid ones."""
-    info = load_config(name)
+    info = load_config(name, config)
     module = importlib.import_module(f"{info.module}.training")
     return TrainerInfo(name=name, module=info.module, Config=info.Config, metrics=info.metrics,
-                       train=module.train)
+                       check=info.check, train=module.train)
 
 
 def lazy_exports(package: str, exports: dict[str, str]):
