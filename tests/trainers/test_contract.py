@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,11 +41,28 @@ TINY: dict[str, list[dict]] = {
          "batch_size": 16, "hidden": 16, "memory_size": 128, "neighbours": 8, "fisher_samples": 16,
          "report_every": 2},
     ],
+    # a program printing a seeded loss, keeping its step in its checkpoint directory
+    "command": [{"command": [sys.executable, "-c", """
+import argparse, json, os, random, time
+a = argparse.ArgumentParser(); a.add_argument("--seed", type=int); a.add_argument("--n", type=int)
+args = a.parse_args()
+ckpt = os.path.join(os.environ["HPSWEEP_CHECKPOINT_DIR"], "state.json")
+state = json.load(open(ckpt)) if os.environ.get("HPSWEEP_RESUME") == "1" else {"step": 0, "rng": args.seed}
+rng = random.Random(state["rng"])
+for step in range(state["step"] + 1, args.n + 1):
+    print(f"step={step} loss={rng.random():.6f}", flush=True)
+    json.dump({"step": step, "rng": rng.randint(0, 1 << 30)}, open(ckpt + ".tmp", "w"))
+    os.replace(ckpt + ".tmp", ckpt)
+    rng = random.Random(json.load(open(ckpt))["rng"])
+    time.sleep(0.1)
+"""], "n": 8, "workdir": tempfile.mkdtemp(prefix="hpsweep-contract-")}],
 }
 
 
 class StopAfter(LocalRun):
-    """Dies right after its ``n``-th report, as a killed trial would."""
+    """Dies right after its ``n``-th report that follows a saved checkpoint, as a killed trial
+    would (a Python trainer saves before each report; a command trainer's checkpoint directory
+    is saved after the report it goes with, once the output already printed is read)."""
 
     class Stop(Exception):
         pass
@@ -51,10 +70,15 @@ class StopAfter(LocalRun):
     def __init__(self, out: Path, n: int) -> None:
         super().__init__(out, device=CPU)
         self.n = n
+        self.saved = False
+
+    def save_checkpoint(self, state: dict) -> None:
+        super().save_checkpoint(state)
+        self.saved = True
 
     def report(self, step, **metrics):
         super().report(step, **metrics)
-        if len(self.history) >= self.n:
+        if len(self.history) >= self.n and self.saved:
             raise self.Stop
 
 
@@ -82,7 +106,7 @@ def _numbers(history: list[dict]) -> list[dict]:
 @pytest.mark.parametrize("name, i", cases())
 def test_trainer_contract(name: str, i: int, tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    info = load_trainer(name)
+    info = load_trainer(name, {**TINY[name][i], "seed": 0})
     assert dataclasses.is_dataclass(info.Config) and info.Config.__dataclass_params__.frozen
     assert "seed" in {f.name for f in dataclasses.fields(info.Config)}
     values = TINY[name][i]

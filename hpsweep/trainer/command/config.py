@@ -91,7 +91,7 @@ def _errors(metrics, args, names) -> list[tuple[str, str]]:
             unknown = sorted(fields - names) if fields is not None else [str(item)]
             if unknown:
                 errors.append(("args", f"args {item!r}: {', '.join(map(repr, unknown))} is not a value "
-                                       f"of this sweep (values: {', '.join(sorted(names))}; write "
+                                       f"of this sweep (values: {', '.join(sorted(names))}, and "
                                        "{{ for a brace)"))
     return errors
 
