@@ -21,6 +21,8 @@ _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf)"
 #: the default: ``loss=0.25``, ``acc: 0.9``, ``val/loss = 1e-3``; a name starts with a letter,
 #: and a value ends the pair (``12:30:01`` is no pair)
 PAIR = re.compile(rf"(?P<name>[A-Za-z_][\w./-]*)\s*[=:]\s*(?P<value>{_NUMBER})(?![\w.:])")
+#: what every pair has: a line without it is passed over at the cost of one short search
+_MAYBE = re.compile(r"[=:]\s*(?:[-+.\d]|nan|inf)")
 
 
 def _number(text: str) -> float | None:
@@ -60,7 +62,7 @@ class LineParser:
             yield step, values
 
     def _pairs(self, line: str) -> Iterator[tuple[int, dict[str, float]]]:
-        if "=" not in line and ":" not in line:
+        if _MAYBE.search(line) is None:
             return
         found = {m.group("name"): m.group("value") for m in PAIR.finditer(line)}
         if not found:
