@@ -330,3 +330,25 @@ def test_no_process_outlives_a_worker_killed_with_sigkill(src: Path, tmp_path: P
     finally:
         if worker.poll() is None:
             worker.kill()
+
+
+def test_the_example_script_validates_and_runs_as_a_user_has_it(tmp_path: Path) -> None:
+    """examples/command-script, copied out of the checkout: its sweep validates, and a cell of it
+    reports every epoch's loss and the test metrics; the copy is left as it was."""
+    import shutil
+
+    from hpsweep.spec.plan import plan
+
+    copy = tmp_path / "command-script"
+    shutil.copytree(REPO / "examples" / "command-script", copy)
+    before = sorted(str(p.relative_to(copy)) for p in copy.rglob("*"))
+    spec = load_spec(copy / "sweep.yaml")
+    cell = plan(spec)[0]
+    config = make(cell.config)
+    run = SweepRun(tmp_path / "out", copy, metric=spec.metric.name)
+    train(config, run)
+    epochs = [r["step"] for r in run.history if "loss" in r]
+    assert epochs == list(range(1, cell.config["epochs"] + 1))
+    (final,) = [r for r in run.history if "test_loss" in r]
+    assert 0 < final["test_loss"] < 1 and 50 <= final["test_acc"] <= 100
+    assert sorted(str(p.relative_to(copy)) for p in copy.rglob("*")) == before

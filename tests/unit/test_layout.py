@@ -179,8 +179,8 @@ def test_the_trainer_api_imports_no_torch_ray_or_mlflow_at_import_time():
     assert users == [], users
     # and for real: every module of the API imported in a fresh interpreter (-X importtime lists
     # each module as it is loaded)
-    mods = sorted(f"hpsweep.trainer.{p.stem}" for p in (PKG / "trainer").glob("*.py")
-                  if p.stem not in ("__init__", "__main__"))
+    mods = sorted(".".join(p.relative_to(PKG.parent).with_suffix("").parts)
+                  for p in (PKG / "trainer").rglob("*.py") if p.stem not in ("__init__", "__main__"))
     code = "import hpsweep.trainer, " + ", ".join(mods) + "; from hpsweep.trainer import Run, LocalRun, DataPath"
     out = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True,
                          check=True).stderr
