@@ -75,13 +75,17 @@ def sweep(name: str, trainer: str, cells: int, extra: str = "") -> str:
 
 
 def run_sweep(work: Path, env: dict, uri: str, text: str, log: Path, watch=None) -> tuple[float, float]:
-    """(wall s, s inside Ray Tune) of one ``hpsweep run``; ``watch(proc)`` runs beside it."""
-    (work / "sweep.yaml").write_text(text)
+    """(wall s, s inside Ray Tune) of one ``hpsweep run`` of the sweep file ``work/project/
+    sweep.yaml`` (the project a command cell sees: its program and sweep file only);
+    ``watch(proc)`` runs beside it."""
+    project = work / "project"
+    project.mkdir(exist_ok=True)
+    (project / "sweep.yaml").write_text(text)
     hpsweep = str(Path(sys.executable).with_name("hpsweep"))
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen([hpsweep, "run", "sweep.yaml", "--tracking-uri", uri, "--storage",
-                                 str(work / "storage"), "--no-live"], env=env, cwd=work, stdout=out,
+                                 str(work / "storage"), "--no-live"], env=env, cwd=project, stdout=out,
                                 stderr=subprocess.STDOUT)
         watcher = threading.Thread(target=watch, args=(proc,), daemon=True) if watch else None
         if watcher:
@@ -95,8 +99,9 @@ def run_sweep(work: Path, env: dict, uri: str, text: str, log: Path, watch=None)
 
 
 def per_cell(work: Path, env: dict, uri: str, cells: int) -> None:
-    (work / "cell.sh").write_text(textwrap.dedent(PROGRAM))
-    (work / "cell.sh").chmod(0o755)
+    (work / "project").mkdir(exist_ok=True)
+    (work / "project" / "cell.sh").write_text(textwrap.dedent(PROGRAM))
+    (work / "project" / "cell.sh").chmod(0o755)
     fits: dict[str, list[float]] = {"sleep": [], "command": []}
     for round_, order in enumerate((("sleep", "command"), ("command", "sleep"))):
         for trainer in order:
@@ -168,7 +173,8 @@ def per_line(work: Path, lines: int) -> None:
 def memory(work: Path, env: dict, uri: str, lines: int) -> None:
     rss_file = work / "rss-worker"
     name = f"bench-chatty-{int(time.time())}"
-    (work / "chatty.py").write_text(textwrap.dedent(CHATTY))
+    (work / "project").mkdir(exist_ok=True)
+    (work / "project" / "chatty.py").write_text(textwrap.dedent(CHATTY))
     text = textwrap.dedent(f"""\
         name: {name}
         trainer: command

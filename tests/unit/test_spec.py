@@ -53,7 +53,7 @@ BAD = [
      ["bad.yaml:4: search: samples is for random and optuna searches; a grid runs every cell (repeat it with seeds instead)"]),
     (HEAD + "search: {algorithm: random}\n", ["bad.yaml:4: search: algorithm 'random' needs samples: N"]),
     ("name: t\ntrainer: nope\nmetric: {name: loss, mode: min}\n",
-     ["bad.yaml:2: trainer: unknown trainer 'nope'; registered trainers: mbpa, sleep, snap"]),
+     ["bad.yaml:2: trainer: unknown trainer 'nope'; registered trainers: command, mbpa, sleep, snap"]),
     ("name: t\ntrainer: sleep\nmetric: {name: los, mode: min}\n",
      ["bad.yaml:3: metric.name: trainer 'sleep' does not report 'los'; it reports: loss, score, extra/*"]),
     ("name: t\ntrainer: sleep\nmetric: {name: loss, mode: minimum}\n",

@@ -102,7 +102,12 @@ def start(argv: list[str], cwd: str, env: dict[str, str], grace: float, cell_roo
     Watcher._pipe()   # started before the program, so that it never inherits the program
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, bufsize=0)
-    Watcher.watch(proc.pid, grace, cell_root)
+    try:
+        Watcher.watch(proc.pid, grace, cell_root)
+    except BaseException:   # unwatched, it could outlive its worker: it does not run at all
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     return proc
 
 
