@@ -82,16 +82,20 @@ def run_sweep(work: Path, env: dict, uri: str, text: str, log: Path, watch=None)
     project.mkdir(exist_ok=True)
     (project / "sweep.yaml").write_text(text)
     hpsweep = str(Path(sys.executable).with_name("hpsweep"))
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.Popen([hpsweep, "run", "sweep.yaml", "--tracking-uri", uri, "--storage",
-                                 str(work / "storage"), "--no-live"], env=env, cwd=project, stdout=out,
-                                stderr=subprocess.STDOUT)
-        watcher = threading.Thread(target=watch, args=(proc,), daemon=True) if watch else None
-        if watcher:
-            watcher.start()
-        proc.wait()
-    wall = time.perf_counter() - start
+    for attempt in range(3):   # Ray's start-up times out on an overloaded machine: nothing ran yet
+        start = time.perf_counter()
+        with open(log, "w") as out:
+            proc = subprocess.Popen([hpsweep, "run", "sweep.yaml", "--tracking-uri", uri, "--storage",
+                                     str(work / "storage"), "--no-live"], env=env, cwd=project, stdout=out,
+                                    stderr=subprocess.STDOUT)
+            watcher = threading.Thread(target=watch, args=(proc,), daemon=True) if watch else None
+            if watcher:
+                watcher.start()
+            proc.wait()
+        wall = time.perf_counter() - start
+        if proc.returncode == 0 or "timed out during startup" not in log.read_text() or attempt == 2:
+            break
+        print("  (Ray's start-up timed out: the machine is overloaded; starting again)", flush=True)
     if proc.returncode != 0:
         sys.exit(f"hpsweep run failed (exit {proc.returncode}); log: {log}\n" + log.read_text()[-3000:])
     fit = re.search(r"\(([0-9.]+)s running trials\)", log.read_text())
