@@ -2,10 +2,12 @@
 
 Three measurements, each printed as a table:
 
-1. Extra cost per cell: N instant cells (default 200) swept twice through ``hpsweep run`` against
-   one local ``mlflow server``, as the sleep trainer (``reports: 1, sleep: 0``) and as a command
-   trainer (a two-line shell script printing ``loss=X``), in that order and then the other way
-   round; the difference of the time inside Ray Tune, per cell (target <= 50 ms).
+1. Extra cost per cell: in the worker alone (``train`` of an instant program against the sleep
+   trainer's, N times each, no Ray or MLflow), then N instant cells (default 200) swept twice
+   through ``hpsweep run`` against one local ``mlflow server``, as the sleep trainer
+   (``reports: 1, sleep: 0``) and as a command trainer (a two-line shell script printing
+   ``loss=X``), in that order and then the other way round; the difference of the time inside
+   Ray Tune, per cell (target <= 50 ms).
 2. Cost per parsed output line: ``train(config, run)`` in this process, with a Run that only
    counts, on a program printing L lines (default 2 x 10^5) of noise and of ``step=N loss=X`` pairs,
    against the same program writing to ``/dev/null``, the best of three runs each
@@ -146,6 +148,36 @@ class Counting:
         return self.base
 
 
+def cell_overhead(work: Path, cells: int) -> None:
+    """What a command cell costs in its worker, without Ray or MLflow: ``train`` of an instant
+    program (a directory made and mirrored, the program started, read, stopped) against the
+    sleep trainer's ``train`` with one report and no sleep, each ``cells`` times, in turn."""
+    from hpsweep.trainer.command.config import config_class
+    from hpsweep.trainer.command.training import train
+    from hpsweep.trainer.config import build_config
+    from trainers.sleep.config import Config as SleepConfig
+    from trainers.sleep.training import train as sleep_train
+
+    project = work / "project"
+    project.mkdir(exist_ok=True)
+    (project / "cell.sh").write_text(textwrap.dedent(PROGRAM))
+    (project / "cell.sh").chmod(0o755)
+    values = {"command": ["./cell.sh"], "x": 1.0}
+    config, _ = build_config(config_class(values), values)
+    sleep_config = SleepConfig(reports=1, sleep=0.0)
+    best = {"sleep": float("inf"), "command": float("inf")}
+    for _ in range(3):   # the best of three rounds, each way in turn: the machine is shared
+        for label, fn, cfg in (("sleep", sleep_train, sleep_config), ("command", train, config)):
+            start = time.perf_counter()
+            for _ in range(cells):
+                fn(cfg, Counting(project))
+            best[label] = min(best[label], (time.perf_counter() - start) / cells * 1000)
+    print(f"{'in the worker (no Ray, no MLflow)':<36}{'ms a cell':>10}")
+    print(f"{'sleep trainer, 1 report':<36}{best['sleep']:10.2f}")
+    print(f"{'command trainer, ./cell.sh':<36}{best['command']:10.2f}")
+    print(f"extra cost of a command cell in its worker: {best['command'] - best['sleep']:.1f} ms\n")
+
+
 def per_line(work: Path, lines: int) -> None:
     from hpsweep.trainer.command.config import config_class
     from hpsweep.trainer.command.training import train
@@ -189,19 +221,25 @@ def memory(work: Path, env: dict, uri: str, lines: int) -> None:
         retries: 0
         metric: {{name: loss, mode: min}}
     """)
-    driver: list[tuple[float, int]] = []
+    driver: dict[int, int] = {}   # lines printed -> the driver's RSS when the worker's was read
+
+    def rss(pid: int) -> int:
+        for row in open(f"/proc/{pid}/status"):
+            if row.startswith("VmRSS:"):
+                return int(row.split()[1]) // 1024
+        return 0
 
     def watch(proc) -> None:
         while proc.poll() is None:
             try:
-                for row in open(f"/proc/{proc.pid}/status"):
-                    if row.startswith("VmRSS:"):
-                        driver.append((time.monotonic(), int(row.split()[1]) // 1024))
+                marks = [int(r.split()[0]) for r in rss_file.read_text().splitlines() if r.strip()]
+                for mark in marks:
+                    if mark not in driver:
+                        driver[mark] = rss(proc.pid)
             except OSError:
-                return
-            time.sleep(0.25)
+                pass
+            time.sleep(0.05)
 
-    started = time.monotonic()
     wall, fit = run_sweep(work, env, uri, text, work / f"{name}.log", watch)
     from mlflow.tracking import MlflowClient
 
@@ -212,14 +250,10 @@ def memory(work: Path, env: dict, uri: str, lines: int) -> None:
     print(f"a cell printing {lines:,} lines (every 100th a metric): wall {wall:.1f}s, in Tune {fit:.1f}s, "
           f"{points:,} loss points in MLflow (expected {lines // 100:,})")
     print(f"{'output printed':>15}{'worker RSS MiB':>16}{'driver RSS MiB':>16}")
-    rows = [tuple(map(int, r.split())) for r in rss_file.read_text().split("\n") if r.strip()]
-    # the driver's sample nearest in time is not known per line: show its range over the cell
-    cell_driver = [m for t, m in driver if t >= started]
-    for i, (count, worker_mb) in enumerate(rows):
-        shown = cell_driver[int(i / max(1, len(rows) - 1) * (len(cell_driver) - 1))] if cell_driver else 0
-        print(f"{count / lines:>14.0%} {worker_mb:>15} {shown:>15}")
-    if cell_driver:
-        print(f"driver RSS over the whole run: min {min(cell_driver)} MiB, max {max(cell_driver)} MiB\n")
+    for row in rss_file.read_text().splitlines():
+        count, worker_mb = map(int, row.split())
+        print(f"{count / lines:>14.0%} {worker_mb:>15} {driver.get(count, 0) or '?':>15}")
+    print()
 
 
 def main() -> None:
@@ -232,6 +266,8 @@ def main() -> None:
     skip = set(args.skip.split(","))
     work = Path(tempfile.mkdtemp(prefix="hpsweep-bench-command-"))
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+    if "cells" not in skip:
+        cell_overhead(work, args.cells)
     if "lines" not in skip:
         per_line(work, args.lines)
     if skip >= {"cells", "memory"}:
