@@ -25,6 +25,9 @@ from hpsweep.trainer.run import LocalRun
 SHARED = Path(os.environ.get("HPSWEEP_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 CPU = torch.device("cpu")
 
+#: the command trainer's source directory: empty (removed when the session ends)
+_EMPTY = tempfile.TemporaryDirectory(prefix="hpsweep-contract-")
+
 # A tiny configuration of each registered trainer: seconds on a CPU.
 TINY: dict[str, list[dict]] = {
     "sleep": [{"reports": 4, "sleep": 0.0, "extra_metrics": 2, "x": 0.5}],
@@ -55,7 +58,7 @@ for step in range(state["step"] + 1, args.n + 1):
     os.replace(ckpt + ".tmp", ckpt)
     rng = random.Random(json.load(open(ckpt))["rng"])
     time.sleep(0.1)
-"""], "n": 8, "workdir": tempfile.mkdtemp(prefix="hpsweep-contract-")}],
+"""], "n": 8, "workdir": _EMPTY.name}],
 }
 
 
