@@ -32,10 +32,23 @@ def _add_tracking(p: argparse.ArgumentParser) -> None:
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite under .hpsweep/)")
 
 
-def _load(path: str):
+def _load(path: str, args=None):
+    """The sweep file at ``path`` with the command's ``--set`` overrides applied."""
     from hpsweep.spec.model import load_spec
 
-    return load_spec(path)
+    return load_spec(path, getattr(args, "overrides", None) or ())
+
+
+#: the commands that read sweep files take ``--set FIELD=VALUE`` (hpsweep.spec.overrides)
+_OVERRIDABLE = ("validate", "run", "submit", "status", "results", "report")
+
+
+def _add_overrides(sub) -> None:
+    """``--set`` on every command that reads a sweep file: one place, one flag."""
+    from hpsweep.spec.overrides import add_flag
+
+    for name in _OVERRIDABLE:
+        add_flag(sub.choices[name])
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -47,7 +60,7 @@ def cmd_validate(args) -> int:
     bad = 0
     for path in args.sweeps:
         try:
-            spec = _load(path)
+            spec = _load(path, args)
         except SpecError as exc:  # every file is checked: report this one and go on
             bad += 1
             _print_user_error(exc, args.debug)
@@ -59,17 +72,26 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from hpsweep.run import preflight
+    from hpsweep.run import preflight, resources
     from hpsweep.store.mlflow import resolve_tracking_uri
 
-    spec = _load(args.sweep)  # every problem reported before Ray starts
+    spec = _load(args.sweep, args)  # every problem reported before Ray starts
+    address = args.address or os.environ.get("HPSWEEP_RAY_ADDRESS")
+    if not address:  # in-process Ray: a trial this machine cannot hold fails before anything
+        resources.check_local(spec)
     spec_text = Path(args.sweep).read_text(encoding="utf-8")
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     _check_tracking(tracking_uri)
     storage = args.storage or os.environ.get("HPSWEEP_STORAGE")
     _check_storage(storage, args.s3_endpoint)
     preflight.check_data(spec, args.sweep)
-    address = args.address or os.environ.get("HPSWEEP_RAY_ADDRESS")
+    node_wait = _node_wait(args.node_wait)
+    if address:  # join the cluster: a trial no node (type) can ever hold fails here, exit 2
+        from hpsweep.run import localray
+
+        localray.init(address, localray.ray_env())
+        localray.own_signals()
+        resources.check_cluster(spec, address)
     if address and not args.allow_local_store:
         _check_cluster_store(address, tracking_uri, storage)
     ray_start = None
@@ -83,7 +105,14 @@ def cmd_run(args) -> int:
 
     outcome = run_sweep(spec, spec_text, tracking_uri=tracking_uri, storage_uri=storage,
                         address=address, s3_endpoint=args.s3_endpoint,
-                        live=False if args.no_live else None, console=console, ray_start=ray_start)
+                        live=False if args.no_live else None, console=console, ray_start=ray_start,
+                        node_wait=node_wait)
+    if outcome.waited:
+        err_console.print(f"stopped: {outcome.waited} for {node_wait:.0f}s with no trial started; "
+                          f"the {outcome.total - outcome.skipped} unfinished cells are left pending. Run "
+                          "the same command again once the cluster has such a node (--node-wait "
+                          "SECONDS to wait longer), or lower resources with --set", markup=False)
+        return outcome.exit_code
     console.print(f"\n{outcome.finished} cells finished, {outcome.failed} failed, "
                   f"{outcome.skipped} already done, {outcome.interrupted} interrupted "
                   f"in {outcome.wall_s:.1f}s ({outcome.fit_s:.1f}s running trials)")
@@ -97,6 +126,20 @@ def cmd_run(args) -> int:
     console.print(f"runs: {tracking_uri} (experiment {spec.name!r}); checkpoints: "
                   f"{open_storage(storage, args.s3_endpoint).uri}", markup=False)
     return outcome.exit_code
+
+
+def _node_wait(flag: float | None) -> float:
+    """Seconds a sweep on a cluster waits for a node that can hold a trial: the flag, else
+    ``$HPSWEEP_NODE_WAIT``, else the default."""
+    from hpsweep.run.resources import DEFAULT_NODE_WAIT_S
+
+    if flag is not None:
+        return flag
+    raw = os.environ.get("HPSWEEP_NODE_WAIT")
+    try:
+        return float(raw) if raw else DEFAULT_NODE_WAIT_S
+    except ValueError:
+        raise UsageError(f"HPSWEEP_NODE_WAIT={raw}: give a number of seconds") from None
 
 
 def _check_cluster_store(address: str, tracking_uri: str, storage: str | None) -> None:
@@ -135,7 +178,7 @@ def cmd_status(args) -> int:
     from hpsweep.views.stats import completeness
     from hpsweep.views.tables import status_table, with_leases
 
-    spec = _load(args.sweep)
+    spec = _load(args.sweep, args)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     _check_tracking(tracking_uri)
     cells = plan(spec)
@@ -163,6 +206,10 @@ def cmd_status(args) -> int:
         by_owner[lease.owner] = by_owner.get(lease.owner, 0) + 1
     for owner, n in sorted(by_owner.items()):
         console.print(f"running by driver {owner}: {n} cells (leases held)")
+    if runs.waiting:
+        since, _, message = runs.waiting.partition(" ")
+        console.print(f"[magenta]{message}[/] (waiting {_ago(since)}; the driver stops after its "
+                      "--node-wait, leaving the cells pending)")
     return 0
 
 
@@ -181,6 +228,15 @@ def _print_failures(matrix, runs) -> None:
         more = f" and {len(cells) - 1} more" if len(cells) > 1 else ""
         console.print(f"[red]failed[/]: cell {cells[0].cell_id} ({shown} seed={cells[0].seed}){more}: {escape(reason)}",
                       highlight=False)
+
+
+def _ago(epoch: str) -> str:
+    import time
+
+    try:
+        return f"{max(0.0, time.time() - float(epoch)):.0f}s"
+    except ValueError:
+        return "for a while"
 
 
 def _index(uri: str, args):
@@ -217,7 +273,7 @@ def _held_cells(uri: str, endpoint: str | None, cell_ids: list[str]) -> dict:
 def cmd_results(args) -> int:
     from hpsweep.store.mlflow import resolve_tracking_uri
 
-    spec = _load(args.sweep)
+    spec = _load(args.sweep, args)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     _check_tracking(tracking_uri)
     group_by = [g.strip() for g in args.group_by.split(",")] if args.group_by else None
@@ -234,7 +290,7 @@ def cmd_report(args) -> int:
     from hpsweep.store.mlflow import resolve_tracking_uri
     from hpsweep.views.report import build_reports
 
-    specs = [_load(path) for path in args.sweeps]
+    specs = [_load(path, args) for path in args.sweeps]
     names = [spec.name for spec in specs]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -354,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-local-store", action="store_true",
                    help="with --address: allow a local tracking file or storage directory on a "
                         "multi-node cluster (only when that disk is shared by every node and kept)")
+    p.add_argument("--node-wait", type=float, default=None, metavar="SECONDS",
+                   help="with --address: how long to wait for a node that can hold a trial (one an "
+                        "autoscaler may start) before stopping with the cells pending "
+                        "(default: $HPSWEEP_NODE_WAIT, else 1800)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="the completeness matrix of a sweep; or cluster jobs with --address")
@@ -394,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     from hpsweep.cluster import jobs as cluster  # submit | logs | stop | render: the Ray Jobs side
 
     cluster.register(sub)
+    _add_overrides(sub)
     return parser
 
 

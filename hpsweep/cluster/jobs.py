@@ -166,6 +166,8 @@ def build_submission(
     working_dir: Path | None = None,
     pip: list[str] | None = None,
     allow_local_store: bool = False,
+    overrides: list[str] | tuple[str, ...] = (),
+    node_wait: float | None = None,
 ) -> dict[str, Any]:
     """Validate ``sweep`` and build ``JobSubmissionClient.submit_job``'s keyword arguments.
 
@@ -177,7 +179,7 @@ def build_submission(
     sweep = Path(sweep)
     if not sweep.is_file():
         raise SweepFileMissing(f"{sweep}: no such sweep file")
-    spec = load_spec(sweep)  # raises SpecError listing every problem
+    spec = load_spec(sweep, overrides)  # raises SpecError listing every problem
     no_credentials("--tracking-uri", tracking_uri)
     no_credentials("--storage", storage)
     if not allow_local_store:
@@ -208,6 +210,10 @@ def build_submission(
         flags += ["--s3-endpoint", s3_endpoint]
     if allow_local_store:
         flags += ["--allow-local-store"]
+    if node_wait is not None:
+        flags += ["--node-wait", f"{node_wait:g}"]
+    for override in overrides:  # the job validates and runs the same sweep as here
+        flags += ["--set", override]
 
     runtime_env: dict[str, Any] = {"env_vars": env_vars}
     if image:
@@ -261,6 +267,8 @@ def submit(args: argparse.Namespace) -> int:
         working_dir=Path(args.working_dir) if args.working_dir else None,
         pip=args.pip,
         allow_local_store=args.allow_local_store,
+        overrides=args.overrides,
+        node_wait=args.node_wait,
     )
     staged = submission["runtime_env"].get("working_dir")
     try:
@@ -424,6 +432,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--allow-local-store", action="store_true",
                    help="allow a tracking file or storage directory on the nodes' disks "
                         "(only when every node shares that disk and it outlives the job)")
+    p.add_argument("--node-wait", type=float, default=None, metavar="SECONDS",
+                   help="how long the job waits for a node that can hold a trial before it stops, "
+                        "leaving the cells pending (default: $HPSWEEP_NODE_WAIT on the head, else 1800)")
     p.set_defaults(func=submit)
 
     p = subparsers.add_parser("logs", help="print a cluster job's log")

@@ -42,6 +42,7 @@ from ray.tune.search import Searcher
 
 from hpsweep.run.outcomes import Outcomes
 from hpsweep.run.queue import FINISHED, CellQueue, mark_finished, spread
+from hpsweep.run.resources import DEFAULT_NODE_WAIT_S, NodeWait, request
 from hpsweep.run.trial import (
     Host,
     run_trial,
@@ -68,9 +69,12 @@ class SweepOutcome:
     wall_s: float
     fit_s: float = 0.0      # of which in Ray Tune (the rest: Ray start-up, MLflow set-up)
     elsewhere: int = 0      # run (or being run) by other drivers while this one ran
+    waited: str = ""        # stopped after waiting --node-wait for a node: what it waited for
 
     @property
     def exit_code(self) -> int:
+        if self.waited:
+            return 3
         return 130 if self.interrupted else (1 if self.failed else 0)
 
 
@@ -119,10 +123,16 @@ def _keep_credentials_out_of_runtime_envs() -> None:
 class _Callback(tune.Callback):
     """Tune's trial events, handed to :class:`hpsweep.run.outcomes.Outcomes`."""
 
-    def __init__(self, outcomes: Outcomes) -> None:
-        self.outcomes = outcomes
+    def __init__(self, outcomes: Outcomes, wait: NodeWait | None = None) -> None:
+        self.outcomes, self.wait = outcomes, wait
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self.wait is not None:
+            self.wait.poll()
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        if self.wait is not None:
+            self.wait.started()
         self.outcomes.started(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -137,7 +147,8 @@ class _Callback(tune.Callback):
 
 def run_sweep(spec: SweepSpec, spec_text: str, *, tracking_uri: str, storage_uri: str | None = None,
               address: str | None = None, s3_endpoint: str | None = None, live: bool | None = None,
-              console=None, ray_start: localray.Start | None = None) -> SweepOutcome:
+              console=None, ray_start: localray.Start | None = None,
+              node_wait: float | None = None) -> SweepOutcome:
     """Run every cell of ``spec`` that has no finished run yet; see the module docstring.
 
     The sweep's parent run never stays RUNNING when this raises: a Ctrl-C during Ray's
@@ -147,7 +158,7 @@ def run_sweep(spec: SweepSpec, spec_text: str, *, tracking_uri: str, storage_uri
     try:
         return _run_sweep(spec, spec_text, tracker, tracking_uri=tracking_uri, storage_uri=storage_uri,
                           address=address, s3_endpoint=s3_endpoint, live=live, console=console,
-                          ray_start=ray_start)
+                          ray_start=ray_start, node_wait=node_wait)
     except BaseException as exc:
         if tracker.parent_run_id is not None:
             with contextlib.suppress(Exception):  # never mask the interruption or the error
@@ -158,11 +169,13 @@ def run_sweep(spec: SweepSpec, spec_text: str, *, tracking_uri: str, storage_uri
 
 def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracking_uri: str,
                storage_uri: str | None, address: str | None, s3_endpoint: str | None,
-               live: bool | None, console, ray_start: localray.Start | None) -> SweepOutcome:
+               live: bool | None, console, ray_start: localray.Start | None,
+               node_wait: float | None = None) -> SweepOutcome:
     started = time.time()
     storage = open_storage(storage_uri, s3_endpoint)
     with storage.lock(f"sweep-{spec.name}"):  # drivers started together: one parent run
-        parent = tracker.start(spec.spec_hash(), spec_text, spec.description, storage_uri=storage.uri)
+        parent = tracker.start(spec.spec_hash(), spec_text, spec.description, storage_uri=storage.uri,
+                               overrides=spec._sources.overridden() if spec._sources else ())
     existing = tracker.cell_runs()
     finished = tracker.finished_cells(existing)
     if tracker.index:  # finished runs the index lacks (a crash between the two, an older sweep)
@@ -190,6 +203,7 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
         ray_start.wait()
     else:
         localray.init(address, localray.ray_env())
+    localray.own_signals()  # SIGTERM: as Ctrl-C, not Ray's stack dump
     _keep_credentials_out_of_runtime_envs()
     # Tune's end-of-run analysis looks for the per-result JSON/CSV files that hpsweep turns
     # off (the metrics are in MLflow); its warning about them is noise.
@@ -219,10 +233,27 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
         search_alg = _TuneQueue(queue)
     outcomes = Outcomes(tracker, spec.scheduler if spec.scheduler.type == "asha" else None, table,
                          queue=queue if spec.bundles() else None, retries=spec.retries)
+    wait = None
+    if address:  # a cluster: a node that can hold a trial may be yet to come
+        def show(message: str | None, since: float) -> None:
+            table.waiting(message, since)
+            with contextlib.suppress(Exception):  # status shows it; never stops the sweep
+                tracker.set_waiting(message, since)
+
+        wait = NodeWait(request(spec.resources), DEFAULT_NODE_WAIT_S if node_wait is None else node_wait, show)
     fit_started = time.time()
     with table, _pending_trials(None if optuna else _slots(spec)):
-        _tuner(spec, context, param_space, search_alg, outcomes, storage, todo if optuna else -1).fit()
+        _tuner(spec, context, param_space, search_alg, outcomes, storage, todo if optuna else -1,
+               wait).fit()
     fit_s = time.time() - fit_started
+    if wait is not None and wait.message is not None:
+        with contextlib.suppress(Exception):
+            tracker.set_waiting(None, wait.since)
+    if wait is not None and wait.expired:
+        # nothing started: the cells stay pending (no run, no lease), the sweep's run KILLED
+        tracker.finish("KILLED")
+        return SweepOutcome(total, skipped, 0, 0, 0, parent, tracker.experiment_id,
+                            time.time() - started, fit_s, waited=wait.message or "a node")
     outcomes.report_failures(table.note, context["cells"])
     elsewhere = len(outcomes.held) if optuna else queue.elsewhere
     if outcomes.stopped:
@@ -248,8 +279,8 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
 
 
 def _tuner(spec: SweepSpec, context: dict, param_space: dict, search_alg, outcomes: Outcomes,
-           storage: Storage, num_samples: int) -> tune.Tuner:
-    resources = {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
+           storage: Storage, num_samples: int, wait: NodeWait | None = None) -> tune.Tuner:
+    resources = spec.resources.ray()
     trainable = tune.with_resources(tune.with_parameters(_trial, context=context), resources)
     return tune.Tuner(
         trainable,
@@ -267,7 +298,8 @@ def _tuner(spec: SweepSpec, context: dict, param_space: dict, search_alg, outcom
             # bundles: the queue retries each failed cell, never a whole bundle
             failure_config=tune.FailureConfig(max_failures=0 if spec.bundles() else spec.retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[_Callback(outcomes)], verbose=0, progress_reporter=_Silent(),
+            callbacks=[_Callback(outcomes, wait)], verbose=0, progress_reporter=_Silent(),
+            stop=_WaitStopper(wait) if wait is not None else None,
         ),
     )
 
@@ -282,9 +314,9 @@ def _trial_name(trial) -> str:
 def _slots(spec: SweepSpec) -> int:
     """How many trials of ``spec`` the Ray cluster can run at once now (at least one)."""
     res = ray.cluster_resources()
-    slots = res.get("CPU", 1.0) / spec.resources.cpus if spec.resources.cpus else float("inf")
-    if spec.resources.gpus:
-        slots = min(slots, res.get("GPU", 0.0) / spec.resources.gpus)
+    slots = float("inf")
+    for name, amount in request(spec.resources).items():
+        slots = min(slots, res.get(name, 0.0) / amount)
     if spec.max_concurrent:
         slots = min(slots, spec.max_concurrent)
     return max(1, int(slots)) if slots != float("inf") else 200
@@ -337,6 +369,19 @@ class _TuneQueue(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self.queue.on_complete(result)
+
+
+class _WaitStopper(tune.Stopper):
+    """Ends the sweep when :class:`hpsweep.run.resources.NodeWait` gave up waiting for a node."""
+
+    def __init__(self, wait: NodeWait) -> None:
+        self.wait = wait
+
+    def __call__(self, trial_id, result) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.wait.expired
 
 
 class _Silent(tune.ProgressReporter):

@@ -40,6 +40,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import contextlib  # noqa: E402
 import logging  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 
@@ -47,7 +48,46 @@ import ray  # noqa: E402
 
 from hpsweep.run import reaper  # noqa: E402
 
-__all__ = ["Start", "begin", "init", "ray_env", "cluster_nodes", "leave"]
+__all__ = ["Start", "begin", "init", "ray_env", "cluster_nodes", "leave", "own_signals"]
+
+
+class _RaysWords(logging.Filter):
+    """Ray's messages that hpsweep says in its own words, or that are not the user's business:
+    its notice that ray.init ran outside the main thread (:class:`Start` does that on purpose;
+    :func:`own_signals` handles SIGTERM), Tune's "Resume experiment with: Tuner.restore(...)"
+    and "Stop signal received" (a rerun resumes; ``hpsweep run`` says so), its list of trials
+    that did not complete (the summary counts them), and its "No trial is running ..."
+    (:mod:`hpsweep.run.resources` says what a sweep waits for). They stay in Ray's log files."""
+
+    _DROPPED = ("SIGTERM handler is not set", "Experiment has been interrupted", "Stop signal received",
+                "Trials did not complete", "Ignore this message if the cluster is autoscaling")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        with contextlib.suppress(Exception):
+            return not str(record.msg).startswith(self._DROPPED)
+        return True
+
+
+for _name in ("ray._private.worker", "ray.tune.tune", "ray.tune.execution.insufficient_resources_manager",
+              "ray.tune.execution.tune_controller"):
+    logging.getLogger(_name).addFilter(_RaysWords())
+
+
+def _on_sigterm(signum, frame) -> None:
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(signal.SIGINT, frame)  # Ray Tune's: end the run as after Ctrl-C
+    else:
+        raise KeyboardInterrupt
+
+
+def own_signals() -> None:
+    """SIGTERM (``timeout``, ``hpsweep stop``, a Ray job stopped) ends the driver as Ctrl-C does:
+    its trials stopped, its runs KILLED, hpsweep's own words, instead of the stack dump of the
+    failure-signal handler Ray's core worker installs in the driver (``*** SIGTERM received ...
+    PC: @``). Called from the main thread after Ray's start (which installs that handler)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 _in_process = False  # this process started Ray in itself
 

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field, PrivateAttr, Tag, ValidationError, field_validator, model_validator
 
+from hpsweep.spec import overrides as _overrides
 from hpsweep.spec.checks import check_against_trainer
 from hpsweep.spec.domains import GRID_KINDS, KINDS, SAMPLED_KINDS, Domain, Model, VariantValue, wrap_fixed
 from hpsweep.spec.problems import Problem, SpecError
@@ -71,9 +72,58 @@ class Asha(Model):
 Scheduler = Annotated[Fifo | Asha, Field(discriminator="type")]
 
 
+_MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                 "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
 class Resources(Model):
+    """What one trial asks of a Ray node (Ray's CPU, GPU, memory and custom resources)."""
     cpus: float = Field(default=1.0, gt=0)
     gpus: float = Field(default=0.0, ge=0)
+    # bytes of Ray's `memory` resource a trial reserves: a number of bytes or "16GiB", "500MB"
+    memory: int | None = None
+    # custom resources a node declares (`ray start --resources '{"special": 1}'`, a KubeRay
+    # group's rayStartParams, a launcher node type's resources)
+    custom: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, v: Any) -> Any:
+        import re
+
+        if v is None or isinstance(v, bool):
+            return v if v is None else _raise(f"must be bytes or a size such as 16GiB, got {v!r}")
+        if isinstance(v, (int, float)):
+            size = v
+        else:
+            m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(v))
+            unit = m.group(2).lower() if m else None
+            if m is None or unit not in _MEMORY_UNITS:
+                _raise(f"must be bytes or a size with a unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), "
+                       f"e.g. 16GiB, got {v!r}")
+            size = float(m.group(1)) * _MEMORY_UNITS[unit]
+        if size <= 0:
+            _raise(f"must be > 0, got {v!r}")
+        return int(size)
+
+    @field_validator("custom")
+    @classmethod
+    def _custom(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"{name!r} is one of Ray's own resources: use cpus, gpus or memory")
+            if amount <= 0:
+                raise ValueError(f"{name}: must be > 0, got {amount}")
+            if amount > 1 and not float(amount).is_integer():
+                raise ValueError(f"{name}: more than one must be a whole number, got {amount}")
+        return v
+
+    def ray(self) -> dict[str, float]:
+        """As Ray Tune's resource request (``tune.with_resources``)."""
+        out: dict[str, float] = {"cpu": self.cpus, "gpu": self.gpus}
+        if self.memory:
+            out["memory"] = self.memory
+        return {**out, **self.custom}
 
     @field_validator("gpus")
     @classmethod
@@ -113,6 +163,8 @@ class SweepSpec(Model):
     _points: Any = PrivateAttr(default=None)
     # the sweep file's directory (relative data paths resolve under it or the data root)
     _base_dir: Any = PrivateAttr(default=None)
+    # where each field came from: a line of the file or a --set (hpsweep.spec.overrides.Sources)
+    _sources: Any = PrivateAttr(default=None)
 
     @field_validator("name")
     @classmethod
@@ -195,6 +247,10 @@ class SweepSpec(Model):
         for variant in self.variants:
             names += [k for k in variant if k not in names]
         return names
+
+
+def _raise(message: str):
+    raise ValueError(message)
 
 
 # --- errors --------------------------------------------------------------------------------
@@ -283,8 +339,9 @@ def _clean_loc(loc: tuple) -> tuple:
 
 # --- loading -------------------------------------------------------------------------------
 
-def load_spec(path: str | Path) -> SweepSpec:
-    """Read, parse and validate a sweep file; raise :class:`SpecError` with every problem."""
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:
+    """Read, parse and validate a sweep file, with ``overrides`` (``FIELD=VALUE``, see
+    :mod:`hpsweep.spec.overrides`) applied first; raise :class:`SpecError` with every problem."""
     path = Path(path)
     source = str(path)
     try:
@@ -293,14 +350,37 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise SpecError(source, [Problem(None, "", "no such file")]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(source, [Problem(None, "", f"cannot read the file: {exc}")]) from None
-    return load_spec_text(text, source, path.parent)
+    return load_spec_text(text, source, path.parent, overrides)
 
 
-def load_spec_text(text: str, source: str = "<sweep>", base_dir: str | Path | None = None) -> SweepSpec:
+def load_spec_text(text: str, source: str = "<sweep>", base_dir: str | Path | None = None,
+                   overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:
     """Like :func:`load_spec` for YAML text; ``source`` names it in messages; relative data
     paths resolve under ``base_dir`` (default: the current directory) or the data root."""
+    parsed = _overrides.parse_overrides(overrides)  # a malformed --set: UsageError
     loaded = load_yaml_text(text)
     problems = [Problem(p.line, p.path, p.message) for p in loaded.problems]
+    if problems and loaded.data is None:
+        raise SpecError(source, problems)
+    set_problems, touched = _overrides.apply_overrides(loaded, parsed, _defaults())
+    try:
+        spec = _validate(loaded, problems + set_problems, source, base_dir)
+    except SpecError as exc:
+        raise SpecError(source, _overrides.attribute(exc.problems, touched)) from None
+    spec._sources = _overrides.Sources(source, loaded, touched)
+    return spec
+
+
+def _defaults() -> dict[str, Any]:
+    """Each top-level key of a sweep file and its default as plain data (None: required)."""
+    out: dict[str, Any] = {}
+    for name, field in SweepSpec.model_fields.items():
+        value = None if field.is_required() else field.get_default(call_default_factory=True)
+        out[name] = value.model_dump() if isinstance(value, BaseModel) else value
+    return out
+
+
+def _validate(loaded, problems: list[Problem], source: str, base_dir: str | Path | None) -> SweepSpec:
     if problems and loaded.data is None:
         raise SpecError(source, problems)
     data = loaded.data

@@ -13,6 +13,7 @@ class Problem(typing.NamedTuple):
     line: int | None
     path: str
     message: str
+    origin: str = ""      # a command-line override (``--set FIELD=VALUE``) the problem is of
 
 
 class SpecError(UserError):
@@ -24,5 +25,7 @@ class SpecError(UserError):
         super().__init__("\n".join(self.format(p) for p in self.problems))
 
     def format(self, p: Problem) -> str:
+        if p.origin:
+            return f"{p.origin} ({self.source}): {p.path}: {p.message}"
         where = f"{self.source}:{p.line}" if p.line else self.source
         return f"{where}: {p.path}: {p.message}" if p.path else f"{where}: {p.message}"

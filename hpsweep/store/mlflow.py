@@ -49,6 +49,9 @@ TAG = {
     "node_id": "hpsweep.node_id", "attempts": "hpsweep.attempts", "early": "hpsweep.early_stopped",
     "trial": "hpsweep.trial_id", "storage": "hpsweep.storage",
     "error": "hpsweep.error",    # a failed cell's reason: its trainer's exception, first line
+    # on the sweep's run: the --set overrides of its last driver (JSON list of FIELD=VALUE), and
+    # what that driver waits for ("<since epoch s> <message>") while no node can hold a trial
+    "overrides": "hpsweep.overrides", "waiting": "hpsweep.waiting",
     # on the experiment: "<key> <storage uri>", where the finished index of the sweep is
     # (see hpsweep.store.storage), or "mixed" once drivers with another storage ran the sweep
     "index": "hpsweep.finished_index",
@@ -163,10 +166,12 @@ class SweepTracker:
         self.index: str | None = None   # the key of the sweep's finished index, when trusted
 
     def start(self, spec_hash: str, spec_text: str, description: str = "",
-              storage_uri: str | None = None) -> str:
+              storage_uri: str | None = None, overrides: Sequence[str] = ()) -> str:
         """Find or create the experiment and the sweep's parent run; return the parent id.
         ``storage_uri`` (where the cells' checkpoints and leases live) is tagged on the parent,
-        so that ``hpsweep status`` reads the right leases without being told."""
+        so that ``hpsweep status`` reads the right leases without being told; ``overrides``
+        (the driver's ``--set FIELD=VALUE``) are tagged there too, and kept with the file as
+        ``overrides.json``."""
         from mlflow.entities import RunStatus
         from mlflow.exceptions import MlflowException
 
@@ -210,7 +215,14 @@ class SweepTracker:
         if description:
             client.set_tag(self.parent_run_id, "mlflow.note.content", description)
         client.log_text(self.parent_run_id, spec_text, "sweep.yaml")
+        client.set_tag(self.parent_run_id, TAG["overrides"], json.dumps(list(overrides)))
+        client.log_text(self.parent_run_id, json.dumps(list(overrides), indent=1), "overrides.json")
         return self.parent_run_id
+
+    def set_waiting(self, message: str | None, since: float) -> None:
+        """Tag the sweep's run with what its driver waits for (``hpsweep status`` shows it), or
+        clear it (``message`` None)."""
+        self.client.set_tag(self.parent_run_id, TAG["waiting"], f"{since:.0f} {message}" if message else "")
 
     def _index(self, tag: str | None, storage_uri: str | None) -> str | None:
         """The finished index this driver writes to: the tagged one if it lives in this

@@ -89,6 +89,7 @@ class SweepRuns:
     cells: dict[str, CellRun]
     fetch_seconds: float = 0.0
     storage: str | None = None      # the storage the sweep's last driver used (its parent's tag)
+    waiting: str | None = None      # what its running driver waits for: "<since epoch s> <message>"
 
     def metric_names(self) -> list[str]:
         """Every metric name any cell reported, sorted."""
@@ -265,7 +266,7 @@ def load_sweep(
         run, dups = _pick(cands)
         cells[cell_id] = _to_cell(run, dups)
     runs = SweepRuns(sweep_name, tracking_uri, eid, parent_id, cells, 0.0,
-                     parent.data.tags.get(TAG["storage"]) if parent else None)
+                     parent.data.tags.get(TAG["storage"]) if parent else None, _waiting(parent))
     if histories:
         wanted: dict[str, set[str]] = {}
         for c in cells.values():
@@ -338,7 +339,15 @@ def load_states(tracking_uri: str | None, sweep_name: str, planned: Iterable[str
         if cid not in cells or cells[cid].status != "done":
             cells[cid] = CellRun(cid, "", "done", "FINISHED", None, {}, {}, {}, {}, None, None)
     return SweepRuns(sweep_name, tracking_uri, eid, parent.info.run_id if parent else None, cells,
-                     time.perf_counter() - t0, uri)
+                     time.perf_counter() - t0, uri, _waiting(parent))
+
+
+def _waiting(parent) -> str | None:
+    """The sweep run's waiting tag while that run is RUNNING (a driver that stopped clears it,
+    one that was killed leaves it behind a run that is not RUNNING for long: see ``stale``)."""
+    if parent is None or parent.info.status != "RUNNING":
+        return None
+    return parent.data.tags.get(TAG["waiting"]) or None
 
 
 class _RestReader:

@@ -32,6 +32,8 @@ class LiveTable:
         self.started_at = time.time()
         self._live: Live | None = None
         self._last_draw = 0.0
+        self.wait: tuple[str, float] | None = None   # what the sweep waits for, since when
+        self._wait_said = 0.0
 
     # -- context: the Live display only while Tune runs
     def __enter__(self) -> LiveTable:
@@ -103,6 +105,22 @@ class LiveTable:
         elif f"held:{cell_id}" in self.rows:
             self.done(f"held:{cell_id}", status)
 
+    # -- a sweep on a cluster waiting for a node that can hold its trials
+    def waiting(self, message: str | None, since: float) -> None:
+        """Show what the sweep waits for and since when (None: no longer waiting). Without the
+        live display (a job's log, a pipe): a line when it begins, then one every 30 s."""
+        before = self.wait
+        self.wait = (message, since) if message else None
+        if not self.enabled:
+            now = time.time()
+            if message and (before is None or before[0] != message or now - self._wait_said >= 30):
+                self._wait_said = now
+                self.console.print(f"{message} (waiting {now - since:.0f}s)", highlight=False, markup=False)
+            elif message is None and before is not None:
+                self.console.print(f"a node can hold the trials now (waited {now - before[1]:.0f}s)",
+                                   highlight=False, markup=False)
+        self._redraw(force=True)
+
     # -- drawing
     def _redraw(self, force: bool = False) -> None:
         if self._live is None:
@@ -130,4 +148,6 @@ class LiveTable:
         summary = Text(f"done {done}/{self.total}  running {len(running)}  failed {self.counts['failed']}"
                        f"  pending {self.total - done - len(running) - self.counts['failed']}"
                        f"  elapsed {now - self.started_at:.0f}s")
-        return Group(table, summary)
+        if self.wait is None:
+            return Group(table, summary)
+        return Group(table, summary, Text(f"{self.wait[0]} (waiting {now - self.wait[1]:.0f}s)", style="magenta"))
