@@ -226,6 +226,9 @@ class NodeWait:
         self.expired = False
         self._next = 0.0
 
+    def __getstate__(self) -> dict:  # Tune pickles its run config (the stopper, the callbacks)
+        return {**self.__dict__, "show": None, "offer": None}
+
     def started(self) -> None:
         self.any_started = True
         if self.message is not None:
