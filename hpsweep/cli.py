@@ -86,14 +86,14 @@ def cmd_run(args) -> int:
     _check_storage(storage, args.s3_endpoint)
     preflight.check_data(spec, args.sweep)
     node_wait = _node_wait(args.node_wait)
+    if address and not args.allow_local_store:
+        _check_cluster_store(address, tracking_uri, storage)
     if address:  # join the cluster: a trial no node (type) can ever hold fails here, exit 2
         from hpsweep.run import localray
 
         localray.init(address, localray.ray_env())
         localray.own_signals()
         resources.check_cluster(spec, address)
-    if address and not args.allow_local_store:
-        _check_cluster_store(address, tracking_uri, storage)
     ray_start = None
     if not address:  # Ray starts while the engine is imported and reads the sweep's state
         from hpsweep.run import localray

@@ -391,7 +391,22 @@ def job_status(address: str | None, job_id: str | None) -> int:
     print(f"ended:      {_fmt_time(info.end_time)}")
     if info.message:
         print(f"message:    {info.message}")
+    if str(info.status.value) == "RUNNING":
+        waiting = _waiting_line(_call(client, address, job_id, lambda: client.get_job_logs(job_id)))
+        if waiting:
+            print(f"waiting:    {waiting}")
     return 0
+
+
+def _waiting_line(log: str) -> str | None:
+    """What a running sweep's driver waits for, from its log (see hpsweep.run.resources): its
+    last "waiting for a node ..." line, unless a node came since."""
+    for line in reversed(log.splitlines()):
+        if line.startswith("a node can hold the trials now"):
+            return None
+        if line.startswith("waiting for a node with "):
+            return line
+    return None
 
 
 # --- argparse ----------------------------------------------------------------------------------

@@ -190,3 +190,13 @@ def test_shipped_paper_sweeps_say_how_to_run_on_a_laptop() -> None:
         assert not {c.id for c in plan(small)} & {c.id for c in plan(spec)}, path.name
         checked += 1
     assert checked == 6
+
+
+def test_job_status_reads_what_a_running_driver_waits_for_from_its_log() -> None:
+    from hpsweep.cluster.jobs import _waiting_line
+
+    waiting = "waiting for a node with 1 GPU: 0 of 4 up (waiting 30s)"
+    log = f"sweep 's': 4 cells, 0 already finished, 4 to run\n{waiting.replace('30s', '0s')}\n{waiting}\n"
+    assert _waiting_line(log) == waiting
+    assert _waiting_line(log + "a node can hold the trials now (waited 41s)\n[1/4] done x=0\n") is None
+    assert _waiting_line("sweep 's': 4 cells\n") is None
