@@ -235,10 +235,14 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
                          queue=queue if spec.bundles() else None, retries=spec.retries)
     wait = None
     if address:  # a cluster: a node that can hold a trial may be yet to come
+        tagged: list[str | None] = [None]
+
         def show(message: str | None, since: float) -> None:
             table.waiting(message, since)
-            with contextlib.suppress(Exception):  # status shows it; never stops the sweep
-                tracker.set_waiting(message, since)
+            if message != tagged[0]:  # the sweep's run says it once per change (status reads it)
+                tagged[0] = message
+                with contextlib.suppress(Exception):  # never stops the sweep
+                    tracker.set_waiting(message, since)
 
         wait = NodeWait(request(spec.resources), DEFAULT_NODE_WAIT_S if node_wait is None else node_wait, show)
     fit_started = time.time()
