@@ -85,7 +85,7 @@ def cmd_run(args) -> int:
     storage = args.storage or os.environ.get("HPSWEEP_STORAGE")
     _check_storage(storage, args.s3_endpoint)
     preflight.check_data(spec, args.sweep)
-    node_wait = _node_wait(args.node_wait)
+    node_wait = resources.node_wait(args.node_wait)
     if address and not args.allow_local_store:
         _check_cluster_store(address, tracking_uri, storage)
     if address:  # join the cluster: a trial no node (type) can ever hold fails here, exit 2
@@ -126,20 +126,6 @@ def cmd_run(args) -> int:
     console.print(f"runs: {tracking_uri} (experiment {spec.name!r}); checkpoints: "
                   f"{open_storage(storage, args.s3_endpoint).uri}", markup=False)
     return outcome.exit_code
-
-
-def _node_wait(flag: float | None) -> float:
-    """Seconds a sweep on a cluster waits for a node that can hold a trial: the flag, else
-    ``$HPSWEEP_NODE_WAIT``, else the default."""
-    from hpsweep.run.resources import DEFAULT_NODE_WAIT_S
-
-    if flag is not None:
-        return flag
-    raw = os.environ.get("HPSWEEP_NODE_WAIT")
-    try:
-        return float(raw) if raw else DEFAULT_NODE_WAIT_S
-    except ValueError:
-        raise UsageError(f"HPSWEEP_NODE_WAIT={raw}: give a number of seconds") from None
 
 
 def _check_cluster_store(address: str, tracking_uri: str, storage: str | None) -> None:

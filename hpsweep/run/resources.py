@@ -24,13 +24,27 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-from hpsweep.errors import Unusable
+from hpsweep.errors import Unusable, UsageError
 
-__all__ = ["request", "describe", "local_offer", "check_local", "NodeType", "ClusterOffer",
+__all__ = ["node_wait", "request", "describe", "local_offer", "check_local", "NodeType", "ClusterOffer",
            "cluster_offer", "judge", "check_cluster", "NodeWait", "DEFAULT_NODE_WAIT_S"]
 
 #: seconds a sweep on a cluster waits for a node that can hold a trial before it stops
 DEFAULT_NODE_WAIT_S = 1800.0
+
+def node_wait(flag: float | None) -> float:
+    """Seconds a sweep on a cluster waits for a node that can hold a trial: ``--node-wait``,
+    else ``$HPSWEEP_NODE_WAIT``, else :data:`DEFAULT_NODE_WAIT_S`."""
+    import os
+
+    if flag is not None:
+        return flag
+    raw = os.environ.get("HPSWEEP_NODE_WAIT")
+    try:
+        return float(raw) if raw else DEFAULT_NODE_WAIT_S
+    except ValueError:
+        raise UsageError(f"HPSWEEP_NODE_WAIT={raw}: give a number of seconds") from None
+
 
 _FIELDS = {"CPU": ("cpus",), "GPU": ("gpus",), "memory": ("memory",)}
 _GIB = 2**30

@@ -200,3 +200,16 @@ def test_job_status_reads_what_a_running_driver_waits_for_from_its_log() -> None
     assert _waiting_line(log) == waiting
     assert _waiting_line(log + "a node can hold the trials now (waited 41s)\n[1/4] done x=0\n") is None
     assert _waiting_line("sweep 's': 4 cells\n") is None
+
+
+def test_the_waiting_limit_comes_from_the_flag_then_the_environment(monkeypatch) -> None:
+    from hpsweep.errors import UsageError
+    from hpsweep.run.resources import DEFAULT_NODE_WAIT_S, node_wait
+
+    monkeypatch.delenv("HPSWEEP_NODE_WAIT", raising=False)
+    assert node_wait(None) == DEFAULT_NODE_WAIT_S
+    monkeypatch.setenv("HPSWEEP_NODE_WAIT", "90")
+    assert node_wait(None) == 90.0 and node_wait(5.0) == 5.0
+    monkeypatch.setenv("HPSWEEP_NODE_WAIT", "soon")
+    with pytest.raises(UsageError, match="HPSWEEP_NODE_WAIT=soon: give a number of seconds"):
+        node_wait(None)
