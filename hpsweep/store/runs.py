@@ -19,21 +19,24 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
-import os
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from hpsweep.store.mlflow import TAG, mlflow_client
+from hpsweep.store.readers import reader_for
 
-__all__ = ["CellRun", "SweepRuns", "STATES", "load_sweep", "load_states", "fetch_histories", "run_state"]
+__all__ = ["CellRun", "SweepRuns", "STATES", "ENDED", "load_sweep", "load_states", "fetch_histories",
+           "run_state", "list_sweeps"]
 
-#: the states of a cell, in the order the reports list them. ``stale``: RUNNING in MLflow but
-#: no driver holds its lease (killed); only ``hpsweep status``, which reads the leases, says so
-STATES = ("done", "running", "failed", "pending", "stale")
+#: the states of a cell, in the order the reports list them. ``stopped``: FINISHED, but the
+#: scheduler (ASHA) stopped it before its last step (its values are from an earlier step).
+#: ``stale``: RUNNING in MLflow but no driver holds its lease (killed); only ``hpsweep
+#: status``, which reads the leases, says so
+STATES = ("done", "stopped", "running", "failed", "pending", "stale")
+#: the states of a cell whose run ended well: its final metrics count
+ENDED = ("done", "stopped")
 # search_runs page size: the server's cap. A page's cost is mostly a fixed scan of the
 # experiment (measured: 1,000 runs of 6,000 take about as long as all 6,000), so pages of
 # 1,000 made a 6,000-run sweep six times slower to read.
@@ -76,6 +79,16 @@ class CellRun:
     duplicates: int = 0         # other runs found for the same cell (crashes, re-runs)
     code_version: str = ""      # the git sha (``+dirty``) the cell's trainer ran
     error: str = ""             # a failed run's reason (the trainer's exception, its first line)
+    steps: dict[str, int] = dataclasses.field(default_factory=dict)  # the step of each final metric
+    attempts: int | None = None  # times the cell was started (its run's tag), when known
+    early_stopped: bool = False  # stopped by the scheduler (status ``stopped``)
+
+    @property
+    def duration_s(self) -> float | None:
+        """Seconds from the run's start to its end (None while it runs)."""
+        if self.start_time is None or self.end_time is None:
+            return None
+        return (self.end_time - self.start_time) / 1000.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +140,19 @@ def _to_cell(run, duplicates: int) -> CellRun:
         seed = int(seed_tag) if seed_tag is not None else None
     except ValueError:
         seed = None
+    try:
+        attempts = int(tags[TAG["attempts"]]) if TAG["attempts"] in tags else None
+    except ValueError:
+        attempts = None
+    early = tags.get(TAG["early"]) == "true" and run.info.status == "FINISHED"
+    # the readers give each final metric's step; MLflow's client keeps them on its metric objects
+    steps = getattr(run.data, "steps", None)
+    if steps is None:
+        steps = {m.key: m.step for m in getattr(run.data, "_metric_objs", ())}
     return CellRun(
         cell_id=tags[TAG["cell"]],
         run_id=run.info.run_id,
-        status=run_state(run.info.status),
+        status="stopped" if early else run_state(run.info.status),
         mlflow_status=run.info.status,
         seed=seed,
         params=params if isinstance(params, dict) else {},
@@ -142,6 +164,9 @@ def _to_cell(run, duplicates: int) -> CellRun:
         duplicates=duplicates,
         code_version=tags.get(TAG["code"], ""),
         error=tags.get(TAG["error"], ""),
+        steps=dict(steps),
+        attempts=attempts,
+        early_stopped=early,
     )
 
 
@@ -158,6 +183,8 @@ def _history_fetcher(client):
     # ``get_metric_history``, one run a request), and no public accessor of the client's store.
     # bench/report.py measures the difference side by side: 300 runs' histories in bulk 1.2 s,
     # one request a run (8 threads) 16 s.
+    if hasattr(client, "metric_history_bulk"):  # a reader of hpsweep.store.readers
+        return (lambda run_ids, key: client.metric_history_bulk(run_ids, key, _BULK_ROWS)), True
     store = client._tracking_client.store
     if hasattr(store, "get_host_creds"):
         from mlflow.utils.rest_utils import http_request, verify_rest_response
@@ -248,7 +275,7 @@ def load_sweep(
     that ``status`` of a not-yet-started sweep shows every cell pending.
     """
     t0 = time.perf_counter()
-    client = mlflow_client(tracking_uri)
+    client = reader_for(tracking_uri) or mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(sweep_name)
     if exp is None:
         return SweepRuns(sweep_name, tracking_uri, None, None, {}, time.perf_counter() - t0)
@@ -295,7 +322,7 @@ def load_states(tracking_uri: str | None, sweep_name: str, planned: Iterable[str
     the cell after its run is FINISHED (a driver marks what it finds finished without one).
     A run deleted in the MLflow UI keeps its mark: ``status`` shows it done until a rerun."""
     t0 = time.perf_counter()
-    client = _RestReader.for_uri(tracking_uri) or mlflow_client(tracking_uri)
+    client = reader_for(tracking_uri) or mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(sweep_name)
     if exp is None or exp.lifecycle_stage == "deleted":
         return None
@@ -336,7 +363,7 @@ def load_states(tracking_uri: str | None, sweep_name: str, planned: Iterable[str
                 add(run)
     cells = {cid: _pick_cell(cands) for cid, cands in by_cell.items()}
     for cid in marks:
-        if cid not in cells or cells[cid].status != "done":
+        if cid not in cells or cells[cid].status not in ENDED:
             cells[cid] = CellRun(cid, "", "done", "FINISHED", None, {}, {}, {}, {}, None, None)
     return SweepRuns(sweep_name, tracking_uri, eid, parent.info.run_id if parent else None, cells,
                      time.perf_counter() - t0, uri, _waiting(parent))
@@ -348,83 +375,6 @@ def _waiting(parent) -> str | None:
     if parent is None or parent.info.status != "RUNNING":
         return None
     return parent.data.tags.get(TAG["waiting"]) or None
-
-
-class _RestReader:
-    """The two reads :func:`load_states` makes (an experiment by name; runs by a filter), through
-    MLflow's REST API with the standard library, for an ``http(s)`` tracking server that takes
-    no credentials: importing MLflow's client takes 1.2 to 1.8 s, more than ``status`` of a
-    finished 10^4-cell sweep needs for everything else. Where the client would add anything (a
-    user, a token, TLS settings, an auth plugin, a credentials file), :meth:`for_uri` gives
-    None and MLflow's client reads instead. It returns what the client returns, as far as
-    :func:`load_states` looks (ids, status, times, tags, params and latest metrics)."""
-
-    _SETTINGS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-                 "MLFLOW_TRACKING_AUTH", "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
-                 "MLFLOW_TRACKING_CLIENT_CERT_PATH")
-
-    def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/")
-
-    @classmethod
-    def for_uri(cls, uri: str | None) -> _RestReader | None:
-        if not uri or urllib.parse.urlsplit(uri).scheme not in ("http", "https") or "@" in uri:
-            return None
-        if any(os.environ.get(k) for k in cls._SETTINGS) or (Path.home() / ".mlflow" / "credentials").exists():
-            return None
-        return cls(uri)
-
-    def _call(self, path: str, body: dict | None = None, query: dict | None = None) -> dict | None:
-        import urllib.error
-        import urllib.request
-
-        url = f"{self.url}/api/2.0/mlflow/{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                return json.loads(response.read() or b"{}")
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return None
-            raise RuntimeError(f"MLflow at {self.url}: {path}: HTTP {exc.code}: {exc.read()[:500]!r}") from None
-
-    def get_experiment_by_name(self, name: str):
-        from types import SimpleNamespace
-
-        got = self._call("experiments/get-by-name", query={"experiment_name": name})
-        if not got or "experiment" not in got:
-            return None
-        e = got["experiment"]
-        return SimpleNamespace(experiment_id=e["experiment_id"], lifecycle_stage=e.get("lifecycle_stage", "active"),
-                               tags={t["key"]: t.get("value", "") for t in e.get("tags", [])})
-
-    def search_runs(self, experiment_ids, filter_string: str = "", max_results: int = 1000,
-                    page_token: str | None = None, **_):
-        from types import SimpleNamespace
-
-        body = {"experiment_ids": list(experiment_ids), "filter": filter_string, "max_results": max_results}
-        if page_token:
-            body["page_token"] = page_token
-        got = self._call("runs/search", body) or {}
-        page = _Page(SimpleNamespace(
-            info=SimpleNamespace(run_id=r["info"]["run_id"], status=r["info"].get("status", ""),
-                                 start_time=_int(r["info"].get("start_time")),
-                                 end_time=_int(r["info"].get("end_time"))),
-            data=SimpleNamespace(tags={t["key"]: t.get("value", "") for t in r.get("data", {}).get("tags", [])},
-                                 params={t["key"]: t.get("value", "") for t in r.get("data", {}).get("params", [])},
-                                 metrics={m["key"]: float(m["value"]) for m in r.get("data", {}).get("metrics", [])}))
-            for r in got.get("runs", []))
-        page.token = got.get("next_page_token") or None
-        return page
-
-
-class _Page(list):
-    token: str | None = None
-
-
-def _int(value) -> int | None:
-    return int(value) if value is not None else None
 
 
 def _pick_cell(candidates: list) -> CellRun:
@@ -440,7 +390,7 @@ def fetch_histories(sweep_runs: SweepRuns, wanted: Mapping[str, Iterable[str]],
     """``sweep_runs`` with the histories of ``wanted`` (metric name -> run ids) filled in, read
     with the bulk endpoint (100 runs a request, requests in a thread pool). Histories already
     loaded for other metrics are kept."""
-    client = client or mlflow_client(sweep_runs.tracking_uri)
+    client = client or reader_for(sweep_runs.tracking_uri) or mlflow_client(sweep_runs.tracking_uri)
     hist = _histories(client, {k: set(v) for k, v in wanted.items() if v})
     cells = {
         cid: dataclasses.replace(c, histories={**c.histories, **hist.get(c.run_id, {})})
@@ -448,3 +398,36 @@ def fetch_histories(sweep_runs: SweepRuns, wanted: Mapping[str, Iterable[str]],
         for cid, c in sweep_runs.cells.items()
     }
     return dataclasses.replace(sweep_runs, cells=cells)
+
+
+def list_sweeps(tracking_uri: str | None) -> list[dict[str, Any]]:
+    """The sweeps in a tracking store (experiments with a sweep's parent run), each with its
+    cell runs counted by state: ``[{"sweep", "experiment_id", "cells", "done", ...}]``, by name.
+    A cell with several runs counts once, as :func:`load_sweep` picks it."""
+    client = reader_for(tracking_uri) or mlflow_client(tracking_uri)
+    if hasattr(client, "search_experiments") and not hasattr(client, "_tracking_client"):
+        experiments = client.search_experiments()
+    else:  # MLflow's client: pages of experiments
+        experiments, token = [], None
+        while True:
+            page = client.search_experiments(max_results=1000, page_token=token)
+            experiments += [e for e in page if e.lifecycle_stage == "active"]
+            token = page.token
+            if not token:
+                break
+    out = []
+    for exp in experiments:
+        eid = exp.experiment_id
+        parents = client.search_runs([eid], f"tags.`{TAG['role']}` = 'sweep'", max_results=1)
+        if not parents:
+            continue
+        by_cell: dict[str, list] = {}
+        for run in _search_all(client, [eid], f"tags.`{TAG['role']}` = 'cell'"):
+            if TAG["cell"] in run.data.tags:
+                by_cell.setdefault(run.data.tags[TAG["cell"]], []).append(run)
+        counts = dict.fromkeys(STATES[:4], 0)
+        for cands in by_cell.values():
+            status = _pick_cell(cands).status
+            counts[status] = counts.get(status, 0) + 1
+        out.append({"sweep": exp.name, "experiment_id": eid, "cells": len(by_cell), **counts})
+    return sorted(out, key=lambda row: row["sweep"])

@@ -49,7 +49,7 @@ from typing import Any
 
 from hpsweep.fmt import fmt_value
 from hpsweep.spec.protocol import Claim, Match, Selection
-from hpsweep.store.runs import STATES
+from hpsweep.store.runs import ENDED, STATES
 
 __all__ = [
     "Obs", "Stat", "GroupChoice", "Verdict", "CellState", "Completeness",
@@ -69,6 +69,7 @@ class Obs:
     state: str
     metrics: dict[str, float]
     run_id: str | None
+    steps: dict[str, int] = dataclasses.field(default_factory=dict)  # the step of each final metric
 
 
 def observations(cells_from_plan: Iterable[Any] | None, sweep_runs) -> list[Obs]:
@@ -77,13 +78,14 @@ def observations(cells_from_plan: Iterable[Any] | None, sweep_runs) -> list[Obs]
     out = []
     if cells_from_plan is None:
         for cid, r in sorted(sweep_runs.cells.items()):
-            out.append(Obs(cid, {**r.params, "seed": r.seed}, r.status, r.metrics, r.run_id))
+            out.append(Obs(cid, {**r.params, "seed": r.seed}, r.status, r.metrics, r.run_id, r.steps))
         return out
     for cell in cells_from_plan:
         r = sweep_runs.cells.get(cell.id)
         out.append(Obs(
             cell.id, {**dict(cell.params), "seed": cell.seed},
             r.status if r else "pending", dict(r.metrics) if r else {}, r.run_id if r else None,
+            dict(r.steps) if r else {},
         ))
     return out
 
@@ -191,6 +193,15 @@ class Stat:
     run_ids: tuple[str, ...]
     metric: str = ""
     seeds: tuple[Any, ...] = ()
+    steps: tuple[int | None, ...] = ()   # the step each value comes from (None: not known)
+    stopped: int = 0                     # values from cells the scheduler stopped early
+
+    def step_text(self) -> str:
+        """The step the values come from: ``8``, or ``2-8`` when they differ; '' if unknown."""
+        known = sorted({s for s in self.steps if s is not None})
+        if not known:
+            return ""
+        return str(known[0]) if len(known) == 1 else f"{known[0]}-{known[-1]}"
 
     @property
     def missing(self) -> int:
@@ -212,7 +223,8 @@ class Stat:
         """JSON-able: undefined mean / std as None."""
         return {"mean": None if self.n == 0 else self.mean,
                 "std": None if math.isnan(self.std) else self.std, "n": self.n,
-                "missing": self.missing, "values": list(self.values), "seeds": list(self.seeds)}
+                "missing": self.missing, "values": list(self.values), "seeds": list(self.seeds),
+                "steps": list(self.steps), "stopped": self.stopped}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -225,12 +237,12 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def stat(obs: Sequence[Obs], metric: str) -> Stat:
     """Mean and sample std of ``metric`` over the done cells in ``obs`` (N counts them all)."""
-    got = [(float(o.metrics[metric]), o.run_id, o.params.get("seed")) for o in obs
-           if o.state == "done" and metric in o.metrics and math.isfinite(o.metrics[metric])]
-    vals = [v for v, _, _ in got]
+    used = [o for o in obs if o.state in ENDED and metric in o.metrics and math.isfinite(o.metrics[metric])]
+    vals = [float(o.metrics[metric]) for o in used]
     mean, std = mean_std(vals)
-    return Stat(mean, std, len(vals), len(obs), tuple(vals), tuple(r for _, r, _ in got), metric,
-                tuple(s for _, _, s in got))
+    return Stat(mean, std, len(vals), len(obs), tuple(vals), tuple(o.run_id for o in used), metric,
+                tuple(o.params.get("seed") for o in used), tuple(o.steps.get(metric) for o in used),
+                sum(o.state == "stopped" for o in used))
 
 
 def _better(mode: str):
