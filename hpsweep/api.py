@@ -30,16 +30,17 @@ __all__ = ["load", "Sweep", "sweeps", "sweeps_rows", "Status", "results_class"]
 
 
 def load(path: str | Path, *, tracking_uri: str | None = None, storage: str | None = None,
-         s3_endpoint: str | None = None) -> Sweep:
+         s3_endpoint: str | None = None, overrides: Sequence[str] = ()) -> Sweep:
     """The sweep of file ``path`` (checked as ``hpsweep validate`` checks it: a
     :class:`hpsweep.errors.UserError` lists every problem). ``tracking_uri``: else
     ``$MLFLOW_TRACKING_URI``, else SQLite under ``.hpsweep/`` of the current directory;
     ``storage`` (where leases and checkpoints are): else ``$HPSWEEP_STORAGE``, else the one the
-    sweep's last driver used."""
+    sweep's last driver used. ``overrides``: ``FIELD=VALUE`` strings, as ``--set`` gives them."""
     from hpsweep.spec.model import load_spec
     from hpsweep.store.mlflow import resolve_tracking_uri
 
-    return Sweep(Path(path), load_spec(path), resolve_tracking_uri(tracking_uri), storage, s3_endpoint)
+    return Sweep(Path(path), load_spec(path, tuple(overrides)), resolve_tracking_uri(tracking_uri), storage,
+                 s3_endpoint)
 
 
 def sweeps_rows(tracking_uri: str | None = None) -> list[dict[str, Any]]:

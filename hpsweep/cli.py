@@ -1,4 +1,4 @@
-"""``hpsweep``: validate | run | status | results | report | ui | schema, and against a Ray
+"""``hpsweep``: validate | run | status | results | history | list | report | ui | schema, and against a Ray
 cluster submit | logs | stop | render rayjob (see :mod:`hpsweep.cluster`).
 
 User errors (a bad sweep file, an unreachable server, a bad flag) print their message and exit
@@ -19,12 +19,15 @@ from pathlib import Path
 from rich.console import Console
 
 from hpsweep import __version__
-from hpsweep.errors import TrackingUnreachable, UsageError, UserError
+from hpsweep.errors import UsageError, UserError
 
 __all__ = ["main", "build_parser"]
 
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+FORMATS = ("table", "csv", "json", "markdown")
 
 
 def _add_tracking(p: argparse.ArgumentParser) -> None:
@@ -119,7 +122,9 @@ def cmd_run(args) -> int:
     if outcome.interrupted:
         console.print(f"interrupted: run the same command again to resume the "
                       f"{outcome.interrupted} unfinished cells (finished ones are not re-run)")
-    _print_results(spec, tracking_uri, group_by=None, limit=15)
+    from hpsweep.api import Sweep
+
+    _print_results(Sweep(Path(args.sweep), spec, tracking_uri, storage, args.s3_endpoint), None, limit=15)
     _print_ui_hint(tracking_uri, outcome.experiment_id, spec)
     from hpsweep.store.storage import open_storage
 
@@ -158,42 +163,34 @@ def cmd_status(args) -> int:
         return job_status(args.address, args.sweep)
     if not args.sweep:
         raise UsageError("status: give a sweep file (or --address URL [JOB] for cluster jobs)")
-    from hpsweep.spec.plan import plan
-    from hpsweep.store.mlflow import resolve_tracking_uri
-    from hpsweep.store.runs import load_states, load_sweep
-    from hpsweep.views.stats import completeness
-    from hpsweep.views.tables import status_table, with_leases
+    from hpsweep.views.tables import status_table
 
-    spec = _load(args.sweep, args)
-    tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    _check_tracking(tracking_uri)
-    cells = plan(spec)
-    runs = None
-    if cells:  # a grid: the finished index answers for most cells (an optuna search: no plan)
-        runs = load_states(tracking_uri, spec.name, [c.id for c in cells], lambda uri: _index(uri, args))
-    runs = runs or load_sweep(tracking_uri, spec.name)
-    matrix = completeness(cells, runs)
-    storage = _held_storage(args, runs.storage)
-    held = _held_cells(storage, args.s3_endpoint, [c.cell_id for c in matrix.cells if c.state != "done"])
-    matrix = with_leases(matrix, {k: lease.owner for k, lease in held.items()})
-    console.print(status_table(matrix, f"{spec.name}: completeness", limit=args.limit))
+    sweep = _sweep(args)
+    state = sweep.state()
+    matrix = state.matrix
+    console.print(status_table(matrix, f"{sweep.name}: completeness", limit=args.limit))
     counts = matrix.counts
-    console.print("  ".join(f"{k} {v}" for k, v in counts.items() if v or k != "stale")
+    console.print("  ".join(f"{k} {v}" for k, v in counts.items() if v or k not in ("stale", "stopped"))
                   + f"  (of {matrix.total} cells)")
-    _print_failures(matrix, runs)
+    _print_failures(matrix, state.runs)
+    stopped = [c for c in matrix.cells if c.state == "stopped"]
+    if stopped:
+        console.print(f"{len(stopped)} cells stopped early by the scheduler: "
+                      + ", ".join(_stopped_text(sweep, state.runs.cells.get(c.cell_id)) for c in stopped[:5])
+                      + (" ..." if len(stopped) > 5 else ""), markup=False)
     if matrix.orphans:
         console.print(f"{len(matrix.orphans)} runs belong to cells this file no longer produces")
     if counts.get("stale"):
         console.print(f"[magenta]{counts['stale']} cells are RUNNING in MLflow but no driver holds their "
-                      f"lease in {storage}[/]: their driver was killed. `hpsweep run {args.sweep}` "
+                      f"lease in {state.storage}[/]: their driver was killed. `hpsweep run {args.sweep}` "
                       "resumes them from their last checkpoints.")
     by_owner: dict[str, int] = {}
-    for lease in held.values():
+    for lease in state.held.values():
         by_owner[lease.owner] = by_owner.get(lease.owner, 0) + 1
     for owner, n in sorted(by_owner.items()):
         console.print(f"running by driver {owner}: {n} cells (leases held)")
-    if runs.waiting:
-        since, _, message = runs.waiting.partition(" ")
+    if state.runs.waiting:
+        since, _, message = state.runs.waiting.partition(" ")
         console.print(f"[magenta]{message}[/] (waiting {_ago(since)}; the driver stops after its "
                       "--node-wait, leaving the cells pending)")
     return 0
@@ -225,50 +222,46 @@ def _ago(epoch: str) -> str:
         return "for a while"
 
 
-def _index(uri: str, args):
-    """The storage of a sweep's finished index (its experiment's tag names it); None when
-    it is a directory that no longer exists."""
-    from hpsweep.store.storage import open_storage
-
-    if not uri.startswith("s3://") and not Path(uri).is_dir():
-        return None
-    _check_storage(uri, args.s3_endpoint)
-    return open_storage(uri, args.s3_endpoint)
+def _stopped_text(sweep, run) -> str:
+    step = run.steps.get(sweep.metric) if run else None
+    top = sweep.spec.scheduler.max_t if sweep.spec.scheduler.type == "asha" else None
+    return f"stopped at step {step if step is not None else '?'}" + (f" of {top}" if top else "")
 
 
-def _held_storage(args, tagged: str | None) -> str:
-    """Where the sweep's leases are: the flag or variable if given, else the storage its last
-    driver tagged on the sweep's run, else the default."""
-    from hpsweep.store.storage import DEFAULT_STORAGE
+def _sweep(args, path: str | None = None):
+    from hpsweep.api import load
 
-    return args.storage or os.environ.get("HPSWEEP_STORAGE") or tagged or DEFAULT_STORAGE
-
-
-def _held_cells(uri: str, endpoint: str | None, cell_ids: list[str]) -> dict:
-    """Live leases on ``cell_ids`` in storage ``uri`` (none if it does not exist yet)."""
-    if not cell_ids:
-        return {}
-    from hpsweep.store.storage import open_storage
-
-    if not uri.startswith("s3://") and not Path(uri).is_dir():
-        return {}
-    _check_storage(uri, endpoint)
-    return open_storage(uri, endpoint).live_leases(cell_ids)
+    return load(path or args.sweep, tracking_uri=args.tracking_uri, storage=getattr(args, "storage", None),
+                s3_endpoint=getattr(args, "s3_endpoint", None), overrides=getattr(args, "overrides", None) or ())
 
 
 def cmd_results(args) -> int:
-    from hpsweep.store.mlflow import resolve_tracking_uri
-
-    spec = _load(args.sweep, args)
-    tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    _check_tracking(tracking_uri)
+    sweep = _sweep(args)
     group_by = [g.strip() for g in args.group_by.split(",")] if args.group_by else None
-    if group_by:
-        unknown = [g for g in group_by if g not in spec.swept_names()]
-        if unknown:
-            raise UsageError(f"--group-by: {', '.join(unknown)} not swept in {args.sweep}; "
-                            f"swept: {', '.join(spec.swept_names())}")
-    _print_results(spec, tracking_uri, group_by, limit=args.limit, metric=args.metric, as_json=args.json)
+    fmt = "json" if args.json else args.format
+    _print_results(sweep, group_by, limit=args.limit, metric=args.metric, fmt=fmt, cells=args.cells)
+    return 0
+
+
+def cmd_history(args) -> int:
+    sweep = _sweep(args)
+    rows = sweep.history_rows(args.metric)
+    if not rows:
+        known = sorted({k for c in sweep.runs().cells.values() for k in c.metrics})
+        raise UsageError(f"history: no cell of {args.sweep} reported {args.metric!r}"
+                         + (f"; reported: {', '.join(known)}" if known else " (no finished runs yet)"))
+    _emit(rows, args.format, f"{sweep.name}: {args.metric}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from hpsweep.api import sweeps_rows
+
+    rows = sweeps_rows(args.tracking_uri)
+    if not rows and args.format == "table":
+        console.print("no sweeps in this tracking store")
+        return 0
+    _emit(rows, args.format, "sweeps")
     return 0
 
 
@@ -312,22 +305,36 @@ def cmd_schema(args) -> int:
 
 # --- helpers --------------------------------------------------------------------------------
 
-def _print_results(spec, tracking_uri: str, group_by, limit: int = 0, metric: str | None = None,
-                   as_json: bool = False) -> None:
-    from hpsweep.spec.plan import plan
-    from hpsweep.store.runs import load_sweep
-    from hpsweep.views.stats import aggregate, observations
-    from hpsweep.views.tables import results_json, results_table
+def _print_results(sweep, group_by, limit: int = 0, metric: str | None = None, fmt: str = "table",
+                   cells: bool = False) -> None:
+    from hpsweep.views.tables import results_table
 
-    metric = metric or spec.metric.name
-    runs = load_sweep(tracking_uri, spec.name)
-    # optuna plans no cells: they are whatever ran
-    obs = observations(plan(spec) or None, runs)
-    groups = aggregate(obs, metric, spec.metric.mode, group_by)
-    if as_json:
-        print(json.dumps(results_json(groups), default=str, indent=1))
+    metric = metric or sweep.metric
+    runs = sweep.runs()
+    if cells:
+        _emit(sweep.results_rows(metric, runs=runs), fmt, f"{sweep.name}: cells", limit)
         return
-    console.print(results_table(groups, metric, spec.metric.mode, f"{spec.name}: results", limit=limit))
+    if fmt == "table":
+        groups = sweep.aggregate(metric, group_by, runs=runs)
+        swept = [n for n in sweep.spec.swept_names() if n not in (group_by or sweep.spec.swept_names())]
+        console.print(results_table(groups, metric, sweep.spec.metric.mode, f"{sweep.name}: results",
+                                    limit=limit, pooled=swept))
+        return
+    _emit(sweep.aggregate_rows(metric, group_by, runs=runs), fmt, f"{sweep.name}: results", limit)
+
+
+def _emit(rows: list[dict], fmt: str, title: str, limit: int = 0) -> None:
+    """Rows as a table, CSV, JSON or Markdown on stdout (numbers in full but for the table)."""
+    from hpsweep.views.tables import rows_csv, rows_markdown, rows_table
+
+    if fmt == "json":
+        print(json.dumps(rows, default=str, indent=1))
+    elif fmt == "csv":
+        sys.stdout.write(rows_csv(rows))
+    elif fmt == "markdown":
+        sys.stdout.write(rows_markdown(rows))
+    else:
+        console.print(rows_table(rows, title, limit=limit))
 
 
 def _print_ui_hint(tracking_uri: str, experiment_id: str, spec) -> None:
@@ -344,30 +351,15 @@ def _print_ui_hint(tracking_uri: str, experiment_id: str, spec) -> None:
 
 def _check_tracking(uri: str) -> None:
     """Fail fast, before Ray starts, when a tracking server is not there."""
-    from hpsweep.run.preflight import check_tracking_uri
+    from hpsweep.api import check_tracking
 
-    check_tracking_uri(uri)  # a scheme, file or driver MLflow cannot use
-    if not uri.startswith("http"):
-        return
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).read()
-    except (urllib.error.URLError, OSError) as exc:
-        raise TrackingUnreachable(f"--tracking-uri {uri}: no MLflow server answers there ({exc}); "
-                        "start one with `mlflow server` or leave the flag out for local SQLite") from None
+    check_tracking(uri)
 
 
 def _check_storage(uri: str | None, endpoint: str | None) -> None:
-    from hpsweep.run.preflight import check_local_storage
+    from hpsweep.api import check_storage
 
-    check_local_storage(uri)  # a directory that cannot be written, a path under a file
-    if not uri or not uri.startswith("s3://"):
-        return
-    from hpsweep.store.storage import open_storage
-
-    open_storage(uri, endpoint).check_reachable()
+    check_storage(uri, endpoint)
 
 
 # --- the parser -----------------------------------------------------------------------------
@@ -418,8 +410,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-by", default=None, metavar="P1,P2", help="aggregate over the other parameters too")
     p.add_argument("--metric", default=None, help="another reported metric than the sweep's")
     p.add_argument("--limit", type=int, default=0, help="rows shown (0: all)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--format", choices=FORMATS, default="table",
+                   help="table (default), csv, json or markdown; all but the table print numbers in full")
+    p.add_argument("--cells", action="store_true",
+                   help="one row per cell (its values, seed, state, run id, step, final metrics) "
+                        "instead of the aggregate over seeds")
+    p.add_argument("--json", action="store_true", help="the same as --format json")
     p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("history", help="a metric's history, a row per cell and step (CSV by default)")
+    p.add_argument("sweep", metavar="SWEEP.yaml")
+    p.add_argument("metric", metavar="METRIC")
+    _add_tracking(p)
+    p.add_argument("--format", choices=FORMATS, default="csv", help="csv (default), json, markdown or table")
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("list", help="the sweeps in the tracking store, with their cells counted by state")
+    _add_tracking(p)
+    p.add_argument("--format", choices=FORMATS, default="table", help="table (default), csv, json or markdown")
+    p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("report", help="HTML + Markdown report: tables, figures, the paper's claims "
                        "(several sweeps: one page, one claims table)")

@@ -4,6 +4,10 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import math
 from typing import Any
 
 from rich.table import Table
@@ -12,9 +16,9 @@ from rich.text import Text
 from hpsweep.fmt import fmt_value
 from hpsweep.views.stats import Completeness, Stat
 
-__all__ = ["results_table", "results_json", "status_table", "with_leases"]
+__all__ = ["results_table", "results_json", "status_table", "with_leases", "rows_table", "rows_csv", "rows_markdown"]
 
-_MARK = {"done": ("●", "green"), "running": ("◐", "yellow"), "failed": ("✗", "red"),
+_MARK = {"done": ("●", "green"), "stopped": ("◑", "cyan"), "running": ("◐", "yellow"), "failed": ("✗", "red"),
          "pending": ("·", "dim"), "stale": ("◌", "magenta")}
 
 def results_json(groups: list[tuple[dict, Stat]]) -> list[dict[str, Any]]:
@@ -22,25 +26,74 @@ def results_json(groups: list[tuple[dict, Stat]]) -> list[dict[str, Any]]:
     return [{"params": params, **s.as_dict()} for params, s in groups]
 
 def results_table(groups: list[tuple[dict, Stat]], metric: str, mode: str, title: str,
-                  limit: int = 0) -> Table:
-    """The groups of :func:`hpsweep.views.stats.aggregate` (best first): mean, std, n, missing."""
+                  limit: int = 0, pooled: list[str] | None = None) -> Table:
+    """The groups of :func:`hpsweep.views.stats.aggregate` (best first): mean, std, n, missing,
+    and the step the values come from. ``pooled``: the swept parameters each group also
+    averages over (``--group-by``), named in the caption."""
     names = list(dict.fromkeys(k for params, _ in groups for k in params))
-    table = Table(title=title, caption=f"{metric}: final value, mean ± std over seeds "
-                                       f"({'lower' if mode == 'min' else 'higher'} is better)")
+    over = "seeds" + (f" and {', '.join(pooled)}" if pooled else "")
+    stopped = sum(s.stopped for _, s in groups)
+    table = Table(title=title, caption=f"{metric}: final value, mean ± std over {over} "
+                                       f"({'lower' if mode == 'min' else 'higher'} is better)"
+                  + ("; step: the step the values come from" if any(s.step_text() for _, s in groups) else "")
+                  + (f"; {stopped} values from cells the scheduler stopped early (*)" if stopped else ""))
     table.add_column("#", justify="right")
     for name in names:
         table.add_column(name)
-    for col in ("mean", "± std", "n", "missing"):
+    for col in ("mean", "± std", "n", "missing", "step"):
         table.add_column(col, justify="right")
     shown = groups[:limit] if limit else groups
     for i, (params, s) in enumerate(shown, 1):
         style = "bold green" if i == 1 and s.n else ""
         table.add_row(str(i), *(fmt_value(params.get(n)) for n in names),
                       Text(s.mean_text(), style=style), s.std_text(), str(s.n),
-                      Text(str(s.missing), style="red" if s.missing else "dim"))
+                      Text(str(s.missing), style="red" if s.missing else "dim"),
+                      s.step_text() + (" *" if s.stopped else ""))
     if limit and len(groups) > limit:
-        table.add_row("…", *([""] * len(names)), f"{len(groups) - limit} more", "", "", "")
+        table.add_row("…", *([""] * len(names)), f"{len(groups) - limit} more", "", "", "", "")
     return table
+
+
+def rows_table(rows: list[dict[str, Any]], title: str, limit: int = 0) -> Table:
+    """Rows (dicts with the same keys) as a terminal table, numbers as :func:`fmt_value` writes them."""
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    table = Table(title=title)
+    for name in names:
+        table.add_column(name, justify="right" if any(isinstance(r.get(name), (int, float)) for r in rows) else "left")
+    for r in rows[:limit] if limit else rows:
+        table.add_row(*(fmt_value(r.get(n)) for n in names))
+    if limit and len(rows) > limit:
+        table.add_row(f"… {len(rows) - limit} more", *([""] * (len(names) - 1)))
+    return table
+
+
+def _full(v: Any) -> str:
+    """A value in full, for files: floats as Python's shortest exact repr, None as empty."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def rows_csv(rows: list[dict[str, Any]]) -> str:
+    """Rows as CSV with a header (every key of any row); values in full."""
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(names)
+    for r in rows:
+        writer.writerow([_full(r.get(n)) for n in names])
+    return out.getvalue()
+
+
+def rows_markdown(rows: list[dict[str, Any]]) -> str:
+    """Rows as a Markdown table; values in full."""
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    lines += ["| " + " | ".join(_full(r.get(n)).replace("|", "\\|") for n in names) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
 
 def with_leases(matrix: Completeness, held: dict[str, str]) -> Completeness:
     """``matrix`` seen through the cells' leases (cell id -> its holder, for the live ones).
@@ -52,7 +105,7 @@ def with_leases(matrix: Completeness, held: dict[str, str]) -> Completeness:
     import dataclasses
 
     def mark(c):
-        if c.cell_id in held and c.state != "done":
+        if c.cell_id in held and c.state not in ("done", "stopped"):
             return dataclasses.replace(c, state="running")
         if c.state == "running":
             return dataclasses.replace(c, state="stale")
@@ -66,6 +119,7 @@ def status_table(matrix: Completeness, title: str, limit: int = 0) -> Table:
     """Rows are configurations, columns are seeds; each cell is done / running / failed / pending."""
     names = list(dict.fromkeys(k for params, _ in matrix.rows for k in params))
     table = Table(title=title, caption="● done  ◐ running  ✗ failed  · pending"
+                  + ("  ◑ stopped early by the scheduler" if matrix.counts.get("stopped") else "")
                   + ("  ◌ stale" if matrix.counts.get("stale") else ""))
     for name in names:
         table.add_column(name)

@@ -15,7 +15,8 @@ from hpsweep.spec.model import load_spec_text
 from hpsweep.spec.plan import plan
 from hpsweep.store.leases import DONE, FAILED
 from hpsweep.store.mlflow import TAG, SweepTracker, mlflow_client
-from hpsweep.store.runs import _RestReader, load_states, load_sweep
+from hpsweep.store.readers import RestReader
+from hpsweep.store.runs import load_states, load_sweep
 from hpsweep.store.storage import open_storage
 from hpsweep.views.stats import completeness
 
@@ -59,7 +60,7 @@ class _Counting:
 
         self.searches = 0
         real = runs.mlflow_client
-        search = runs._RestReader.search_runs
+        search = RestReader.search_runs
 
         def counted_search(reader, *a, **k):
             self.searches += 1
@@ -77,7 +78,7 @@ class _Counting:
             return client
 
         monkeypatch.setattr(runs, "mlflow_client", counted)
-        monkeypatch.setattr(runs._RestReader, "search_runs", counted_search)
+        monkeypatch.setattr(RestReader, "search_runs", counted_search)
 
 
 def _states(cells, runs) -> dict[str, str]:
@@ -120,7 +121,7 @@ def test_index_answers_as_a_full_read_does(mlflow_server, storage, monkeypatch, 
     storage.mark_finished(tracker.index, other.id)
 
     count = _Counting(monkeypatch)
-    assert _RestReader.for_uri(mlflow_server.url) is not None  # read without MLflow's client
+    assert RestReader.for_uri(mlflow_server.url) is not None  # read without MLflow's client
     fast = load_states(mlflow_server.url, spec.name, [c.id for c in cells], lambda uri: open_storage(uri, storage.endpoint))
     assert fast is not None and fast.storage == storage.uri
     # the parents, the runs not FINISHED, and one search for each of the 3 unmarked cells whose

@@ -221,5 +221,5 @@ def test_status_marks_running_cells_without_a_live_lease_stale():
     })
     seen = with_leases(completeness(cells, runs), {"c0": "host:1", "c2": "host:2"})
     assert [c.state for c in seen.cells] == ["running", "stale", "running", "done"]
-    assert seen.counts == {"done": 1, "running": 2, "failed": 0, "pending": 0, "stale": 1}
+    assert seen.counts == {"done": 1, "stopped": 0, "running": 2, "failed": 0, "pending": 0, "stale": 1}
     assert [c.state for _, by_seed in seen.rows for c in by_seed.values()] == [c.state for c in seen.cells]
