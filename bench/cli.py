@@ -60,7 +60,8 @@ def cold(argv: list[str], checkout: Path, work: Path) -> float:
     out = subprocess.run(argv, cwd=work, env=env_for(checkout, work), capture_output=True, text=True)
     took = time.perf_counter() - t
     if out.returncode:
-        raise SystemExit(f"{' '.join(argv)} ({checkout}): exit {out.returncode}\n{out.stdout[-2000:]}{out.stderr[-3000:]}")
+        raise SystemExit(f"{' '.join(argv)} ({checkout}): exit {out.returncode}\n"
+                         f"{out.stdout[-2000:]}{out.stderr[-3000:]}")
     return took
 
 

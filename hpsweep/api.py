@@ -221,9 +221,10 @@ class Sweep:
     def url(self, ui: str | None = None, experiment_id: str | None = None) -> str:
         """The MLflow UI page of the sweep's cells (``ui``: the UI's address; default the
         tracking server, or ``http://127.0.0.1:5000`` where ``hpsweep ui`` serves a local store)."""
-        from hpsweep.store.mlflow import experiment_url
+        from hpsweep.store.mlflow import VIEW_KEY, VIEW_TAG, experiment_url
         from hpsweep.store.readers import reader_for
 
+        view = True
         ui = ui or (self.tracking_uri if self.tracking_uri.startswith("http") else "http://127.0.0.1:5000")
         if experiment_id is None:
             reader = reader_for(self.tracking_uri)
@@ -233,9 +234,11 @@ class Sweep:
                 reader = mlflow_client(self.tracking_uri)
             exp = reader.get_experiment_by_name(self.name)
             experiment_id = exp.experiment_id if exp else None
+            view = exp is not None and (VIEW_TAG + VIEW_KEY) in exp.tags  # a sweep run before views: sorted only
         if experiment_id is None:
-            raise UsageError(f"{self.path}: the sweep {self.name!r} has no runs in {self.tracking_uri} yet")
-        return experiment_url(ui, experiment_id, self.metric, self.spec.metric.mode)
+            raise UsageError(f"{self.path}: the sweep {self.name!r} has no runs in {self.tracking_uri} yet; "
+                             f"run it first: hpsweep run {self.path}")
+        return experiment_url(ui, experiment_id, self.metric, self.spec.metric.mode, view=view)
 
     # -- where the leases are -------------------------------------------------------------------
 
@@ -346,6 +349,7 @@ def _make_results_class():
 
         agg = pd.DataFrame.aggregate
 
+    Results.__qualname__, Results.__module__ = "Results", __name__
     return Results
 
 

@@ -284,16 +284,57 @@ def cmd_report(args) -> int:
 
 
 def cmd_ui(args) -> int:
+    """``mlflow server`` on the local store, its job runner off (hpsweep starts no GenAI jobs;
+    on, it is a dozen more processes); its address printed once it answers, with the sweep's
+    link when a sweep file is given; stopped with its whole process group on Ctrl-C or SIGTERM."""
+    import signal
+    import time
+    import urllib.request
+
     from hpsweep.store.mlflow import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
+    sweep = _sweep(args) if args.sweep else None
     if uri.startswith("http"):
-        console.print(f"the tracking server is already a UI: open {uri}")
+        console.print(f"the tracking server is already a UI: open {sweep.url(uri) if sweep else uri}", markup=False)
         return 0
+    address = f"http://{args.host}:{args.port}"
+    link = sweep.url(address) if sweep else None  # before the server starts: a sweep never run says so
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
-    console.print(f"MLflow UI on http://{args.host}:{args.port}  (Ctrl-C to stop)")
-    return subprocess.call(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    cmd = [mlflow, "server", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
+           "--workers", "1"]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(cmd, env=env, start_new_session=True)  # its own group: stopped as one
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        console.print(f"starting the MLflow UI on {address} ...")
+        while server.poll() is None:
+            try:
+                urllib.request.urlopen(f"{address}/health", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            raise UsageError(f"ui: mlflow server exited with {server.returncode} before it answered "
+                             f"(port {args.port} taken? try --port)")
+        console.print(f"MLflow UI: {address}  (Ctrl-C to stop)", markup=False)
+        if link:
+            console.print(f"the sweep {sweep.name!r}: {link}", markup=False)
+        return server.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
 
 
 def cmd_schema(args) -> int:
@@ -437,10 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default .hpsweep/reports/NAME[+NAME...])")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("ui", help="open the MLflow UI on the local tracking store")
+    p = sub.add_parser("ui", help="the MLflow UI on the local tracking store (and a sweep's link)")
+    p.add_argument("sweep", nargs="?", metavar="SWEEP.yaml", help="print the link to this sweep's cells")
     _add_tracking(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1", help="address the UI listens on (default 127.0.0.1: "
+                   "this machine only)")
+    p.add_argument("--port", type=int, default=5000, help="port of the UI (default 5000)")
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("schema", help="print the JSON Schema of sweep files")

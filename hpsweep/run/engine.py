@@ -176,6 +176,7 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
     with storage.lock(f"sweep-{spec.name}"):  # drivers started together: one parent run
         parent = tracker.start(spec.spec_hash(), spec_text, spec.description, storage_uri=storage.uri,
                                overrides=spec._sources.overridden() if spec._sources else ())
+        tracker.set_view(spec.swept_names(), spec.metric.name, spec.metric.mode)
     existing = tracker.cell_runs()
     finished = tracker.finished_cells(existing)
     if tracker.index:  # finished runs the index lacks (a crash between the two, an older sweep)

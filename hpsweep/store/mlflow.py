@@ -37,7 +37,7 @@ from typing import Any
 
 __all__ = [
     "TAG", "EXPERIMENT_KIND", "mlflow_client", "default_tracking_uri", "resolve_tracking_uri",
-    "code_version", "experiment_url", "run_url", "log_report",
+    "code_version", "experiment_url", "run_url", "log_report", "view_state", "VIEW_TAG", "VIEW_KEY",
     "SweepTracker", "param_text", "PARENT", "BATCH",
 ]
 
@@ -125,17 +125,38 @@ def mlflow_client(tracking_uri: str | None):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def experiment_url(tracking_ui: str, experiment_id: str | None, metric: str | None = None,
-                   mode: str = "min") -> str:
-    """The MLflow UI page of a sweep's runs: the experiment's runs table (route
-    ``/experiments/:experimentId/runs`` of the 3.x UI), sorted by ``metric``, best first.
+#: the MLflow UI's saved views (3.x): an experiment tag ``mlflow.sharedViewState.<key>`` holds a
+#: view's search facets and table state as JSON, and ``?viewStateShareKey=<key>`` opens it (only
+#: when the address carries no other search facet: ``orderByKey`` there would override it)
+VIEW_TAG, VIEW_KEY = "mlflow.sharedViewState.", "hpsweep-cells"
 
-    Sorted by anything but the start time, the UI lists the cells' runs flat, not collapsed
-    under the sweep's parent run, so that a person lands on the cells themselves."""
-    url = f"{tracking_ui.rstrip('/')}/#/experiments/{experiment_id}/runs"
+
+def view_state(swept: Sequence[str], metric: str, mode: str) -> dict[str, Any]:
+    """The MLflow UI's view of a sweep's cells: the cell runs only (the sweep's parent run
+    filtered out), best first by ``metric``, with the swept parameters, the seed and the
+    metric as the visible columns (keys as the UI writes them: ``params.`lr```)."""
+    return {
+        "searchFilter": f"tags.`{TAG['role']}` = 'cell'",
+        "orderByKey": f"metrics.`{metric}`", "orderByAsc": mode == "min",
+        "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
+        "selectedColumns": [*(f"params.`{p}`" for p in dict.fromkeys([*swept, "seed"])), f"metrics.`{metric}`"],
+        "runsExpanded": {}, "runsPinned": [], "runsHidden": [], "viewMaximized": False, "runListHidden": False,
+    }
+
+
+def experiment_url(tracking_ui: str, experiment_id: str | None, metric: str | None = None,
+                   mode: str = "min", view: bool = True) -> str:
+    """The MLflow UI page of a sweep's cells: the experiment's runs table (route
+    ``/experiments/:experimentId/runs`` of the 3.x UI) on the model-training side
+    (``workflowType=machine_learning``), in the saved view :meth:`SweepTracker.set_view`
+    writes (``view``); without it, sorted by ``metric``, best first (sorted by anything but
+    the start time, the UI lists the cells flat, not collapsed under the sweep's parent run)."""
+    url = f"{tracking_ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if view:
+        return url + f"&viewStateShareKey={VIEW_KEY}"
     if metric:
         key = urllib.parse.quote(f"metrics.`{metric}`", safe="")
-        url += f"?orderByKey={key}&orderByAsc={'true' if mode == 'min' else 'false'}"
+        url += f"&orderByKey={key}&orderByAsc={'true' if mode == 'min' else 'false'}"
     return url
 
 
@@ -241,6 +262,11 @@ class SweepTracker:
         """Tag the sweep's run with what its driver waits for (``hpsweep status`` shows it), or
         clear it (``message`` None)."""
         self.client.set_tag(self.parent_run_id, TAG["waiting"], f"{since:.0f} {message}" if message else "")
+
+    def set_view(self, swept: Sequence[str], metric: str, mode: str) -> None:
+        """Save the MLflow UI's view of the sweep's cells on its experiment (see :func:`view_state`)."""
+        self.client.set_experiment_tag(self.experiment_id, VIEW_TAG + VIEW_KEY,
+                                       json.dumps(view_state(swept, metric, mode)))
 
     def _index(self, tag: str | None, storage_uri: str | None) -> str | None:
         """The finished index this driver writes to: the tagged one if it lives in this
