@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["fmt_value"]
+__all__ = ["fmt_value", "fmt_param", "PARAM_DIGITS"]
+
+#: significant digits of a parameter value, everywhere (CLI tables, the report, figure labels):
+#: enough that 10^-2.5 = 0.00316228 stays apart from its neighbours in a pow10 grid
+PARAM_DIGITS = 6
 
 
 def fmt_value(v: Any, digits: int = 4) -> str:
@@ -18,3 +22,8 @@ def fmt_value(v: Any, digits: int = 4) -> str:
     if isinstance(v, float):
         return f"{v:.{digits}g}"
     return str(v)
+
+
+def fmt_param(v: Any) -> str:
+    """A parameter's value as every table and label shows it (:data:`PARAM_DIGITS` digits)."""
+    return fmt_value(v, PARAM_DIGITS)

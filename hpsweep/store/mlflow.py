@@ -135,12 +135,13 @@ def view_state(swept: Sequence[str], metric: str, mode: str) -> dict[str, Any]:
     """The MLflow UI's view of a sweep's cells: the cell runs only (the sweep's parent run
     filtered out), best first by ``metric``, with the swept parameters, the seed and the
     metric as the visible columns (keys as the UI writes them: ``params.`lr```)."""
+    columns = [f"metrics.`{metric}`", *(f"params.`{p}`" for p in dict.fromkeys([*swept, "seed"]))]
     return {
         "searchFilter": f"tags.`{TAG['role']}` = 'cell'",
         "orderByKey": f"metrics.`{metric}`", "orderByAsc": mode == "min",
         "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
-        "selectedColumns": [*(f"params.`{p}`" for p in dict.fromkeys([*swept, "seed"])), f"metrics.`{metric}`"],
-        "runsExpanded": {}, "runsPinned": [], "runsHidden": [], "viewMaximized": False, "runListHidden": False,
+        "selectedColumns": columns, "columnOrder": columns, "runsHiddenMode": "SHOW_ALL",
+        "viewMaximized": False, "runListHidden": False,
     }
 
 

@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from hpsweep.fmt import fmt_value
+from hpsweep.fmt import PARAM_DIGITS, fmt_value  # parameter values with the CLI's digits
 from hpsweep.views.stats import Stat
 
 __all__ = ["Links", "Table", "Section", "render_html", "render_markdown"]
@@ -44,7 +44,6 @@ class Section:
     figures: list[tuple[str, bytes]] = dataclasses.field(default_factory=list)
 
 
-PARAM_DIGITS = 6   # parameter values in the report's tables (10^-2.5 stays distinguishable)
 
 
 # -- HTML ------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 
+from hpsweep.fmt import fmt_param  # noqa: E402
+from hpsweep.store.runs import ENDED  # noqa: E402
 from hpsweep.views.stats import Obs, mean_std  # noqa: E402
 
 __all__ = ["Figure", "curves", "sensitivity", "parallel_coordinates", "per_task", "heatmap",
@@ -65,10 +67,19 @@ def curves(title: str, metric: str, groups: Sequence[tuple[str, Sequence[Sequenc
     if not groups:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label, series in groups:
+    drawn: list[tuple[str, np.ndarray, np.ndarray]] = []
+    for i, (label, series) in enumerate(groups):
         steps, mean, std = band(series)
-        line, = ax.plot(steps, mean, label=f"{label} (n={len(series)})", lw=1.5)
+        # a line identical to one drawn already hides it: say so in the legend, and tell every
+        # line apart by its marker and dash as well as its colour
+        same = next((lab for lab, s, m in drawn if len(s) == len(steps) and np.array_equal(s, steps)
+                     and np.allclose(m, mean, rtol=1e-12, atol=0.0, equal_nan=True)), None)
+        note = f", identical to {same}" if same else ""
+        line, = ax.plot(steps, mean, label=f"{label} (n={len(series)}{note})", lw=1.5,
+                        marker=MARKERS[i % len(MARKERS)], markevery=max(1, len(steps) // 8), ms=4,
+                        linestyle=DASHES[i % len(DASHES)])
         ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+        drawn.append((label, steps, mean))
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel or metric)
     ax.set_title(title, fontsize=10)
@@ -81,19 +92,26 @@ def _numeric(values: Sequence[Any]) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
-def _axis_positions(values: Sequence[Any]) -> tuple[dict, bool]:
-    """Map parameter values to x positions: numbers on a (log) scale, the rest as categories."""
+MARKERS = ("o", "s", "^", "D", "v", "x", "P", "*")
+DASHES = ("-", "--", "-.", ":")
+
+
+def _axis_positions(values: Sequence[Any], log_scale: bool = False) -> tuple[dict, bool]:
+    """Map parameter values to x positions: numbers on a (log) scale, the rest as categories.
+    ``log_scale``: the parameter's domain is logarithmic (``pow10``, ``loguniform``): always a
+    log axis; other positive numbers spanning two decades or more get one too."""
     distinct = sorted(set(values), key=lambda v: (str(type(v)), v))
     if _numeric(distinct) and len(distinct) > 1:
-        log = min(distinct) > 0 and max(distinct) / min(distinct) >= 100
+        log = min(distinct) > 0 and (log_scale or max(distinct) / min(distinct) >= 100)
         return {v: float(v) for v in distinct}, log
     return {v: float(i) for i, v in enumerate(distinct)}, False
 
 
-def sensitivity(metric: str, obs: Sequence[Obs], params: Sequence[str]) -> Figure | None:
+def sensitivity(metric: str, obs: Sequence[Obs], params: Sequence[str],
+                log_params: Sequence[str] = ()) -> Figure | None:
     """The final metric of every finished cell against each swept parameter (one panel each),
-    with the mean at each value."""
-    done = [o for o in obs if o.state == "done" and metric in o.metrics]
+    with the mean at each value; ``log_params`` on log axes."""
+    done = [o for o in obs if o.state in ENDED and metric in o.metrics]
     params = [p for p in params if len({_hashable(o.params.get(p)) for o in done}) > 1][:9]
     if not done or not params:
         return None
@@ -102,7 +120,7 @@ def sensitivity(metric: str, obs: Sequence[Obs], params: Sequence[str]) -> Figur
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
     for ax, p in zip(axes.flat, params, strict=False):
         vals = [_hashable(o.params.get(p)) for o in done]
-        pos, log = _axis_positions(vals)
+        pos, log = _axis_positions(vals, p in log_params)
         x = np.array([pos[v] for v in vals])
         y = np.array([o.metrics[metric] for o in done])
         jitter = 0.0 if log or _numeric(list(pos)) else 0.08
@@ -120,7 +138,8 @@ def sensitivity(metric: str, obs: Sequence[Obs], params: Sequence[str]) -> Figur
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(params):]:
         ax.axis("off")
-    fig.suptitle(f"Sensitivity of {metric} to each swept parameter", fontsize=10)
+    fig.suptitle(f"Sensitivity of {metric} to each swept parameter: every finished cell's final value, "
+                 "and the mean at each value", fontsize=10)
     fig.tight_layout()
     return f"Sensitivity of {metric}", _png(fig)
 
@@ -130,7 +149,7 @@ def _hashable(v: Any) -> Any:
 
 
 def parallel_coordinates(metric: str, configs: Sequence[tuple[dict, float]],
-                         params: Sequence[str], mode: str) -> Figure | None:
+                         params: Sequence[str], mode: str, log_params: Sequence[str] = ()) -> Figure | None:
     """One line per configuration (mean over seeds) across the swept parameters, coloured by
     the metric; the best configurations are drawn on top."""
     configs = [(c, v) for c, v in configs if math.isfinite(v)]
@@ -141,7 +160,7 @@ def parallel_coordinates(metric: str, configs: Sequence[tuple[dict, float]],
     labels = []   # per axis: [(y position, value)]
     for p in params:
         vals = [_hashable(c.get(p)) for c, _ in configs]
-        pos, log = _axis_positions(vals)
+        pos, log = _axis_positions(vals, p in log_params)
         at = {v: (math.log10(x) if log else x) for v, x in pos.items()}
         lo, hi = min(at.values()), max(at.values())
         norm_at = {v: (x - lo) / (hi - lo) if hi > lo else 0.5 for v, x in at.items()}
@@ -168,7 +187,7 @@ def parallel_coordinates(metric: str, configs: Sequence[tuple[dict, float]],
         ax.axvline(x, color="k", lw=0.5)
     for x, lab in zip(xs, labels, strict=False):
         for y, v in (lab if len(lab) <= 8 else [lab[0], lab[-1]]):
-            text = f"{v:.3g}" if isinstance(v, float) else str(v)
+            text = fmt_param(v)
             ax.text(x + 0.03, y, text, fontsize=6, va="center",
                     bbox={"facecolor": "white", "alpha": 0.6, "lw": 0, "pad": 0.5})
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=metric)

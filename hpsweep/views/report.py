@@ -23,7 +23,7 @@ from typing import Any
 
 from hpsweep.fmt import fmt_value
 from hpsweep.store.mlflow import log_report, resolve_tracking_uri, run_url
-from hpsweep.store.runs import SweepRuns, fetch_histories, load_sweep
+from hpsweep.store.runs import ENDED, SweepRuns, fetch_histories, load_sweep
 from hpsweep.views import figures as figs
 from hpsweep.views.document import (
     PARAM_DIGITS,
@@ -353,7 +353,7 @@ def _claims(verdicts: Sequence[tuple[str, Verdict]], with_sweep: bool = False) -
 
 def _series(cells: Sequence[Obs], runs: SweepRuns, metric: str) -> list:
     return [runs.cells[o.cell_id].histories.get(metric, []) for o in cells
-            if o.state == "done" and o.cell_id in runs.cells]
+            if o.state in ENDED and o.cell_id in runs.cells]
 
 
 def _label(d: dict) -> str:
@@ -369,18 +369,27 @@ def _curve_specs(ctx: _Ctx) -> list[CurveSpec]:
     spec, obs = ctx.spec, ctx.obs
     m, mode = spec.metric.name, spec.metric.mode
     # Learning curves: the selection's chosen configurations, else the best ones.
+    sel = spec.selection
     if ctx.chosen is not None:
         groups = [(_label({**g.group, **g.chosen}), g.cells) for g in ctx.chosen if g.chosen]
+        which = (f"each {', '.join(sel.group_by)} at its selected {', '.join(sel.over)}, "
+                 f"chosen on {sel.select_by}")
     else:
         groups = []
         for cfg, _s in rank_configs(obs, m, mode)[:8]:
             groups.append((_label(cfg), [o for o in obs
                                          if all(o.params.get(k) == v for k, v in cfg.items())]))
-    out = [(f"Learning curves of {m} (mean ± std over seeds)", m, groups[:figs.MAX_LINES])]
+        ranked = len(rank_configs(obs, m, mode))
+        which = (f"every configuration ({ranked})" if ranked <= min(8, figs.MAX_LINES) else
+                 f"the {min(8, figs.MAX_LINES)} best of {ranked} configurations by final {m}")
+    out = [(f"Learning curves of {m} (mean ± std over seeds): {which}", m, groups[:figs.MAX_LINES])]
     names = ctx.runs.metric_names()
     if "method" in ctx.swept:
         methods = list(dict.fromkeys(o.params["method"] for o in obs))[:figs.MAX_LINES]
         picked = [(str(meth), ctx.pick({"method": meth})[1]) for meth in methods]
+        others = [p for p in ctx.swept if p != "method"]
+        by = sel.select_by if (sel and ctx.chosen is not None) else m
+        at = f"each method at its selected {', '.join(others)}, chosen on {by}" if others else "each method"
         # test/* metrics come once, at the end: no curve to draw
         over_time = sorted((n for n in names if not n.startswith("test/")),
                            key=lambda n: (not n.startswith("valid/"), n))
@@ -390,7 +399,9 @@ def _curve_specs(ctx: _Ctx) -> list[CurveSpec]:
             for metric in [n for n in over_time if pat in n][:2]:
                 if pat == "curriculum" and "length" in metric:
                     continue
-                out.append((f"{what} ({metric}) against steps, per method", metric, picked))
+                if metric == m and not others:  # the first figure draws these same lines
+                    continue
+                out.append((f"{what} ({metric}) against steps: {at}", metric, picked))
     return out
 
 
@@ -400,7 +411,7 @@ def _needed_histories(specs: Sequence[CurveSpec]) -> dict[str, set[str]]:
     for _, metric, groups in specs:
         for _, cells in groups:
             need.setdefault(metric, set()).update(
-                o.run_id for o in cells if o.state == "done" and o.run_id)
+                o.run_id for o in cells if o.state in ENDED and o.run_id)
     return need
 
 
@@ -410,10 +421,11 @@ def _figures(ctx: _Ctx, specs: Sequence[CurveSpec]) -> list[figs.Figure]:
     out: list = []
     for title, metric, groups in specs[:1]:
         out.append(figs.curves(title, metric, [(lab, _series(c, runs, metric)) for lab, c in groups]))
-    out.append(figs.sensitivity(m, obs, ctx.swept))
+    logs = _log_params(spec)
+    out.append(figs.sensitivity(m, obs, ctx.swept, logs))
     if len(ctx.swept) >= 3:
         configs = [(c, s.mean) for c, s in rank_configs(obs, m, mode) if s.n]
-        out.append(figs.parallel_coordinates(m, configs, ctx.swept, mode))
+        out.append(figs.parallel_coordinates(m, configs, ctx.swept, mode, logs))
     for title, metric, groups in specs[1:]:
         out.append(figs.curves(title, metric, [(lab, _series(c, runs, metric)) for lab, c in groups]))
     names = runs.metric_names()
@@ -445,3 +457,9 @@ def _figures(ctx: _Ctx, specs: Sequence[CurveSpec]) -> list[figs.Figure]:
         out.append(figs.heatmap(f"{ppl} over (lambda_cache, lambda_mbpa), best over the rest",
                                 "lambda_cache", "lambda_mbpa", grid, ppl, pmode))
     return [f for f in out if f is not None]
+
+
+def _log_params(spec) -> list[str]:
+    """The swept parameters whose domain is logarithmic (``pow10``, ``loguniform``): on log axes."""
+    return [name for name, d in dict(getattr(spec, "parameters", {}) or {}).items()
+            if type(d).__name__ in ("Pow10", "LogUniform")]

@@ -13,7 +13,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from hpsweep.fmt import fmt_value
+from hpsweep.fmt import fmt_param, fmt_value
 from hpsweep.views.stats import Completeness, Stat
 
 __all__ = ["results_table", "results_json", "status_table", "with_leases", "rows_table", "rows_csv", "rows_markdown"]
@@ -45,7 +45,7 @@ def results_table(groups: list[tuple[dict, Stat]], metric: str, mode: str, title
     shown = groups[:limit] if limit else groups
     for i, (params, s) in enumerate(shown, 1):
         style = "bold green" if i == 1 and s.n else ""
-        table.add_row(str(i), *(fmt_value(params.get(n)) for n in names),
+        table.add_row(str(i), *(fmt_param(params.get(n)) for n in names),
                       Text(s.mean_text(), style=style), s.std_text(), str(s.n),
                       Text(str(s.missing), style="red" if s.missing else "dim"),
                       s.step_text() + (" *" if s.stopped else ""))
@@ -132,7 +132,7 @@ def status_table(matrix: Completeness, title: str, limit: int = 0) -> Table:
             state = by_seed[seed].state if seed in by_seed else "pending"
             mark, style = _MARK.get(state, ("?", ""))
             marks.append(Text(mark, style=style))
-        table.add_row(*(fmt_value(params.get(n)) for n in names), *marks)
+        table.add_row(*(fmt_param(params.get(n)) for n in names), *marks)
     if limit and len(matrix.rows) > limit:
         table.add_row(f"… {len(matrix.rows) - limit} more rows",
                       *([""] * (len(names) + len(matrix.seeds) - 1)))

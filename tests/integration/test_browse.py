@@ -1,5 +1,7 @@
-"""The link `hpsweep run` prints lands on the sweep's runs in the MLflow UI (3.x), not on the
-experiment's GenAI overview: a real `mlflow server`, a real sweep, headless Chromium."""
+"""The link `hpsweep run` prints lands on the sweep's cells in the MLflow UI (3.x), not on the
+experiment's GenAI overview: the cell runs only (the sweep's parent filtered out), best first,
+with the swept parameters, the seed and the metric as visible columns (the saved view the run
+writes on the experiment): a real `mlflow server`, a real sweep, headless Chromium."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def _dom(url: str, profile: Path) -> str:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.fail("chromium is not installed: `make browser` (apt-get install -y chromium)")
-    out = subprocess.run([chromium, *_FLAGS, f"--user-data-dir={profile}",
+    out = subprocess.run([chromium, *_FLAGS, f"--user-data-dir={profile}", "--window-size=2400,1000",
                           "--virtual-time-budget=30000", "--dump-dom", url],
                          capture_output=True, text=True, timeout=180)
     assert "<html" in out.stdout, out.stderr[-3000:]
@@ -55,6 +57,7 @@ def test_printed_link_opens_the_sweeps_runs(tmp_path, mlflow_server, moto_server
     exp = client.get_experiment_by_name(name)
     assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
     assert url.startswith(f"{mlflow_server.url}/#/experiments/{exp.experiment_id}/runs")
+    assert "viewStateShareKey=" in url and "mlflow.sharedViewState.hpsweep-cells" in exp.tags
     cells = client.search_runs([exp.experiment_id], "tags.`hpsweep.role` = 'cell'")
     names = sorted(r.info.run_name for r in cells)
     assert names == ["x=0.5 seed=0", "x=0.5 seed=1", "x=1.5 seed=0", "x=1.5 seed=1"]
@@ -64,8 +67,14 @@ def test_printed_link_opens_the_sweeps_runs(tmp_path, mlflow_server, moto_server
     assert not missing, f"the page at {url} does not list the cells' runs {missing}"
     # best first: the link sorts by the sweep metric (min), so x=0.5 comes before x=1.5
     assert max(dom.index(n) for n in names[:2]) < min(dom.index(n) for n in names[2:])
+    # the grid: the swept parameter, the seed and the metric are columns the page shows (the
+    # table's column ids, as the UI names them), and the parent run is not a row
+    columns = set(re.findall(r'col-id="([^"]+)"', dom))
+    assert {"params.`x`", "params.`seed`", "metrics.`loss`"} <= columns, sorted(columns)
+    assert re.search(r">\s*4\s*</strong>\s*matching runs", dom), "4 cells listed, not the parent as a 5th"
 
     # the control: the experiment's bare address does not show the cells (the overview, or
     # the runs collapsed under the sweep's parent), so the check above can fail
     bare = _dom(f"{mlflow_server.url}/#/experiments/{exp.experiment_id}", tmp_path / "profile2")
     assert not all(n in bare for n in names)
+    assert "params.`x`" not in set(re.findall(r'col-id="([^"]+)"', bare))

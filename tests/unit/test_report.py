@@ -217,3 +217,52 @@ def test_several_sweeps_share_one_page_with_one_claims_table(tmp_path):
     assert len(fig_paths) == len(set(fig_paths)) >= 4
     for p in fig_paths:
         assert p.exists() and md.count(f"figures/{p.name}") == 1
+
+
+def test_figures_say_which_cells_they_show_and_keep_lines_and_axes_honest(tmp_path, monkeypatch):
+    """Captions name the cells each figure draws; a pow10 parameter is on a log axis even
+    over one decade; a line identical to another says so and both stay visible; parameter
+    values print with the same digits in the CLI's tables and the report."""
+    from rich.console import Console
+
+    from hpsweep.spec.domains import Pow10
+    from hpsweep.views import figures as figs
+    from hpsweep.views.stats import Obs, aggregate
+    from hpsweep.views.tables import results_table
+
+    drawn = []
+    real_png = figs._png
+    monkeypatch.setattr(figs, "_png", lambda fig: drawn.append(fig) or real_png(fig))
+    plan, runs = _snap_sweep()
+    spec = _spec(parameters={"method": None, "lr": Pow10(pow10=[-3, -4])})
+    _html, md, _figs = render_report(spec, runs, plan, tmp_path, "http://mlflow.example")
+    titles = [f.axes[0].get_title() or f._suptitle.get_text() for f in drawn]
+    text = md.read_text()
+    # which cells: every configuration (6 of them), then each method at its selected lr
+    assert any(t.startswith("Learning curves of valid/bpc") and "every configuration (6)" in t for t in titles), titles
+    assert any("each method at its selected lr, chosen on valid/bpc" in t for t in titles), titles
+    # no figure drawn twice
+    assert len(titles) == len(set(titles)), titles
+    # the pow10 parameter on a log axis (1e-3 and 1e-4: one decade, linear before)
+    sens = next(f for f in drawn if f._suptitle is not None and "Sensitivity" in f._suptitle.get_text())
+    panels = {ax.get_xlabel(): ax.get_xscale() for ax in sens.axes if ax.get_xlabel()}
+    assert panels["lr"] == "log", panels
+
+    # identical curves: the second says so, and both differ in marker or dash
+    drawn.clear()
+    same = [[(1, 1.0), (2, 0.5), (3, 0.25)]]
+    figs.curves("t", "m", [("a", same), ("b", same), ("c", [[(1, 2.0), (2, 1.0), (3, 0.5)]])])
+    lines = drawn[0].axes[0].get_lines()
+    labels = [ln.get_label() for ln in lines]
+    assert labels[1] == "b (n=1, identical to a)" and "identical" not in labels[0] + labels[2], labels
+    assert (lines[0].get_marker(), lines[0].get_linestyle()) != (lines[1].get_marker(), lines[1].get_linestyle())
+
+    # one number format: 10^-2.5 as 0.00316228 in the CLI's results table and in the report
+    lr = 10 ** -2.5
+    obs = [Obs(f"c{s}", {"lr": lr, "seed": s}, "done", {"loss": 1.0 + s}, f"r{s}") for s in range(2)]
+    out = Console(width=200, record=True)
+    out.print(results_table(aggregate(obs, "loss", "min"), "loss", "min", "t"))
+    assert "0.00316228" in out.export_text()
+    from hpsweep.views.report import _label
+
+    assert _label({"lr": lr}) == "lr=0.00316228"
