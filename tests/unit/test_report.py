@@ -237,7 +237,7 @@ def test_figures_say_which_cells_they_show_and_keep_lines_and_axes_honest(tmp_pa
     spec = _spec(parameters={"method": None, "lr": Pow10(pow10=[-3, -4])})
     _html, md, _figs = render_report(spec, runs, plan, tmp_path, "http://mlflow.example")
     titles = [f.axes[0].get_title() or f._suptitle.get_text() for f in drawn]
-    text = md.read_text()
+    assert "each method at its selected lr, chosen on valid/bpc" in md.read_text()  # captioned in the report
     # which cells: every configuration (6 of them), then each method at its selected lr
     assert any(t.startswith("Learning curves of valid/bpc") and "every configuration (6)" in t for t in titles), titles
     assert any("each method at its selected lr, chosen on valid/bpc" in t for t in titles), titles
