@@ -51,8 +51,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-
-import pyarrow.fs as pafs
+from typing import Any
 
 from hpsweep.errors import StorageUnreachable
 from hpsweep.store.leases import HELD, RELEASED, HeldLease, Lease, driver_id
@@ -66,8 +65,18 @@ DEFAULT_STORAGE = ".hpsweep/storage"
 class Storage:
     uri: str                        # what the user gave, for messages
     root: str                       # the path inside ``fs`` (no scheme: what Tune wants)
-    fs: pafs.FileSystem
+    _fs: Any = dataclasses.field(default=None, repr=False)  # pyarrow's; a local disk's made on first use
     endpoint: str | None = None     # S3 endpoint override, passed on to workers
+
+    @property
+    def fs(self):
+        """The pyarrow file system. A local disk's is made when first needed: the reads of
+        ``status`` (leases, the finished index) use ``os`` and never import pyarrow (0.15 s)."""
+        if self._fs is None:
+            import pyarrow.fs as pafs
+
+            self._fs = pafs.LocalFileSystem()
+        return self._fs
 
     @property
     def is_s3(self) -> bool:
@@ -122,6 +131,8 @@ class Storage:
         local = self.local_path(*parts)
         if local is not None:
             return local if local.exists() else None
+        import pyarrow.fs as pafs
+
         info = self.fs.get_file_info(self.path(*parts))
         target = Path(cache).joinpath(self.root, *parts)
         if info.type == pafs.FileType.File:
@@ -156,6 +167,8 @@ class Storage:
                 tmp.unlink()
 
     def exists(self, *parts: str) -> bool:
+        import pyarrow.fs as pafs
+
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
     def check_reachable(self) -> None:
@@ -163,6 +176,8 @@ class Storage:
         sweep starts). A local directory always does (it is created on open)."""
         if not self.is_s3:
             return
+        import pyarrow.fs as pafs
+
         bucket = self.root.split("/", 1)[0]
         try:
             info = self.fs.get_file_info(bucket)
@@ -375,6 +390,8 @@ def open_storage(uri: str | None = None, endpoint: str | None = None) -> Storage
     """Open ``uri`` (default ``.hpsweep/storage``); ``s3://bucket/prefix`` uses pyarrow's S3."""
     uri = uri or os.environ.get("HPSWEEP_STORAGE") or DEFAULT_STORAGE
     if uri.startswith("s3://"):
+        import pyarrow.fs as pafs
+
         endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         kwargs: dict = {}
         if endpoint:
@@ -386,12 +403,12 @@ def open_storage(uri: str | None = None, endpoint: str | None = None) -> Storage
             kwargs["region"] = region
         fs = pafs.S3FileSystem(**kwargs)
         root = uri[len("s3://"):].rstrip("/")
-        return Storage(uri=uri, root=root, fs=fs, endpoint=endpoint)
+        return Storage(uri=uri, root=root, _fs=fs, endpoint=endpoint)
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     path = Path(uri).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
-    return Storage(uri=str(path), root=str(path), fs=pafs.LocalFileSystem())
+    return Storage(uri=str(path), root=str(path))
 
 
 def _read_all(fd: int) -> bytes:
