@@ -176,12 +176,13 @@ class Outcomes:
             self.live.elsewhere(trial.trial_id, cell, result[HELD_BY])
             return
         self.completed.add(trial.trial_id)
-        self.live.done(trial.trial_id, "done")
+        stopped = False
         if self.asha is not None:
             # ASHA also stops the trials that reach max_t, at their last report: only those
             # stopped before it were stopped early.
             reached = (trial.last_result or {}).get(self.asha.time_attr, 0) >= self.asha.max_t
-            self.stopped[trial.trial_id] = not reached
+            self.stopped[trial.trial_id] = stopped = not reached
+        self.live.done(trial.trial_id, "stopped" if stopped else "done")
 
     def error(self, trial) -> None:
         if self.bundled:

@@ -76,8 +76,12 @@ class LiveTable:
                                               "start": time.time()})
         row["status"], row["end"] = status, time.time()
         self.counts[status] = self.counts.get(status, 0) + 1
+        if status == "stopped":  # by the scheduler: its values are from this step, not the last
+            sched = self.spec.scheduler
+            of = f" of {sched.max_t}" if getattr(sched, "max_t", None) else ""
+            row["status"] = status = f"stopped at step {row['step'] if row['step'] is not None else '?'}{of}"
         if not self.enabled:
-            finished = self.skipped + self.counts["done"] + self.counts["failed"]
+            finished = self.skipped + self.counts["done"] + self.counts.get("stopped", 0) + self.counts["failed"]
             metric = f"{self.spec.metric.name}={fmt_value(row['metric'])}" if row["metric"] is not None else ""
             why = f"  ({error.strip().splitlines()[-1][:120]})" if error.strip() else ""
             self.console.print(f"[{finished}/{self.total}] {status:<6} {row['label']}  {metric}"
@@ -140,12 +144,14 @@ class LiveTable:
             table.add_column(col, justify="right" if col in ("step", "time") else "left")
         now = time.time()
         for row in recent + running:
-            style = {"done": "green", "failed": "red", "running": "yellow"}.get(row["status"], "")
+            style = {"done": "green", "failed": "red", "running": "yellow"}.get(row["status"], "cyan")
             elapsed = (row["end"] or now) - row["start"]
             table.add_row(row["label"], Text(row["status"], style=style), fmt_value(row["step"] or ""),
                           fmt_value(row["metric"]) if row["metric"] is not None else "", f"{elapsed:.1f}s")
-        done = self.skipped + self.counts["done"]
-        summary = Text(f"done {done}/{self.total}  running {len(running)}  failed {self.counts['failed']}"
+        stopped = self.counts.get("stopped", 0)
+        done = self.skipped + self.counts["done"] + stopped
+        summary = Text(f"done {done}/{self.total}" + (f" ({stopped} stopped early)" if stopped else "")
+                       + f"  running {len(running)}  failed {self.counts['failed']}"
                        f"  pending {self.total - done - len(running) - self.counts['failed']}"
                        f"  elapsed {now - self.started_at:.0f}s")
         if self.wait is None:

@@ -242,14 +242,15 @@ def _summary(ctx: _Ctx, comp) -> Section:
     else:
         lines.append(f"Cells: {len(runs.cells)} runs found (no plan: missing cells unknown).")
     versions = Counter(c.code_version or "unknown" for c in runs.cells.values()
-                       if c.status == "done")
+                       if c.status in ENDED)
     if versions:
         lines.append("Code version of the finished runs: " + ", ".join(
             f"`{v}` ({n} run{'s' if n != 1 else ''})" for v, n in versions.most_common()) + ".")
     return Section("Summary", paragraphs=lines)
 
 
-_SYMBOL = {"done": "done", "running": "running", "failed": "FAILED", "pending": "missing"}
+_SYMBOL = {"done": "done", "stopped": "stopped early", "running": "running", "failed": "FAILED",
+           "pending": "missing", "stale": "stale"}
 
 
 def _completeness(ctx: _Ctx, comp) -> Section:
@@ -261,7 +262,7 @@ def _completeness(ctx: _Ctx, comp) -> Section:
     rows = comp.rows
     note = []
     if len(rows) > _MATRIX_ROWS:
-        incomplete = [r for r in rows if any(c.state != "done" for c in r[1].values())]
+        incomplete = [r for r in rows if any(c.state not in ENDED for c in r[1].values())]
         note.append(f"{len(rows) - len(incomplete)} fully done configurations of {len(rows)} "
                     "are not listed; every configuration with a missing, failed or running "
                     "seed is.")

@@ -216,3 +216,10 @@ def test_ui_starts_prints_the_sweeps_link_and_stops_on_sigterm(swept):
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
     assert subprocess.run(["pgrep", "-g", server[0]], capture_output=True).returncode == 1  # none left
+
+
+def test_the_report_shows_the_stopped_cell_apart(swept):
+    work, _, _ = swept
+    _cli(work, "report", "sweep.yaml", "--out", "rep")
+    md = (work / "rep" / "report.md").read_text()
+    assert md.count("stopped early") == 1 and md.count("FAILED") == 1 and md.count("missing") >= 1, md

@@ -266,3 +266,22 @@ def test_figures_say_which_cells_they_show_and_keep_lines_and_axes_honest(tmp_pa
     from hpsweep.views.report import _label
 
     assert _label({"lr": lr}) == "lr=0.00316228"
+
+
+def test_live_lines_say_a_cell_was_stopped_early_and_at_which_step():
+    from rich.console import Console
+
+    from hpsweep.views.live import LiveTable
+
+    spec = SimpleNamespace(name="t", metric=SimpleNamespace(name="loss", mode="min"),
+                           scheduler=SimpleNamespace(type="asha", max_t=8))
+    cells = [SimpleNamespace(id=c, label=lambda c=c: f"x={c}") for c in ("a", "b")]
+    out = Console(width=200, record=True, force_terminal=False)
+    table = LiveTable(spec, cells, console=out, enabled=False, total=2, skipped=0)
+    for trial, cell, steps in (("t1", "a", 2), ("t2", "b", 8)):
+        table.started(trial, {"cell": cell})
+        table.result(trial, {"step": steps, "loss": 1.0 / steps})
+    table.done("t1", "stopped")
+    table.done("t2", "done")
+    text = out.export_text()
+    assert "[1/2] stopped at step 2 of 8 x=a" in text and "[2/2] done" in text, text
