@@ -223,3 +223,33 @@ def test_the_report_shows_the_stopped_cell_apart(swept):
     _cli(work, "report", "sweep.yaml", "--out", "rep")
     md = (work / "rep" / "report.md").read_text()
     assert md.count("stopped early") == 1 and md.count("FAILED") == 1 and md.count("missing") >= 1, md
+
+
+RUN = """
+import asyncio, hpsweep
+
+async def cell_of_a_notebook():
+    loop = asyncio.get_running_loop()
+    outcome = hpsweep.load("run.yaml").run()             # blocks, as in a notebook cell
+    await asyncio.sleep(0)                                # the caller's loop still runs
+    assert asyncio.get_running_loop() is loop and not loop.is_closed()
+    return outcome
+
+outcome = asyncio.run(cell_of_a_notebook())
+rows = hpsweep.load("run.yaml").results_rows()
+print("RESULT", outcome.finished, sorted(r["state"] for r in rows), sorted(r["step"] for r in rows))
+"""
+
+
+def test_run_from_python_inside_a_running_event_loop(tmp_path):
+    (tmp_path / "run.yaml").write_text("name: api-run\ntrainer: sleep\nmetric: {name: loss, mode: min}\n"
+                                       "config: {sleep: 0.0, reports: 3}\nparameters:\n  x: {grid: [0.0, 1.0]}\n"
+                                       "resources: {cpus: 1}\n")
+    ray_tmp = Path("/tmp") / f"hpa{os.getpid()}"   # Ray's socket paths must stay short
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(ray_tmp), "HOME": str(tmp_path)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out = subprocess.run([sys.executable, "-c", RUN], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "RESULT 2 ['done', 'done'] [3, 3]" in out.stdout, out.stdout[-3000:]
