@@ -147,8 +147,10 @@ def test_the_readers_read_what_mlflows_client_reads(swept, monkeypatch):
 
     work, uri, _ = swept
     fast = runs.load_sweep(uri, "api-check", histories=True)
+    listed = runs.list_sweeps(uri)
     monkeypatch.setattr(runs, "reader_for", lambda uri: None)
     slow = runs.load_sweep(uri, "api-check", histories=True)
+    assert runs.list_sweeps(uri) == listed and listed[0]["cells"] == 11
     assert fast.cells.keys() == slow.cells.keys() and len(fast.cells) == 11
     for cid, a in fast.cells.items():
         b = slow.cells[cid]

@@ -93,3 +93,11 @@ def test_usage_errors_exit_2(argv) -> None:
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
+
+
+def test_the_quickstart_states_its_time_as_the_readme_does() -> None:
+    root = Path(__file__).resolve().parents[2]
+    sweep = (root / "sweeps" / "quickstart.yaml").read_text()
+    readme = (root / "README.md").read_text()
+    assert "under a minute on 2 CPU cores" in sweep and "Under a minute on 2 CPU cores" in readme
+    assert "two minutes" not in sweep
