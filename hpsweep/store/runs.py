@@ -10,6 +10,12 @@ side by side on a local server, 300 runs' histories took 1.2 s in bulk against 1
 a run with 8 threads (bench/report.py). A local SQL store is read through the store's own bulk
 query. What the runs mean (completeness, means over seeds) is :mod:`hpsweep.views.stats`'s business.
 
+Every read goes through a reader of :mod:`hpsweep.store.readers` where one can read the store
+as it is (the default SQLite store with ``sqlite3``, a server without credentials through
+REST), so that ``status``, ``results`` and ``history`` never import MLflow's client there; else
+through MLflow's client. ``CellRun.status`` is ``stopped`` for a run the scheduler stopped early
+(tag ``hpsweep.early_stopped``), and ``CellRun.steps`` gives the step of each final metric.
+
 ``status`` of a big sweep reads less: :func:`load_states` takes the finished cells from the
 sweep's finished index (:mod:`hpsweep.store.storage`) and asks MLflow only about the rest.
 """
