@@ -315,7 +315,8 @@ def load_states(tracking_uri: str | None, sweep_name: str, planned: Iterable[str
                 open_index: Callable[[str], Any]) -> SweepRuns | None:
     """Each cell's state (done, running, failed; no params, no metrics) for ``status``: the
     sweep's finished index says which cells are done, and MLflow is asked only about the rest
-    -- the runs that are not FINISHED (one search, small once a sweep is done) and the planned
+    -- the runs that are not FINISHED (one search, small once a sweep is done), those the
+    scheduler stopped early (one search), and the planned
     cells that a lease says something ran but that have no mark (a search each up to 20, else
     one read of the sweep's finished runs). ``open_index(uri)`` opens the storage that the
     experiment's index tag names (None: it is gone). None when the sweep has no index to trust
@@ -353,6 +354,9 @@ def load_states(tracking_uri: str | None, sweep_name: str, planned: Iterable[str
             by_cell.setdefault(run.data.tags[TAG["cell"]], []).append(run)
 
     for run in _search_all(client, [eid], f"{base} = 'cell' and attributes.status != 'FINISHED'"):
+        add(run)
+    # the cells the scheduler stopped early: finished and marked, but shown as stopped
+    for run in _search_all(client, [eid], f"{base} = 'cell' and tags.`{TAG['early']}` = 'true'"):
         add(run)
     held = storage.lease_keys()
     ran = [c for c in planned if c not in marks and c not in by_cell and c in held]

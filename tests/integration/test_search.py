@@ -70,6 +70,19 @@ def test_asha_stops_poor_trials_early(tmp_path, mlflow_server, local_ray) -> Non
     assert steps[0.0] == 9, steps                      # the best trial runs to the end
     assert len(early) >= 3 and all(steps[float(r.data.params["x"])] < 9 for r in early), steps
 
+    # the reads (the Python API, as `status` and `results`) show those cells as stopped, each
+    # value with the step it comes from
+    import hpsweep
+
+    exp = client.get_experiment_by_name(runs[0].data.tags["hpsweep.sweep"])
+    sweep_file = Path(client.download_artifacts(runs[0].data.tags["mlflow.parentRunId"], "sweep.yaml",
+                                                str(tmp_path)))   # the file the sweep ran, as logged
+    rows = {float(r["x"]): r for r in hpsweep.load(sweep_file, tracking_uri=mlflow_server.url).status_rows()}
+    early_x = {float(r.data.params["x"]) for r in early}
+    assert {x for x, r in rows.items() if r["state"] == "stopped"} == early_x, rows
+    assert all(rows[x]["step"] == steps[x] for x in early_x), (rows, steps)
+    assert exp.tags.get("mlflow.sharedViewState.hpsweep-cells")  # the UI's view of the cells
+
 
 def test_a_failing_trial_is_retried_then_failed_and_the_sweep_goes_on(tmp_path, mlflow_server, local_ray) -> None:
     outcome, runs, client = run(tmp_path, mlflow_server.url, """

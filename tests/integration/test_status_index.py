@@ -124,9 +124,10 @@ def test_index_answers_as_a_full_read_does(mlflow_server, storage, monkeypatch, 
     assert RestReader.for_uri(mlflow_server.url) is not None  # read without MLflow's client
     fast = load_states(mlflow_server.url, spec.name, [c.id for c in cells], lambda uri: open_storage(uri, storage.endpoint))
     assert fast is not None and fast.storage == storage.uri
-    # the parents, the runs not FINISHED, and one search for each of the 3 unmarked cells whose
-    # leases ended (the failed and running cells have runs that are not FINISHED)
-    assert count.searches == 1 + 1 + 3
+    # the parents, the runs not FINISHED, the runs stopped early, and one search for each of the
+    # 3 unmarked cells whose leases ended (the failed and running cells have runs that are not
+    # FINISHED)
+    assert count.searches == 1 + 1 + 1 + 3
     full = load_sweep(mlflow_server.url, spec.name)
     assert _states(cells, fast) == _states(cells, full)
     # read with MLflow's own client (as where credentials are set): the very same cells
@@ -136,7 +137,7 @@ def test_index_answers_as_a_full_read_does(mlflow_server, storage, monkeypatch, 
                               lambda uri: open_storage(uri, storage.endpoint))
     monkeypatch.delenv("MLFLOW_TRACKING_INSECURE_TLS")
     assert with_client.cells == fast.cells and with_client.parent_run_id == fast.parent_run_id
-    assert count.searches == 1 + 1 + 3
+    assert count.searches == 1 + 1 + 1 + 3
     counts = completeness(cells, fast).counts
     assert (counts["done"], counts["failed"], counts["running"], counts["pending"]) == (25, 2, 3, 30)
     assert [o.cell_id for o in completeness(cells, fast).orphans] == [other.id]
@@ -148,7 +149,7 @@ def test_index_answers_as_a_full_read_does(mlflow_server, storage, monkeypatch, 
         storage.release(lease, DONE)
     count.searches = 0
     fast = load_states(mlflow_server.url, spec.name, [c.id for c in cells], lambda uri: open_storage(uri, storage.endpoint))
-    assert fast is not None and count.searches == 1 + 1 + 1
+    assert fast is not None and count.searches == 1 + 1 + 1 + 1
     assert _states(cells, fast) == _states(cells, load_sweep(mlflow_server.url, spec.name))
     assert completeness(cells, fast).counts["done"] == 55
 
