@@ -125,7 +125,8 @@ class Sweep:
 
     def status_rows(self, state: Status | None = None) -> list[dict[str, Any]]:
         """A row per planned cell: its swept values, seed, state, run id, attempts, duration
-        (s), the step its sweep metric reached, and the driver holding its lease."""
+        (s), the step its sweep metric reached, the driver holding its lease, and a failed
+        cell's reason (the trainer's exception)."""
         state = state or self.state()
         rows = []
         for c in state.matrix.cells:
@@ -136,7 +137,8 @@ class Sweep:
                          "attempts": run.attempts if run else None,
                          "duration_s": run.duration_s if run else None,
                          "step": run.steps.get(self.metric) if run else None,
-                         "held_by": lease.owner if lease else None})
+                         "held_by": lease.owner if lease else None,
+                         "error": (run.error or None) if run and c.state == "failed" else None})
         return rows
 
     def status(self):
