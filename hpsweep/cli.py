@@ -43,7 +43,7 @@ def _load(path: str, args=None):
 
 
 #: the commands that read sweep files take ``--set FIELD=VALUE`` (hpsweep.spec.overrides)
-_OVERRIDABLE = ("validate", "run", "submit", "status", "results", "report")
+_OVERRIDABLE = ("validate", "run", "submit", "status", "results", "history", "report")
 
 
 def _add_overrides(sub) -> None:
