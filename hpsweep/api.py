@@ -26,7 +26,7 @@ from typing import Any
 
 from hpsweep.errors import UsageError
 
-__all__ = ["load", "Sweep", "sweeps", "sweeps_rows", "Status", "results_class"]
+__all__ = ["load", "Sweep", "sweeps", "sweeps_rows", "Status", "results_class", "serve_ui"]
 
 
 def load(path: str | Path, *, tracking_uri: str | None = None, storage: str | None = None,
@@ -297,6 +297,54 @@ def check_storage(uri: str | None, endpoint: str | None) -> None:
     from hpsweep.store.storage import open_storage
 
     open_storage(uri, endpoint).check_reachable()
+
+
+def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, ready=None) -> int:
+    """Serve the MLflow UI on a local store until Ctrl-C or SIGTERM: ``mlflow server`` with its
+    job runner off (hpsweep starts no GenAI jobs; on, it is a dozen more processes of about
+    240 MB), in a process group of its own that is stopped as one; ``ready()`` is called once
+    the server answers. Returns the server's exit code (0 when stopped)."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    address = f"http://{host}:{port}"
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    cmd = [mlflow, "server", "--backend-store-uri", tracking_uri, "--host", host, "--port", str(port),
+           "--workers", "1"]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while server.poll() is None:
+            try:
+                urllib.request.urlopen(f"{address}/health", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            raise UsageError(f"ui: mlflow server exited with {server.returncode} before it answered "
+                             f"(port {port} taken? try --port)")
+        if ready is not None:
+            ready()
+        return server.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
 
 
 # -- DataFrames (pandas imported only here) --------------------------------------------------------

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -284,13 +282,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    """``mlflow server`` on the local store, its job runner off (hpsweep starts no GenAI jobs;
-    on, it is a dozen more processes); its address printed once it answers, with the sweep's
-    link when a sweep file is given; stopped with its whole process group on Ctrl-C or SIGTERM."""
-    import signal
-    import time
-    import urllib.request
-
+    """The MLflow UI on the local store (:func:`hpsweep.api.serve_ui`), with the sweep's link."""
+    from hpsweep.api import serve_ui
     from hpsweep.store.mlflow import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -300,41 +293,14 @@ def cmd_ui(args) -> int:
         return 0
     address = f"http://{args.host}:{args.port}"
     link = sweep.url(address) if sweep else None  # before the server starts: a sweep never run says so
-    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    cmd = [mlflow, "server", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
-           "--workers", "1"]
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen(cmd, env=env, start_new_session=True)  # its own group: stopped as one
 
-    def stop(*_):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        console.print(f"starting the MLflow UI on {address} ...")
-        while server.poll() is None:
-            try:
-                urllib.request.urlopen(f"{address}/health", timeout=2).read()
-                break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            raise UsageError(f"ui: mlflow server exited with {server.returncode} before it answered "
-                             f"(port {args.port} taken? try --port)")
+    def ready() -> None:
         console.print(f"MLflow UI: {address}  (Ctrl-C to stop)", markup=False)
         if link:
             console.print(f"the sweep {sweep.name!r}: {link}", markup=False)
-        return server.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+
+    console.print(f"starting the MLflow UI on {address} ...")
+    return serve_ui(uri, args.host, args.port, ready)
 
 
 def cmd_schema(args) -> int:
@@ -365,17 +331,9 @@ def _print_results(sweep, group_by, limit: int = 0, metric: str | None = None, f
 
 
 def _emit(rows: list[dict], fmt: str, title: str, limit: int = 0) -> None:
-    """Rows as a table, CSV, JSON or Markdown on stdout (numbers in full but for the table)."""
-    from hpsweep.views.tables import rows_csv, rows_markdown, rows_table
+    from hpsweep.views.tables import emit_rows
 
-    if fmt == "json":
-        print(json.dumps(rows, default=str, indent=1))
-    elif fmt == "csv":
-        sys.stdout.write(rows_csv(rows))
-    elif fmt == "markdown":
-        sys.stdout.write(rows_markdown(rows))
-    else:
-        console.print(rows_table(rows, title, limit=limit))
+    emit_rows(rows, fmt, title, console, limit)
 
 
 def _print_ui_hint(tracking_uri: str, experiment_id: str, spec) -> None:

@@ -16,7 +16,8 @@ from rich.text import Text
 from hpsweep.fmt import fmt_param, fmt_value
 from hpsweep.views.stats import Completeness, Stat
 
-__all__ = ["results_table", "results_json", "status_table", "with_leases", "rows_table", "rows_csv", "rows_markdown"]
+__all__ = ["results_table", "results_json", "status_table", "with_leases", "rows_table", "rows_csv", "rows_markdown",
+           "emit_rows"]
 
 _MARK = {"done": ("●", "green"), "stopped": ("◑", "cyan"), "running": ("◐", "yellow"), "failed": ("✗", "red"),
          "pending": ("·", "dim"), "stale": ("◌", "magenta")}
@@ -137,3 +138,17 @@ def status_table(matrix: Completeness, title: str, limit: int = 0) -> Table:
         table.add_row(f"… {len(matrix.rows) - limit} more rows",
                       *([""] * (len(names) + len(matrix.seeds) - 1)))
     return table
+
+
+def emit_rows(rows: list[dict[str, Any]], fmt: str, title: str, console, limit: int = 0) -> None:
+    """Rows on stdout as CSV, JSON or Markdown (numbers in full), or on ``console`` as a table."""
+    import sys
+
+    if fmt == "json":
+        sys.stdout.write(json.dumps(rows, default=str, indent=1) + "\n")
+    elif fmt == "csv":
+        sys.stdout.write(rows_csv(rows))
+    elif fmt == "markdown":
+        sys.stdout.write(rows_markdown(rows))
+    else:
+        console.print(rows_table(rows, title, limit=limit))
