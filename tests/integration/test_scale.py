@@ -43,7 +43,7 @@ def test_ten_thousand_instant_cells_each_one_finished_run(tmp_path, mlflow_serve
                    "--no-live"], cli_env(tmp_path, moto_server), tmp_path, timeout=2400)
     wall = time.perf_counter() - t0
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert f"{N} cells finished, 0 failed, 0 already done, 0 interrupted" in out.stdout, out.stdout[-2000:]
+    assert f"{N} cells finished, 0 failed, 0 already done, 0 finished elsewhere, 0 interrupted" in out.stdout, out.stdout[-2000:]
 
     client = MlflowClient(mlflow_server.url)
     exp = client.get_experiment_by_name(name)
