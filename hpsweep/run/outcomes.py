@@ -145,6 +145,8 @@ class Outcomes:
         self._cell_failed(cell, failure, key)
 
     def _lost(self, cell: str, owner: str, key: str) -> None:
+        if key not in self.live.rows:   # lost before its first result: a row with its label
+            self.live.started(key, {"cell": cell})
         self.cell_state[cell] = "lost"
         self.lost[cell] = owner
         self.live.done(key, "lost", error=f"taken over by {owner}")

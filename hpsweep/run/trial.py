@@ -398,6 +398,7 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
         # another attempt owns the cell now (or finished it): leave its run and checkpoint alone,
         # and tell the driver who has it; the driver waits for that one, counts nothing here
         tracker.abandon()
+        checkpoint.discard()
         if isinstance(lost, AlreadyFinished):
             ended = RELEASED
         _tell_lost(cell.id, lost, host, teller)

@@ -60,6 +60,20 @@ class CellCheckpoint:
         # the pointer as acquired: nobody else can move it while this attempt holds the lease
         self.resume_from = _pointer(held.lease.info, sweep, experiment_id)
         self._current = self.resume_from["key"] if self.resume_from else None
+        self._unsure: set[str] = set()   # written, their publish failed without an answer
+
+    def discard(self) -> None:
+        """The cell was lost: delete the objects this attempt wrote whose publish went
+        unanswered, unless the lease record names one (it landed before the takeover: the
+        next holder resumes from it)."""
+        if not self._unsure:
+            return
+        with contextlib.suppress(Exception):
+            lease = self.storage.read_lease(self.cell_id)
+            named = (lease.info.get("checkpoint") or {}).get("key") if lease is not None else None
+            for key in sorted(self._unsure - {named}):
+                self.storage.delete(self.sweep, "cells", self.cell_id, key)
+            self._unsure.clear()
 
     def read(self) -> bytes | None:
         """The bytes of the checkpoint to resume from (None: a fresh start)."""
@@ -115,7 +129,12 @@ class CellCheckpoint:
             if key != self._current:
                 with contextlib.suppress(Exception):
                     self.storage.delete(self.sweep, "cells", self.cell_id, key)
+            self.discard()
             raise
+        except Exception:   # no answer (a partition): it may have landed or not
+            self._unsure.add(key)
+            raise
+        self._unsure.discard(key)
         previous, self._current = self._current, key
         if previous and previous != key:
             with contextlib.suppress(Exception):   # a leftover costs space, nothing else

@@ -31,9 +31,11 @@ from hpsweep.store.mlflow import TAG, mlflow_client
 
 __all__ = ["CellRun", "SweepRuns", "STATES", "load_sweep", "load_states", "fetch_histories", "run_state"]
 
-#: the states of a cell, in the order the reports list them. ``stale``: RUNNING in MLflow but
-#: no driver holds its lease (killed); only ``hpsweep status``, which reads the leases, says so
-STATES = ("done", "running", "failed", "pending", "stale")
+#: the states of a cell, in the order the reports list them. ``interrupted``: KILLED in MLflow (a
+#: Ctrl-C, a scheduler's stop not yet closed; the next ``hpsweep run`` resumes it). ``stale``:
+#: RUNNING in MLflow but no driver holds its lease (killed); only ``hpsweep status``, which
+#: reads the leases, says so
+STATES = ("done", "running", "failed", "interrupted", "pending", "stale")
 # search_runs page size: the server's cap. A page's cost is mostly a fixed scan of the
 # experiment (measured: 1,000 runs of 6,000 take about as long as all 6,000), so pages of
 # 1,000 made a 6,000-run sweep six times slower to read.
@@ -44,12 +46,14 @@ _THREADS = 8              # concurrent history requests (the server does the wor
 
 
 def run_state(mlflow_status: str) -> str:
-    """Map an MLflow run status to a cell state: done, running or failed."""
+    """Map an MLflow run status to a cell state: done, running, interrupted or failed."""
     if mlflow_status == "FINISHED":
         return "done"
     if mlflow_status in ("RUNNING", "SCHEDULED"):
         return "running"
-    return "failed"  # FAILED, KILLED
+    if mlflow_status == "KILLED":
+        return "interrupted"
+    return "failed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +68,7 @@ class CellRun:
 
     cell_id: str
     run_id: str
-    status: str                 # done | running | failed
+    status: str                 # done | running | interrupted | failed
     mlflow_status: str          # FINISHED | RUNNING | FAILED | KILLED | SCHEDULED
     seed: int | None
     params: dict[str, Any]

@@ -41,19 +41,16 @@ _MAX_FAILURES = 10     # consecutive failed flushes (about 10 s) before a trial 
 
 
 class CellTracker:
-    """The worker's side: one cell's run, reused across attempts; metrics and checkpoints
-    sent from a background thread so that the trainer never waits on the network.
+    """The worker's side: one attempt's run of a cell (see the module docstring); metrics and
+    checkpoints sent from a background thread so that the trainer never waits on the network.
 
     Checkpoints ride with the metrics: a checkpoint is queued only with the report that
-    follows it, and the thread sends the metrics before it writes the checkpoint, so a
-    checkpoint in storage never runs ahead of the metrics in MLflow (a resumed cell leaves
-    no gap in its history). It may lag behind them: an interruption after the metrics went
-    out and before the checkpoint (or the run's status) was written leaves steps in MLflow
-    that the resumed trainer runs again. So a reused run's last logged step per metric is
-    read when it is opened, and the points a resumed attempt reports at those steps or
-    before are dropped: each step is in the history once, whatever the interruption. A
-    finished cell's last checkpoint is written too (its state, in storage, like every
-    cell's).
+    follows it, and the thread sends the metrics before it publishes the checkpoint, so a
+    checkpoint in storage never runs ahead of the metrics in MLflow: the points up to a
+    checkpoint's step are in the run its pointer names, which is what a resumed attempt copies
+    (:meth:`continue_from`). It may lag behind them: points sent after the last checkpoint are
+    not copied, and the resumed trainer sends those steps again. A finished cell's last
+    checkpoint is published too (its state, in storage, like every cell's).
     """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_name: str,

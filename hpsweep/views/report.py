@@ -236,7 +236,7 @@ def _summary(ctx: _Ctx, comp) -> Section:
     if comp is not None:
         c = comp.counts
         lines.append(f"Cells: {comp.total} planned: {c['done']} done, {c['running']} running, "
-                     f"{c['failed']} failed, {c['pending']} pending"
+                     f"{c['failed']} failed, {c['interrupted']} interrupted, {c['pending']} pending"
                      + (f"; {len(comp.orphans)} runs not in the plan (listed apart)"
                         if comp.orphans else "") + ".")
     else:
@@ -249,7 +249,8 @@ def _summary(ctx: _Ctx, comp) -> Section:
     return Section("Summary", paragraphs=lines)
 
 
-_SYMBOL = {"done": "done", "running": "running", "failed": "FAILED", "pending": "missing"}
+_SYMBOL = {"done": "done", "running": "running", "failed": "FAILED", "interrupted": "interrupted",
+           "pending": "missing"}
 
 
 def _completeness(ctx: _Ctx, comp) -> Section:

@@ -263,9 +263,14 @@ def test_a_driver_cut_off_from_s3_writes_nothing_into_the_cells_it_lost(tmp_path
     assert rc_b == 0, out_b
     check_cells(mlflow_server.url, name, storage, cells)
     assert sum(_finished_counts([out_a, out_b])) == len(cells), (out_a, out_b)
-    # no checkpoint object of A's left behind beside the published ones: one per cell
+    # beside each cell's published checkpoint, only objects of an epoch that lost the cell
+    # (what a cut-off holder can still leave: written, its publish unanswered), never read
     keys = [k for k in moto_server.keys(storage_uri.split("/")[2], "sweeps/") if k.endswith("checkpoint.pt")]
-    assert len(keys) == len(cells), keys
+    published = {c: stored_checkpoint(storage, name, c)[1] for c in cells}
+    extra = [k for k in keys if k.split("/")[-1] != published[k.split("/")[-2]]["key"]]
+    assert all(int(k.split("/")[-1].split(".")[0]) < published[k.split("/")[-2]]["epoch"] for k in extra), \
+        (extra, published)
+    print(f"\n{len(extra)} checkpoint objects of a stale epoch left beside {len(cells)} published ones")
 
 
 def test_a_killed_worker_cell_is_retried_without_waiting_out_the_ttl(tmp_path, mlflow_server, moto_server) -> None:
@@ -273,7 +278,7 @@ def test_a_killed_worker_cell_is_retried_without_waiting_out_the_ttl(tmp_path, m
     [cell] = [c.id for c in plan(load_spec(str(path)))]
     storage_uri = str(tmp_path / "storage")
     storage = open_storage(storage_uri)
-    ttl = 30   # the default: a retry that waited for it would start 20 to 30 s after the kill
+    ttl = 60   # a retry that waited for it would start 40 to 60 s after the kill
     a = _driver(path, tmp_path, moto_server, mlflow_server.url, storage_uri, HPSWEEP_LEASE_TTL=str(ttl))
     try:
         lease = _wait(lambda: _held_by(_leases(storage, [cell]), a, min_step=2).get(cell), "a checkpoint", [a])

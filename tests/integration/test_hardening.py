@@ -152,7 +152,7 @@ def test_no_credential_in_any_file_a_submitted_sweep_writes(ray_cluster, mlflow_
     assert not leaks, f"the nodes' AWS keys were copied into runtime envs and logged: {leaks}"
 
 
-# --- 7: Ctrl-C during Ray's start-up leaves no run RUNNING -----------------------------------
+# --- 7: Ctrl-C during Ray's start-up leaves no run RUNNING and no Ray process ------------------
 
 def test_ctrl_c_during_ray_start_up_leaves_no_run_running(tmp_path) -> None:
     from mlflow.tracking import MlflowClient
@@ -177,6 +177,15 @@ def test_ctrl_c_during_ray_start_up_leaves_no_run_running(tmp_path) -> None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)  # time to close its runs before a second Ctrl-C
         out, _ = proc.communicate(timeout=60)
+        # no Ray process of the session outlives the command by more than 5 s (its agents did
+        # by about a minute when the reaper started only after ray.init returned)
+        from hpsweep.run.reaper import session_processes
+
+        sessions = [str(s) for s in ray_tmp.glob("ray/session_2*")]
+        deadline = time.monotonic() + 5
+        while (left := [p for s in sessions for p in session_processes(s)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sessions and not left, {p: Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left}
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # what the interrupted start left behind

@@ -59,7 +59,7 @@ def test_ten_thousand_instant_cells_each_one_finished_run(tmp_path, mlflow_serve
     assert all(r.data.metrics.get("loss") is not None for r in runs)
     leases = list((storage / "leases").glob("*.json"))
     assert len(leases) == N and all('"done"' in f.read_text() for f in leases[:200])
-    checkpoints = list((storage / name / "cells").glob("*/checkpoint.pt"))
+    checkpoints = list((storage / name / "cells").glob("*/*checkpoint.pt"))
     assert len(checkpoints) == N
     trials = [d for d in next((storage / name).glob("tune-*")).iterdir() if d.is_dir()]
     assert len(trials) < N / 20, f"{len(trials)} Tune trials for {N} cells: bundles not used"
