@@ -116,7 +116,8 @@ class Outcomes:
         cell = result[CELL]
         if result.get(LOST):  # taken over by another driver: the queue waits for it there
             self._lost(cell, result[HELD_BY], f"cell:{cell}")
-            self.current.pop(trial_id, None)
+            if self.current.get(trial_id) == cell:   # (the closer may tell it while the next runs)
+                self.current.pop(trial_id)
             self.ended.setdefault(trial_id, set()).add(cell)
             return
         if HELD_BY in result:  # the queue waits for it

@@ -312,6 +312,7 @@ def test_in_process_ray_listens_on_loopback_only(tmp_path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     names = " ".join(n for _, _, n in listening)
+    print("\n" + "\n".join(f"{addr}:{port}  {name[:60]}" for addr, port, name in sorted(listening, key=lambda s: s[2])))
     # not vacuous: Ray's servers, and the trials' workers, were found and listen
     for server in ("gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::ImplicitFunc"):
         assert server in names, f"{server} not among the listening processes: {listening}"
