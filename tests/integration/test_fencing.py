@@ -41,9 +41,9 @@ REPORTS = 12
 
 
 def _sweep(tmp_path: Path, xs=(0.0, 1.0, 2.0, 3.0), reports: int = REPORTS, sleep: float = 0.5,
-           retries: int = 0) -> tuple[Path, str]:
+           retries: int = 0, starts: str = "") -> tuple[Path, str]:
     return sweep_file(tmp_path, f"""
-        config: {{reports: {reports}, sleep: {sleep}}}
+        config: {{reports: {reports}, sleep: {sleep}, starts_dir: "{starts}"}}
         parameters:
           x: {{grid: {list(xs)}}}
         seeds: 1
@@ -82,11 +82,6 @@ def _leases(storage, cells: list[str]) -> dict:
     return {c: lease for c in cells if (lease := storage.read_lease(c)) is not None}
 
 
-def _step(lease) -> int:
-    p = lease.info.get("checkpoint")
-    return p.get("step", 0) if isinstance(p, dict) else 0
-
-
 def _wait(condition, what: str, procs, timeout: float = 240.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -99,9 +94,33 @@ def _wait(condition, what: str, procs, timeout: float = 240.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _held_by(leases: dict, proc: subprocess.Popen, min_step: int = 0) -> dict:
-    return {c: lease for c, lease in leases.items()
-            if f":{proc.pid}:" in lease.owner and lease.state == "held" and _step(lease) >= min_step}
+def _held_by(leases: dict, proc: subprocess.Popen) -> dict:
+    return {c: lease for c, lease in leases.items() if f":{proc.pid}:" in lease.owner and lease.state == "held"}
+
+
+def _logged(uri: str, name: str) -> dict[str, int]:
+    """cell -> the highest step of ``loss`` in its active runs (what MLflow shows now)."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    out: dict[str, int] = {}
+    for run in client.search_runs([exp.experiment_id], "tags.`hpsweep.role` = 'cell'") if exp else []:
+        steps = [m.step for m in run.data.to_proto().metrics if m.key == "loss"]
+        cell = run.data.tags["hpsweep.cell_id"]
+        out[cell] = max([out.get(cell, 0), *steps])
+    return out
+
+
+def _training(storage, cells: list[str], proc, uri: str, name: str, min_step: int) -> dict[str, int]:
+    """The cells ``proc`` holds whose history reached ``min_step``: cell -> its step."""
+    held, logged = _held_by(_leases(storage, cells), proc), _logged(uri, name)
+    return {c: logged.get(c, 0) for c in held} if any(logged.get(c, 0) >= min_step for c in held) else {}
+
+
+def _advanced(storage, held: dict[str, int], proc, uri: str, name: str) -> bool:
+    """``proc`` holds (or finished) each of ``held``, whose history is 2 steps past where it was."""
+    leases, logged = _leases(storage, list(held)), _logged(uri, name)
+    return all(f":{proc.pid}:" in lease.owner and (lease.state == "done" or logged.get(c, 0) >= held[c] + 2)
+               for c, lease in leases.items())
 
 
 def check_cells(uri: str, name: str, storage, cells: list[str], reports: int = REPORTS) -> dict[str, str]:
@@ -141,24 +160,18 @@ def _split_brain(tmp_path, mlflow_server, moto_server, storage_uri: str) -> None
     a = _driver(path, tmp_path, moto_server, mlflow_server.url, storage_uri)
     b = None
     try:
-        # A trains at least one cell past step 3 (its checkpoint published there)
-        _wait(lambda: _held_by(_leases(storage, cells), a, min_step=3), "A to train a cell", [a])
+        # A trains at least one cell past step 3
+        uri = mlflow_server.url
+        _wait(lambda: _training(storage, cells, a, uri, name, 3), "A to train a cell", [a])
         frozen = _signal_session(a.pid, signal.SIGSTOP)
         t_stop = time.time()
-        held = _held_by(_leases(storage, cells), a)
+        held = _training(storage, cells, a, uri, name, 0)
         assert held and frozen > 3, (held, frozen)
         time.sleep(TTL + 2)
-        b = _driver(path, tmp_path, moto_server, mlflow_server.url, storage_uri)
-
-        def advanced() -> bool:  # B holds each of A's cells and published 2 steps past A's, or is done
-            now = _leases(storage, list(held))
-            return all(f":{b.pid}:" in lease.owner and (lease.state == "done" or _step(lease) >= _step(held[c]) + 2)
-                       for c, lease in now.items())
-
-        _wait(advanced, "B to take A's cells over and advance them", [b])
+        b = _driver(path, tmp_path, moto_server, uri, storage_uri)
+        _wait(lambda: _advanced(storage, held, b, uri, name), "B to take A's cells over and advance them", [b])
         _signal_session(a.pid, signal.SIGCONT)
-        print(f"\nA frozen {time.time() - t_stop:.1f}s holding {len(held)} cells at steps "
-              f"{sorted(_step(v) for v in held.values())}")
+        print(f"\nA frozen {time.time() - t_stop:.1f}s holding {len(held)} cells at steps {sorted(held.values())}")
         (rc_a, out_a), (rc_b, out_b) = finish([a, b], timeout=300)
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -239,18 +252,13 @@ def test_a_driver_cut_off_from_s3_writes_nothing_into_the_cells_it_lost(tmp_path
                 AWS_ENDPOINT_URL=proxy.url, AWS_ENDPOINT_URL_S3=proxy.url)
     b = None
     try:
-        _wait(lambda: _held_by(_leases(storage, cells), a, min_step=3), "A to train a cell", [a])
+        uri = mlflow_server.url
+        _wait(lambda: _training(storage, cells, a, uri, name, 3), "A to train a cell", [a])
         proxy.freeze()
-        held = _held_by(_leases(storage, cells), a)
+        held = _training(storage, cells, a, uri, name, 0)
         time.sleep(TTL + 2)
-        b = _driver(path, tmp_path, moto_server, mlflow_server.url, storage_uri)
-
-        def advanced() -> bool:
-            now = _leases(storage, list(held))
-            return all(f":{b.pid}:" in lease.owner and (lease.state == "done" or _step(lease) >= _step(held[c]) + 2)
-                       for c, lease in now.items())
-
-        _wait(advanced, "B to take A's cells over and advance them", [a, b])
+        b = _driver(path, tmp_path, moto_server, uri, storage_uri)
+        _wait(lambda: _advanced(storage, held, b, uri, name), "B to take A's cells over and advance them", [a, b])
         proxy.thaw()   # A's held requests (a checkpoint, a renewal) arrive now
         (rc_a, out_a), (rc_b, out_b) = finish([a, b], timeout=300)
     finally:
@@ -274,15 +282,16 @@ def test_a_driver_cut_off_from_s3_writes_nothing_into_the_cells_it_lost(tmp_path
 
 
 def test_a_killed_worker_cell_is_retried_without_waiting_out_the_ttl(tmp_path, mlflow_server, moto_server) -> None:
-    path, name = _sweep(tmp_path, xs=(0.0,), reports=8, sleep=0.5, retries=2)
+    starts = tmp_path / "starts"   # the sleep trainer appends a line here at each start
+    path, name = _sweep(tmp_path, xs=(0.0,), reports=8, sleep=0.5, retries=2, starts=str(starts))
     [cell] = [c.id for c in plan(load_spec(str(path)))]
     storage_uri = str(tmp_path / "storage")
     storage = open_storage(storage_uri)
     ttl = 60   # a retry that waited for it would start 40 to 60 s after the kill
     a = _driver(path, tmp_path, moto_server, mlflow_server.url, storage_uri, HPSWEEP_LEASE_TTL=str(ttl))
     try:
-        lease = _wait(lambda: _held_by(_leases(storage, [cell]), a, min_step=2).get(cell), "a checkpoint", [a])
-        trial = lease.info["trial"]
+        _wait(lambda: _training(storage, [cell], a, mlflow_server.url, name, 2), "two steps logged", [a])
+        trial = storage.read_lease(cell).info["trial"]
         worker = _wait(lambda: _worker_of(a.pid), "the trial's worker", [a])
         expires = storage.read_lease(cell).expires
         os.kill(worker, signal.SIGKILL)
@@ -292,13 +301,13 @@ def test_a_killed_worker_cell_is_retried_without_waiting_out_the_ttl(tmp_path, m
         if a.poll() is None:
             os.killpg(a.pid, signal.SIGKILL)
     assert rc == 0, out
-    runs = check_cells(mlflow_server.url, name, storage, [cell], reports=8)
-    run = MlflowClient(mlflow_server.url).get_run(runs[cell])
-    started = run.info.start_time / 1000
-    print(f"\nworker killed; its retry's run opened {started - killed:.1f}s later "
+    check_cells(mlflow_server.url, name, storage, [cell], reports=8)
+    [started_file] = starts.iterdir()
+    assert len(started_file.read_text().split()) == 2, started_file.read_text()   # the kill, one retry
+    started = started_file.stat().st_mtime   # the retry's start (its line appended)
+    print(f"\nworker killed; its retry started {started - killed:.1f}s later "
           f"(the lease would have expired {expires - killed:.1f}s after the kill)")
-    assert run.data.tags["hpsweep.attempts"] == "2" and run.data.tags["hpsweep.trial_id"] != "" and trial
-    assert started < expires, (started - killed, expires - killed)
+    assert trial and started < expires, (started - killed, expires - killed)
 
 
 def _worker_of(sid: int) -> int | None:
