@@ -304,13 +304,13 @@ def test_a_killed_worker_cell_is_retried_without_waiting_out_the_ttl(tmp_path, m
         if a.poll() is None:
             os.killpg(a.pid, signal.SIGKILL)
     assert rc == 0, out
-    check_cells(mlflow_server.url, name, storage, [cell], reports=8)
     [started_file] = starts.iterdir()
     assert len(started_file.read_text().split()) == 2, started_file.read_text()   # the kill, one retry
     started = started_file.stat().st_mtime   # the retry's start (its line appended)
     print(f"\nworker killed; its retry started {started - killed:.1f}s later "
           f"(the lease would have expired {expires - killed:.1f}s after the kill)")
     assert trial and started < expires, (started - killed, expires - killed)
+    check_cells(mlflow_server.url, name, storage, [cell], reports=8)
 
 
 def _worker_of(sid: int) -> int | None:
