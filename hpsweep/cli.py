@@ -114,9 +114,7 @@ def cmd_run(args) -> int:
                           "the same command again once the cluster has such a node (--node-wait "
                           "SECONDS to wait longer), or lower resources with --set", markup=False)
         return outcome.exit_code
-    console.print(f"\n{outcome.finished} cells finished, {outcome.failed} failed, "
-                  f"{outcome.skipped} already done, {outcome.interrupted} interrupted "
-                  f"in {outcome.wall_s:.1f}s ({outcome.fit_s:.1f}s running trials)")
+    console.print("\n" + "\n".join(outcome.summary()), markup=False, highlight=False)
     if outcome.interrupted:
         console.print(f"interrupted: run the same command again to resume the "
                       f"{outcome.interrupted} unfinished cells (finished ones are not re-run)")

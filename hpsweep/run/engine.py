@@ -68,14 +68,32 @@ class SweepOutcome:
     experiment_id: str
     wall_s: float
     fit_s: float = 0.0      # of which in Ray Tune (the rest: Ray start-up, MLflow set-up)
-    elsewhere: int = 0      # run (or being run) by other drivers while this one ran
+    elsewhere: int = 0      # settled by other drivers while this one ran (done or failed there)
+    elsewhere_failed: int = 0   # of which failed there
+    copied: int = 0         # of which copied in from another sweep that finished them
+    taken_over: dict[str, int] = dataclasses.field(default_factory=dict)  # new holder -> cells it
+    #                         took over from this driver (and settled), counted in ``elsewhere``
+    lost_failed: int = 0    # of those, cells that failed there
     waited: str = ""        # stopped after waiting --node-wait for a node: what it waited for
 
     @property
     def exit_code(self) -> int:
         if self.waited:
             return 3
-        return 130 if self.interrupted else (1 if self.failed else 0)
+        return 130 if self.interrupted else (1 if self.failed or self.lost_failed else 0)
+
+    def summary(self) -> list[str]:
+        """The lines that say what became of every cell, each counted once."""
+        done_there = self.elsewhere - self.elsewhere_failed
+        lines = [f"{self.finished} cells finished, {self.failed} failed, {self.skipped} already done, "
+                 f"{done_there} finished elsewhere"
+                 + (f" ({self.copied} copied from other sweeps)" if self.copied else "")
+                 + (f", {self.elsewhere_failed} failed elsewhere" if self.elsewhere_failed else "")
+                 + f", {self.interrupted} interrupted in {self.wall_s:.1f}s ({self.fit_s:.1f}s running trials)"]
+        for owner, n in sorted(self.taken_over.items()):
+            lines.append(f"{n} cells taken over by {owner} (this driver stalled past their leases; "
+                         "counted above where they ended)")
+        return lines
 
 
 def _trial(tune_config: dict, context: dict) -> None:
@@ -143,6 +161,9 @@ class _Callback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.outcomes.error(trial)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.outcomes.recover(trial)
 
 
 def run_sweep(spec: SweepSpec, spec_text: str, *, tracking_uri: str, storage_uri: str | None = None,
@@ -233,7 +254,7 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
                           bundle=spec.bundle if spec.bundles() else 1, slots=_slots(spec))
         search_alg = _TuneQueue(queue)
     outcomes = Outcomes(tracker, spec.scheduler if spec.scheduler.type == "asha" else None, table,
-                         queue=queue if spec.bundles() else None, retries=spec.retries)
+                         queue=queue if spec.bundles() else None, retries=spec.retries, storage=storage)
     wait = None
     if address:  # a cluster: a node that can hold a trial may be yet to come
         tagged: list[str | None] = [None]
@@ -279,8 +300,16 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
     else:
         # Only this driver's own failures fail the sweep's parent run.
         tracker.finish("FAILED" if failed else "FINISHED")
+    settled = queue.settled_by if queue is not None else {}
+    taken_over: dict[str, int] = {}
+    for cid, owner in outcomes.lost.items():
+        if cid in settled:
+            taken_over[owner] = taken_over.get(owner, 0) + 1
     return SweepOutcome(total, skipped, completed, failed, max(0, interrupted), parent,
-                        tracker.experiment_id, time.time() - started, fit_s, elsewhere)
+                        tracker.experiment_id, time.time() - started, fit_s, elsewhere,
+                        elsewhere_failed=sum(e == "failed" for e, _ in settled.values()),
+                        copied=queue.copied if queue is not None else 0, taken_over=taken_over,
+                        lost_failed=sum(settled.get(c, ("",))[0] == "failed" for c in outcomes.lost))
 
 
 def _tuner(spec: SweepSpec, context: dict, param_space: dict, search_alg, outcomes: Outcomes,

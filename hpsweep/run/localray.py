@@ -120,11 +120,15 @@ def init(address: str | None, env: dict[str, str]) -> None:
     # no dashboard. Ray's default token authentication stays on (the token is under
     # ~/.ray); only its notice about it is kept off the user's screen.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    global _in_process
+    watcher = None
+    with contextlib.suppress(Exception):  # the embedded Ray ends with this process, from its start
+        from ray._common.utils import get_default_ray_temp_dir
+
+        watcher = reaper.watch(get_default_ray_temp_dir())
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=runtime_env,
              logging_level="WARNING", log_to_driver=False, configure_logging=True)
-    global _in_process
-    with contextlib.suppress(Exception):  # the embedded Ray ends with this process
-        _in_process = reaper.watch(ray._private.worker._global_node.get_session_dir_path()) is not None
+    _in_process = watcher is not None
 
 
 class Start:

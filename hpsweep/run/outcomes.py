@@ -19,12 +19,15 @@ from hpsweep.run.trial import (
     ENDED_BATCH,
     FAILURE,
     HELD_BY,
+    LOST,
     NO_RETRY,
     PERMANENT_KEY,
     RUN_ID,
+    WARNING,
     CellFailed,
 )
 from hpsweep.spec.plan import Cell
+from hpsweep.store.leases import driver_id
 from hpsweep.store.mlflow import TAG, SweepTracker
 from hpsweep.views.live import LiveTable
 
@@ -63,8 +66,9 @@ class Outcomes:
     """Which trials completed or failed (the rest were interrupted), and ASHA's early stops."""
 
     def __init__(self, tracker: SweepTracker, asha, live: LiveTable, queue: CellQueue | None = None,
-                 retries: int = 0) -> None:
-        self.tracker, self.asha, self.live = tracker, asha, live
+                 retries: int = 0, storage=None) -> None:
+        self.tracker, self.asha, self.live, self.storage = tracker, asha, live, storage
+        self.lost: dict[str, str] = {}   # cell id -> the driver that took it over from this one
         self.completed: set[str] = set()
         self.errored: set[str] = set()
         self.failures: list[CellFailed] = []
@@ -81,7 +85,7 @@ class Outcomes:
     def __getstate__(self) -> dict:
         # Tuner pickles its run config for Tuner.restore, which hpsweep does not use (cell
         # ids make a rerun resume instead); the MLflow client and the console stay out of it.
-        return {**self.__dict__, "tracker": None, "live": None}
+        return {**self.__dict__, "tracker": None, "live": None, "storage": None}
 
     @property
     def bundled(self) -> bool:
@@ -92,6 +96,9 @@ class Outcomes:
             self.live.started(trial.trial_id, trial.config)
 
     def result(self, trial, result: dict) -> None:
+        if WARNING in result:
+            for line in str(result[WARNING]).splitlines():
+                self.live.note(f"warning: {line}")
         if result.get(NO_RETRY):
             # the trial is about to raise an error a retry cannot fix: Tune's retries off
             trial.max_failures = 0
@@ -107,6 +114,12 @@ class Outcomes:
     # -- bundles: a row, a state and the retries per cell
     def _cell_result(self, trial_id: str, result: dict) -> None:
         cell = result[CELL]
+        if result.get(LOST):  # taken over by another driver: the queue waits for it there
+            self._lost(cell, result[HELD_BY], f"cell:{cell}")
+            if self.current.get(trial_id) == cell:   # (the closer may tell it while the next runs)
+                self.current.pop(trial_id)
+            self.ended.setdefault(trial_id, set()).add(cell)
+            return
         if HELD_BY in result:  # the queue waits for it
             self.held[cell] = (result[HELD_BY], result.get("hpsweep/lease_state", ""))
             self.live.elsewhere(None, cell, result[HELD_BY])
@@ -132,6 +145,26 @@ class Outcomes:
                              result.get(RUN_ID) or None)
         self._cell_failed(cell, failure, key)
 
+    def _lost(self, cell: str, owner: str, key: str) -> None:
+        if key not in self.live.rows:   # lost before its first result: a row with its label
+            self.live.started(key, {"cell": cell})
+        self.cell_state[cell] = "lost"
+        self.lost[cell] = owner
+        self.live.done(key, "lost", error=f"taken over by {owner}")
+        self.live.elsewhere(None, cell, owner)
+
+    def _release(self, cell: str | None, trial) -> None:
+        """The trial ended in an error (its worker died, or hung and was killed): if the cell's
+        lease is still held for it, release it now, so that its retry need not wait out the TTL.
+        Safe even if the worker lives on: its writes are fenced like a stalled holder's."""
+        if cell and self.storage is not None:
+            with contextlib.suppress(Exception):
+                self.storage.release_orphan(cell, driver_id(), trial.trial_id)
+
+    def recover(self, trial) -> None:
+        """Tune retries the trial (not bundled): its cell's lease goes first."""
+        self._release(trial.config.get("cell"), trial)
+
     def _cell_failed(self, cell: str, failure: CellFailed, key: str) -> None:
         self.cell_state[cell] = "failed"
         self.cell_failure[cell] = failure
@@ -151,6 +184,7 @@ class Outcomes:
             # died before its first result: blame the cell it was starting (the first not
             # ended), so that its retries bound what would otherwise go round for ever
             cell = next((c for c in trial.config.get("cells", ()) if c not in ended), None)
+        self._release(cell, trial)
         if cell is not None:
             message = str(getattr(trial, "error_msg", "") or "the trial's worker died").strip()
             self._cell_failed(cell, CellFailed(cell, message.splitlines()[-1][:500] if message else
@@ -170,6 +204,9 @@ class Outcomes:
             self.ended.pop(trial.trial_id, None)
             return
         result = trial.last_result or {}
+        if result.get(LOST):  # run here until another driver took it over: waited for there
+            self._lost(result[CELL], result[HELD_BY], trial.trial_id)
+            return
         if HELD_BY in result:  # the cell's lease was held by another driver: not run here
             cell = result["hpsweep/cell"]
             self.held[cell] = (result[HELD_BY], result.get("hpsweep/lease_state", ""))
@@ -189,6 +226,7 @@ class Outcomes:
             self._bundle_error(trial)
             return
         self.errored.add(trial.trial_id)
+        self._release(trial.config.get("cell"), trial)
         failure = _cell_failure(trial)
         if failure is not None:
             self.failures.append(failure)

@@ -13,7 +13,7 @@ import hashlib
 import json
 import time
 
-from hpsweep.run.trial import CELL, CELL_S, ENDED_BATCH, HELD_BY
+from hpsweep.run.trial import CELL, CELL_S, ENDED_BATCH, HELD_BY, LOST
 from hpsweep.spec.plan import Cell
 from hpsweep.store.leases import DONE, FAILED, Lease, driver_id
 from hpsweep.store.mlflow import SweepTracker
@@ -71,6 +71,8 @@ class CellQueue:
         self.force: set[str] = set()          # done records this sweep's MLflow lacks
         self.active = 0                       # trials handed out and not ended
         self.elsewhere = 0                    # cells settled by other drivers
+        self.settled_by: dict[str, tuple[str, str]] = {}   # cell id -> (done | failed, by whom)
+        self.copied = 0                       # of which copied in from another sweep
         self.poll = min(2.0, max(0.2, context["lease_ttl"] / 6))
         self._next_poll = 0.0
 
@@ -106,7 +108,8 @@ class CellQueue:
             lease = None if cid in self.force else self.storage.read_lease(cid)
             if lease is not None and (lease.live or lease.state == DONE):
                 self.waiting[cid] = lease.owner
-                self.table.elsewhere(None, cid, lease.owner)
+                if lease.live:  # a done one is settled (or copied in) at the next poll
+                    self.table.elsewhere(None, cid, lease.owner)
                 continue
             picked.append(cid)
         if picked:
@@ -128,6 +131,9 @@ class CellQueue:
         if HELD_BY in result:  # its trial lost the race for the lease: wait for the cell
             self.waiting[result[CELL]] = result[HELD_BY]
         for marker in json.loads(result.get(ENDED_BATCH, "[]")):
+            if marker.get(LOST):  # taken over by another driver: wait for it to settle there
+                self.waiting[marker[CELL]] = marker[HELD_BY]
+                continue
             self.cell_seconds += float(marker[CELL_S])
             self.cells_timed += 1
 
@@ -151,6 +157,8 @@ class CellQueue:
             elif lease is not None and lease.state == DONE:
                 if adopt(self.tracker, self.storage, self.cells[cid], lease):
                     ended = "done"
+                    self.copied += 1
+                    self.table.copied(cid, lease.info.get("sweep", "?"))
                 elif lease.info.get("experiment_id") == self.experiment_id \
                         and lease.info.get("tracking_uri") == self.tracker.tracking_uri \
                         and lease.expires > time.time() - 30:
@@ -164,6 +172,7 @@ class CellQueue:
                 continue
             self.waiting.pop(cid)
             self.elsewhere += 1
+            self.settled_by[cid] = (ended, lease.owner if lease is not None else "?")
             self.table.settled(cid, ended)
         for cid in taken:
             self.waiting.pop(cid)

@@ -8,6 +8,11 @@ own (a Ctrl-C to the terminal does not reach it), that waits for the driver to e
 stops every process still writing into that Ray session's directory. Ray renames its
 processes (``ray::DashboardAgent``), so they are found by their open files, not their names.
 
+It is started *before* ``ray.init`` (a Ctrl-C while Ray starts up left its agents alive for
+about a minute when it came after): it is given Ray's temporary root, not the session, and
+finds the session there by name: Ray names the session a driver starts
+``session_<date>_<pid of that driver>``.
+
 Linux only (``/proc``); elsewhere :func:`watch` does nothing. It imports only the standard
 library: the watcher costs one small Python process per sweep.
 """
@@ -22,17 +27,18 @@ import subprocess
 import sys
 import time
 
-__all__ = ["watch", "session_processes"]
+__all__ = ["watch", "session_processes", "sessions_of"]
 
 _GRACE_S = 3.0  # between SIGTERM and SIGKILL
 
 
-def watch(session_dir: str) -> subprocess.Popen | None:
-    """Start the watcher for this process and its Ray session at ``session_dir``."""
+def watch(temp_root: str) -> subprocess.Popen | None:
+    """Start the watcher for this process and the Ray session it starts under ``temp_root``
+    (Ray's temporary root: ``$RAY_TMPDIR/ray`` by default)."""
     if not os.path.isdir("/proc/self/fd"):
         return None
     return subprocess.Popen(
-        [sys.executable, "-m", "hpsweep.run.reaper", str(os.getpid()), session_dir],
+        [sys.executable, "-m", "hpsweep.run.reaper", str(os.getpid()), temp_root],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True, close_fds=True)
 
@@ -91,19 +97,33 @@ def _signal_all(pids: list[int], sig: int) -> None:
             os.kill(pid, sig)
 
 
+def sessions_of(temp_root: str, pid: int) -> list[str]:
+    """The Ray sessions that process ``pid`` started under ``temp_root``."""
+    with contextlib.suppress(OSError):
+        return [os.path.join(temp_root, n) for n in os.listdir(temp_root)
+                if n.startswith("session_") and n.endswith(f"_{pid}")
+                and not os.path.islink(os.path.join(temp_root, n))]
+    return []
+
+
+def _left(temp_root: str, pid: int) -> list[int]:
+    return sorted({p for s in sessions_of(temp_root, pid) for p in session_processes(s, exclude=pid)})
+
+
 def main(argv: list[str]) -> int:
-    pid, session_dir = int(argv[0]), argv[1]
+    pid, temp_root = int(argv[0]), argv[1]
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _wait_for_exit(pid)
-    left = session_processes(session_dir, exclude=pid)
-    if not left:  # the driver shut Ray down itself
-        return 0
-    _signal_all(left, signal.SIGTERM)
-    deadline = time.monotonic() + _GRACE_S
-    while left and time.monotonic() < deadline:
-        time.sleep(0.2)
-        left = session_processes(session_dir, exclude=pid)
-    _signal_all(left, signal.SIGKILL)
+    for _ in range(2):   # again once: a process Ray was starting as its driver ended
+        left = _left(temp_root, pid)
+        if left:
+            _signal_all(left, signal.SIGTERM)
+            deadline = time.monotonic() + _GRACE_S
+            while left and time.monotonic() < deadline:
+                time.sleep(0.2)
+                left = _left(temp_root, pid)
+            _signal_all(left, signal.SIGKILL)
+        time.sleep(0.5)
     return 0
 
 

@@ -18,13 +18,14 @@ from typing import Any
 import ray
 
 from hpsweep.spec.plan import Cell, cell_id, resolve_config
-from hpsweep.store.leases import DONE, FAILED, STOPPED, HeldLease, LeaseLost
+from hpsweep.store.checkpoints import CellCheckpoint
+from hpsweep.store.leases import DONE, FAILED, RELEASED, STOPPED, HeldLease, LeaseLost
 from hpsweep.store.mlflow import TAG
 from hpsweep.store.storage import Storage, open_storage
-from hpsweep.store.tracker import CellTracker
+from hpsweep.store.tracker import AlreadyFinished, CellTracker
 
 __all__ = ["Host", "TrialRun", "CellFailed", "run_trial", "CELL", "ENDED", "CELL_S", "ENDED_BATCH",
-           "FAILURE", "PERMANENT_KEY", "RUN_ID", "HELD_BY", "NO_RETRY"]
+           "FAILURE", "PERMANENT_KEY", "RUN_ID", "HELD_BY", "NO_RETRY", "LOST", "WARNING"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,7 @@ class TrialRun:
         self._saves = 0
         self._held: bytes | None = None
         self.lease: HeldLease | None = None   # the cell's lease (see _hold_cell)
+        self.resume: tuple[bytes, dict] | None = None   # the checkpoint to resume from, read
 
     def report(self, step: int, **metrics: float) -> None:
         values = {k: float(v) for k, v in metrics.items()}
@@ -77,10 +79,15 @@ class TrialRun:
             self._held = dump_state(state)  # serialised now: the trainer goes on mutating state
 
     def load_checkpoint(self) -> dict | None:
+        """The state to resume from (as the cell's lease pointed when this attempt took it);
+        the run then continues the history of the attempt that saved it, up to its step."""
         from hpsweep.trainer.checkpoint import load_state
 
-        data = self.storage.read_bytes(self.sweep, "cells", self.cell.id, "checkpoint.pt")
-        return None if data is None else load_state(data, self.device)
+        if self.resume is None:
+            return None
+        data, pointer = self.resume
+        self.tracker.continue_from(pointer["run_id"], pointer["step"])
+        return load_state(data, self.device)
 
     def log_artifact(self, path: str) -> None:
         self.tracker.log_artifact(path)
@@ -191,6 +198,10 @@ CELL, ENDED, CELL_S = "hpsweep/cell", "hpsweep/ended", "hpsweep/cell_s"
 ENDED_BATCH = "hpsweep/ended_batch"   # a bundle's ended cells since its last result (JSON)
 _TELL_S = 1.0
 FAILURE, PERMANENT_KEY, RUN_ID = "hpsweep/failure", "hpsweep/permanent", "hpsweep/run_id"
+#: a cell this trial lost to another driver (its lease taken over): the new holder in HELD_BY
+LOST = "hpsweep/lost"
+#: something the driver shows the user once (a corrupt checkpoint set aside)
+WARNING = "hpsweep/warning"
 
 
 def run_trial(tune_config: dict, context: dict, host: Host) -> None:
@@ -283,13 +294,17 @@ class _Teller:
 
         self.report = report
         self.ends: list[dict] = []
+        self.warnings: list[str] = []
         self.latest: dict | None = None
         self.last = time.monotonic()
         self._lock = threading.Lock()   # the closer thread adds ends; only the trial reports
 
     def __call__(self, result: dict) -> None:   # a trainer's progress
         with self._lock:
-            self.latest = result
+            if WARNING in result:   # said once, never overwritten by progress
+                self.warnings.append(result[WARNING])
+            else:
+                self.latest = result
         self._maybe()
 
     def take(self, cid: str) -> dict:
@@ -315,12 +330,14 @@ class _Teller:
 
     def flush(self) -> None:
         with self._lock:
-            if not self.ends and self.latest is None:
+            if not self.ends and self.latest is None and not self.warnings:
                 return
             result = dict(self.latest or {"step": -1})
             if self.ends:
                 result[ENDED_BATCH] = json.dumps(self.ends)
-            self.ends, self.latest, self.last = [], None, time.monotonic()
+            if self.warnings:
+                result[WARNING] = "\n".join(self.warnings)
+            self.ends, self.warnings, self.latest, self.last = [], [], None, time.monotonic()
         self.report(result)
 
 
@@ -342,17 +359,25 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
     lease = _hold_cell(storage, cell, context, host, force=force)
     if lease is None:
         return False
-    checkpoint_path = (context["sweep"], "cells", cell.id, "checkpoint.pt")
+    checkpoint = CellCheckpoint(storage, context["sweep"], context["experiment_id"], cell.id, lease)
+    extra_tags = {TAG["node_ip"]: ray.util.get_node_ip_address(), TAG["node_id"]: runtime.get_node_id(),
+                  TAG["trial"]: host.trial_id}
+    try:  # an unreadable checkpoint is set aside (the cell starts again); an unsafe one fails it
+        resume, warning = checkpoint.checked(device, cell.label())
+    except BaseException:
+        with contextlib.suppress(Exception):
+            lease.end(FAILED)
+        raise
+    if warning:
+        with contextlib.suppress(BaseException):
+            (teller or host.report)({WARNING: warning, CELL: cell.id, "step": -1})
     tracker = CellTracker(context["tracking_uri"], context["experiment_id"], context["parent_run_id"],
-                          context["sweep"], cell, extra_tags={
-                              TAG["node_ip"]: ray.util.get_node_ip_address(),
-                              TAG["node_id"]: runtime.get_node_id(),
-                              TAG["trial"]: host.trial_id},
-                          write_checkpoint=lambda data: (lease.check(), storage.write_bytes(data, *checkpoint_path)),
+                          context["sweep"], cell, extra_tags=extra_tags,
+                          write_checkpoint=checkpoint.publish, guard=lease.check, fence=lease.confirm,
                           fresh=lease.lease.first and cell.id not in context["ran"])
     run = TrialRun(cell, storage, context["sweep"], tracker, context["every"], device, context["metric"],
                    context.get("bases"), tell=teller or host.report)
-    run.lease = lease
+    run.lease, run.resume = lease, resume
     ended: str | None = FAILED
     try:
         # Imported here, under the cell's lease and run: a trainer whose training module fails
@@ -369,9 +394,14 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
             closer.submit(close)
     except CellFailed:  # closing failed: close() recorded it
         raise
-    except LeaseLost:
-        tracker.abandon()  # the cell's new holder owns the run now: leave its status alone
-        raise
+    except (LeaseLost, AlreadyFinished) as lost:
+        # another attempt owns the cell now (or finished it): leave its run and checkpoint alone,
+        # and tell the driver who has it; the driver waits for that one, counts nothing here
+        tracker.abandon()
+        checkpoint.discard()
+        if isinstance(lost, AlreadyFinished):
+            ended = RELEASED
+        _tell_lost(cell.id, lost, host, teller)
     except SystemExit:
         # Stopped by the scheduler or by an interruption: send what is buffered and mark the
         # run KILLED (resumable); the driver, which knows which of the two it was, turns the
@@ -396,6 +426,16 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
     return True
 
 
+def _tell_lost(cid: str, lost: BaseException, host: Host, teller: _Teller | None) -> None:
+    owner = getattr(lost, "owner", "") or ("an earlier attempt" if isinstance(lost, AlreadyFinished) else "?")
+    marker = {CELL: cid, LOST: 1, HELD_BY: owner, "hpsweep/lease_state": "taken over"}
+    if teller is not None:
+        teller.ended({**marker, ENDED: "lost", CELL_S: 0.0})
+    else:
+        with contextlib.suppress(BaseException):
+            host.report(marker)
+
+
 def _closing(cell: Cell, context: dict, host: Host, storage: Storage, lease: HeldLease,
              tracker: CellTracker, run: TrialRun, teller: _Teller | None,
              closer: _Closer | None) -> Callable[[], None]:
@@ -414,10 +454,13 @@ def _closing(cell: Cell, context: dict, host: Host, storage: Storage, lease: Hel
                     storage.mark_finished(context["index"], cell.id)
             ended, info = DONE, {"sweep": context["sweep"], "experiment_id": context["experiment_id"],
                                  "run_id": tracker.run_id, "tracking_uri": context["tracking_uri"]}
-        except LeaseLost:
+        except (LeaseLost, AlreadyFinished) as lost:
             tracker.abandon()  # the cell's new holder owns the run now: leave its status alone
             if closer is None:
                 raise
+            marker = {CELL: cell.id, LOST: 1, HELD_BY: getattr(lost, "owner", "") or "?", ENDED: "lost",
+                      CELL_S: time.perf_counter() - started}
+            teller.ended(marker, report=False)
         except Exception as exc:
             failure = _fail(exc, cell, tracker, run, context, host, bundled=teller is not None)
             if closer is None:

@@ -15,7 +15,30 @@ from hpsweep.spec.yamlload import LoadedYaml
 if TYPE_CHECKING:
     from hpsweep.spec.model import SweepSpec
 
-__all__ = ["check_against_trainer"]
+__all__ = ["check_against_trainer", "check_raw_against_trainer"]
+
+
+def check_raw_against_trainer(data: dict, loaded: LoadedYaml) -> list[Problem]:
+    """What can be checked against the trainer when the file itself did not validate (a bad
+    ``mode``, a missing ``metric``): that the trainer exists and reports the metric, so that
+    these problems come with the others instead of after they are fixed."""
+    from hpsweep.trainer.registry import UnknownTrainer, load_config
+
+    trainer = data.get("trainer")
+    if not isinstance(trainer, str):
+        return []
+    try:
+        info = load_config(trainer)
+    except UnknownTrainer as exc:
+        return [Problem(loaded.line_of(("trainer",)), "trainer", str(exc))]
+    except Exception:   # the trainer's own import problems are reported once the file validates
+        return []
+    metric = data.get("metric")
+    name = metric.get("name") if isinstance(metric, dict) else None
+    if isinstance(name, str) and not info.reports(name):
+        return [Problem(loaded.line_of(("metric", "name")), "metric.name",
+                        f"trainer {trainer!r} does not report {name!r}; it reports: {', '.join(info.metrics)}")]
+    return []
 
 
 def check_against_trainer(spec: SweepSpec, loaded: LoadedYaml) -> list[Problem]:

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, Field, PrivateAttr, Tag, ValidationError, field_validator, model_validator
 
 from hpsweep.spec import overrides as _overrides
-from hpsweep.spec.checks import check_against_trainer
+from hpsweep.spec.checks import check_against_trainer, check_raw_against_trainer
 from hpsweep.spec.domains import GRID_KINDS, KINDS, SAMPLED_KINDS, Domain, Model, VariantValue, wrap_fixed
 from hpsweep.spec.problems import Problem, SpecError
 from hpsweep.spec.protocol import Claim, Selection
@@ -397,6 +397,9 @@ def _validate(loaded, problems: list[Problem], source: str, base_dir: str | Path
             loc = _clean_loc(tuple(err["loc"]))
             problems.append(Problem(loaded.line_of(loc), ".".join(map(str, loc)),
                                     _message(err, tuple(err["loc"]))))
+        # every problem at once: the trainer and the metric are checked even so
+        problems += [p for p in check_raw_against_trainer(data, loaded)
+                     if p.path not in {q.path for q in problems}]
         raise SpecError(source, problems) from None
     spec._base_dir = Path(base_dir) if base_dir is not None else None
     problems += check_against_trainer(spec, loaded)

@@ -52,6 +52,9 @@ TAG = {
     # on the sweep's run: the --set overrides of its last driver (JSON list of FIELD=VALUE), and
     # what that driver waits for ("<since epoch s> <message>") while no node can hold a trial
     "overrides": "hpsweep.overrides", "waiting": "hpsweep.waiting",
+    # a cell's run per attempt: the run whose history it continues, and (on a deleted
+    # predecessor) the run that replaced it (see hpsweep.store.tracker)
+    "continues": "hpsweep.continues", "superseded_by": "hpsweep.superseded_by",
     # on the experiment: "<key> <storage uri>", where the finished index of the sweep is
     # (see hpsweep.store.storage), or "mixed" once drivers with another storage ran the sweep
     "index": "hpsweep.finished_index",

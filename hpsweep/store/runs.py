@@ -38,9 +38,10 @@ __all__ = ["CellRun", "SweepRuns", "STATES", "ENDED", "load_sweep", "load_states
 
 #: the states of a cell, in the order the reports list them. ``stopped``: FINISHED, but the
 #: scheduler (ASHA) stopped it before its last step (its values are from an earlier step).
-#: ``stale``: RUNNING in MLflow but no driver holds its lease (killed); only ``hpsweep
-#: status``, which reads the leases, says so
-STATES = ("done", "stopped", "running", "failed", "pending", "stale")
+#: ``interrupted``: KILLED in MLflow (a Ctrl-C, a scheduler's stop not yet closed; the next
+#: ``hpsweep run`` resumes it). ``stale``: RUNNING in MLflow but no driver holds its lease
+#: (killed); only ``hpsweep status``, which reads the leases, says so
+STATES = ("done", "stopped", "running", "failed", "interrupted", "pending", "stale")
 #: the states of a cell whose run ended well: its final metrics count
 ENDED = ("done", "stopped")
 # search_runs page size: the server's cap. A page's cost is mostly a fixed scan of the
@@ -53,12 +54,14 @@ _THREADS = 8              # concurrent history requests (the server does the wor
 
 
 def run_state(mlflow_status: str) -> str:
-    """Map an MLflow run status to a cell state: done, running or failed."""
+    """Map an MLflow run status to a cell state: done, running, interrupted or failed."""
     if mlflow_status == "FINISHED":
         return "done"
     if mlflow_status in ("RUNNING", "SCHEDULED"):
         return "running"
-    return "failed"  # FAILED, KILLED
+    if mlflow_status == "KILLED":
+        return "interrupted"
+    return "failed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +76,7 @@ class CellRun:
 
     cell_id: str
     run_id: str
-    status: str                 # done | running | failed
+    status: str                 # done | running | interrupted | failed
     mlflow_status: str          # FINISHED | RUNNING | FAILED | KILLED | SCHEDULED
     seed: int | None
     params: dict[str, Any]

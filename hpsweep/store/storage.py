@@ -3,7 +3,7 @@
 Both go through a pyarrow filesystem, the same kind Ray Tune uses, so the sweep's own
 checkpoints and Tune's state sit side by side under one root:
 
-    <root>/<sweep>/cells/<cell id>/checkpoint.pt    the trainer's latest checkpoint
+    <root>/<sweep>/cells/<cell id>/<epoch>.<step>.checkpoint.pt    the trainer's latest checkpoint
     <root>/<sweep>/tune/                            Ray Tune's experiment state
     <root>/outputs/<name>                           files trainers write with ``run.output``
 
@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from hpsweep.errors import StorageUnreachable
-from hpsweep.store.leases import HELD, RELEASED, HeldLease, Lease, driver_id
+from hpsweep.store.leases import CARRIED, HELD, RELEASED, HeldLease, Lease, driver_id
 
 __all__ = ["Storage", "open_storage", "DEFAULT_STORAGE"]
 
@@ -110,6 +110,11 @@ class Storage:
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)
         self.fs.move(tmp, target)
+
+    def delete(self, *parts: str) -> None:
+        """Delete the object at ``parts`` (nothing if it is not there)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(self.path(*parts))
 
     def put_path(self, local: str | Path, *parts: str) -> None:
         """Copy a local file, or a directory's files, to ``parts`` (each file written atomically)."""
@@ -259,18 +264,25 @@ class Storage:
 
         def decide(current: Lease | None) -> Lease | None:
             if current is None or current.acquirable or current.state in over:
-                # first: no runner has ever held this key (so none has written anything of it)
-                return dataclasses.replace(mine, expires=time.time() + ttl, first=current is None)
+                # first: no runner has ever held this key (so none has written anything of it);
+                # epoch: the fencing token, one more than the last holder's; the checkpoint
+                # pointer (hpsweep.store.checkpoints) passes to the new holder with the cell
+                carried = {k: current.info[k] for k in CARRIED if current is not None and k in current.info}
+                return dataclasses.replace(mine, expires=time.time() + ttl, first=current is None,
+                                           epoch=(current.epoch if current is not None else 0) + 1,
+                                           info={**carried, **mine.info})
             return None
 
         return self._cas(key, decide)
 
-    def renew(self, lease: Lease, ttl: float) -> Lease | None:
-        """Extend ``lease``; None when it is no longer ours (taken over): its holder must stop."""
+    def renew(self, lease: Lease, ttl: float, info: dict | None = None) -> Lease | None:
+        """Extend ``lease`` (and merge ``info`` into it); None when it is no longer ours (taken
+        over): its holder must stop."""
         def decide(current: Lease | None) -> Lease | None:
             if current is None or current.holder != lease.holder or current.state != HELD:
                 return None
-            return dataclasses.replace(current, expires=time.time() + ttl)
+            return dataclasses.replace(current, expires=time.time() + ttl,
+                                       info={**current.info, **(info or {})})
 
         won, now = self._cas(key=lease.key, decide=decide, expected=lease.version)
         return now if won else None
@@ -284,6 +296,20 @@ class Storage:
                                        info={**current.info, **(info or {})})
 
         won, _ = self._cas(key=lease.key, decide=decide, expected=lease.version)
+        return won
+
+    def release_orphan(self, key: str, owner: str, trial: str) -> bool:
+        """Release the lease on ``key`` held for trial ``trial`` of driver ``owner``, whose worker
+        died (its driver knows it): the cell is retried now, not after the TTL. Fenced like a
+        takeover: should the worker live on after all, nothing it writes reaches the cell."""
+        def decide(current: Lease | None) -> Lease | None:
+            if current is None or current.state != HELD or current.owner != owner \
+                    or current.info.get("trial") != trial:
+                return None
+            return dataclasses.replace(current, state=RELEASED, expires=time.time(),
+                                       info={**current.info, "released": "worker died"})
+
+        won, _ = self._cas(key, decide)
         return won
 
     def _cas(self, key: str, decide, expected: str | None = None) -> tuple[bool, Lease | None]:

@@ -1,9 +1,20 @@
 """A cell's run in MLflow, written from the worker that runs the cell: metrics buffered and sent
 in batches from a background thread, the checkpoint persisted with the metrics it goes with, the
-run closed with its status. The layout it writes is :mod:`hpsweep.store.mlflow`'s."""
+run closed with its status. The layout it writes is :mod:`hpsweep.store.mlflow`'s.
+
+A run per attempt. Each attempt at a cell opens a run of its own and deletes the earlier
+attempts' runs that did not finish (tagging each with its successor). The tracking server refuses
+every write to a deleted run (``must be in the 'active' state``), so an earlier holder that
+stalled past its lease, or was cut off, and writes on writes into nothing anyone reads: that is
+the fence on the MLflow side (it needs no clock). An attempt that resumes from a checkpoint
+continues the history: it copies the points of the run named by the checkpoint's pointer up to
+the checkpoint's step (points written under the lease before the checkpoint was published, so
+never a stale holder's), and drops its own points at those steps. An attempt that starts from
+scratch copies nothing: two attempts' metrics never mix in one run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -11,39 +22,53 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hpsweep.store.leases import LeaseLost
 from hpsweep.store.mlflow import BATCH, PARENT, TAG, mlflow_client, param_text
 
-__all__ = ["CellTracker"]
+__all__ = ["CellTracker", "AlreadyFinished"]
+
+
+class AlreadyFinished(RuntimeError):
+    """The cell has a FINISHED run in this sweep already: nothing is run again."""
+
+
+def _superseded(exc: BaseException) -> bool:
+    """The server refused a write because the run was deleted by a successor attempt."""
+    return "must be in the 'active' state" in str(exc)
 
 _FLUSH_S = 1.0
 _MAX_FAILURES = 10     # consecutive failed flushes (about 10 s) before a trial gives up
 
 
 class CellTracker:
-    """The worker's side: one cell's run, reused across attempts; metrics and checkpoints
-    sent from a background thread so that the trainer never waits on the network.
+    """The worker's side: one attempt's run of a cell (see the module docstring); metrics and
+    checkpoints sent from a background thread so that the trainer never waits on the network.
 
     Checkpoints ride with the metrics: a checkpoint is queued only with the report that
-    follows it, and the thread sends the metrics before it writes the checkpoint, so a
-    checkpoint in storage never runs ahead of the metrics in MLflow (a resumed cell leaves
-    no gap in its history). It may lag behind them: an interruption after the metrics went
-    out and before the checkpoint (or the run's status) was written leaves steps in MLflow
-    that the resumed trainer runs again. So a reused run's last logged step per metric is
-    read when it is opened, and the points a resumed attempt reports at those steps or
-    before are dropped: each step is in the history once, whatever the interruption. A
-    finished cell's last checkpoint is written too (its state, in storage, like every
-    cell's).
+    follows it, and the thread sends the metrics before it publishes the checkpoint, so a
+    checkpoint in storage never runs ahead of the metrics in MLflow: the points up to a
+    checkpoint's step are in the run its pointer names, which is what a resumed attempt copies
+    (:meth:`continue_from`). It may lag behind them: points sent after the last checkpoint are
+    not copied, and the resumed trainer sends those steps again. A finished cell's last
+    checkpoint is published too (its state, in storage, like every cell's).
     """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_name: str,
                  cell: Any, extra_tags: dict[str, str] | None = None, write_checkpoint=None,
-                 fresh: bool = False) -> None:
+                 fresh: bool = False, guard=None, fence=None) -> None:
         self.client = mlflow_client(tracking_uri)
         # fresh: the caller knows the cell has no run in this sweep (none when its driver read
         # MLflow, and its lease never held before): no search for one to reuse
         self._fresh = fresh
         self.cell = cell
+        # write_checkpoint(data, step, run_id): persists and publishes (fenced by the lease);
+        # guard(): raises LeaseLost once the lease is lost (before each send, cheap); fence():
+        # confirms the lease with the store (before the run is set FINISHED)
         self._write_checkpoint = write_checkpoint
+        self._guard, self._fence = guard or (lambda: None), fence or (lambda: None)
+        self._continue: tuple[str, int] | None = None   # (run, step) whose history to copy first
+        self._resume_step: int | None = None
+        self._checkpoint_step = 0
         self._buffer: list[Any] = []
         self._checkpoint: bytes | None = None
         self._lock = threading.Lock()
@@ -56,7 +81,6 @@ class CellTracker:
         self._abandoned = False
         self._opened = threading.Event()
         self._finishing = False
-        self._logged: dict[str, int] = {}   # metric -> last step in MLflow before this attempt
         # Opening the run (a search, a create, the params: three round trips) happens on the
         # background thread too: the trainer starts at once; reports wait in the buffer.
         self._thread = threading.Thread(target=self._loop, name="hpsweep-tracking", daemon=True,
@@ -72,12 +96,22 @@ class CellTracker:
 
     def check(self) -> None:
         """Raise on the trial's thread what went wrong on the tracking thread."""
+        if isinstance(self._error, (LeaseLost, AlreadyFinished)):
+            raise self._error
         if self._error is not None:
             raise RuntimeError(f"tracking of cell {self.cell.id} failed: {self._error}") from self._error
 
+    def continue_from(self, run_id: str, step: int) -> None:
+        """This attempt resumes from a checkpoint taken at report ``step`` of run ``run_id``:
+        that run's history up to ``step`` is copied in before anything else is sent, and this
+        attempt's own points at those steps are dropped."""
+        with self._lock:
+            if self._continue is None and self._resume_step is None:
+                self._continue, self._resume_step = (run_id, int(step)), int(step)
+
     def _open_run(self, experiment_id: str, parent_run_id: str, sweep_name: str,
                   extra_tags: dict[str, str]) -> str:
-        from mlflow.entities import Param, RunStatus, RunTag
+        from mlflow.entities import Param
 
         import hpsweep
 
@@ -86,29 +120,41 @@ class CellTracker:
             [experiment_id], f"tags.`{TAG['cell']}` = '{cell.id}' and tags.`{PARENT}` = '{parent_run_id}'",
             order_by=["attributes.start_time DESC"])
         if any(r.info.status == "FINISHED" for r in existing):
-            raise RuntimeError(f"cell {cell.id} already has a finished run; refusing to run it twice")
-        if existing:
-            run_id = existing[0].info.run_id
-            # the latest value of each metric is the one at its highest step (MLflow's
-            # latest_metrics); every step below it was sent before it (in order)
-            self._logged = {m.key: m.step for m in existing[0].data.to_proto().metrics}
-            attempts = int(existing[0].data.tags.get(TAG["attempts"], "1")) + 1
-            self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-            tags = [RunTag(TAG["attempts"], str(attempts))]
-            tags += [RunTag(k, v) for k, v in extra_tags.items()]
-            self.client.log_batch(run_id, tags=tags)
-            return run_id
+            raise AlreadyFinished(f"cell {cell.id} already has a finished run; refusing to run it twice")
+        attempts = 1 + max((int(r.data.tags.get(TAG["attempts"], "1")) for r in existing), default=0)
         tags = {
             PARENT: parent_run_id, TAG["role"]: "cell", TAG["sweep"]: sweep_name,
             TAG["cell"]: cell.id, TAG["seed"]: str(cell.seed),
             TAG["params"]: json.dumps(cell.params, sort_keys=False),
             TAG["code"]: os.environ.get("HPSWEEP_CODE_VERSION", "unknown"),
-            TAG["version"]: hpsweep.__version__, TAG["attempts"]: "1", **extra_tags,
+            TAG["version"]: hpsweep.__version__, TAG["attempts"]: str(attempts), **extra_tags,
         }
+        self._guard()
         run = self.client.create_run(experiment_id, run_name=f"{cell.label()}"[:250], tags=tags)
+        # The earlier attempts' runs go: the server refuses their writers from now on.
+        for old in existing:
+            with contextlib.suppress(Exception):
+                self.client.set_tag(old.info.run_id, TAG["superseded_by"], run.info.run_id)
+            self.client.delete_run(old.info.run_id)
         # The params go out with the first metrics (one request fewer a trial).
         self._params = [Param(k, param_text(v)) for k, v in cell.config.items()]
         return run.info.run_id
+
+    def _copy_history(self, run_id: str, source: str, step: int) -> None:
+        """Copy the points of run ``source`` at steps up to ``step`` into ``run_id`` (each step
+        once: a request that was retried may have landed twice)."""
+        from mlflow.entities import RunTag
+
+        keys = list(self.client.get_run(source).data.metrics)
+        rows, seen = [], set()
+        for key in keys:
+            for m in sorted(self.client.get_metric_history(source, key), key=lambda m: (m.step, m.timestamp)):
+                if m.step <= step and (key, m.step) not in seen:
+                    seen.add((key, m.step))
+                    rows.append(m)
+        for i in range(0, len(rows), BATCH):
+            self.client.log_batch(run_id, metrics=rows[i:i + BATCH])
+        self.client.log_batch(run_id, tags=[RunTag(TAG["continues"], source)])
 
     def log(self, step: int, metrics: dict[str, float], checkpoint: bytes | None = None) -> None:
         """Buffer one report (and the checkpoint saved just before it). Costs microseconds."""
@@ -120,6 +166,7 @@ class CellTracker:
             self._buffer.extend(rows)
             if checkpoint is not None:
                 self._checkpoint = checkpoint  # an older one not yet written is superseded
+                self._checkpoint_step = int(step)
 
     def flush(self) -> None:
         """Send the buffered metrics, then write the checkpoint that came with them. On a
@@ -130,11 +177,18 @@ class CellTracker:
             with self._lock:
                 rows, self._buffer = self._buffer, []
                 checkpoint, self._checkpoint = self._checkpoint, None
+                checkpoint_step = self._checkpoint_step
+                resume, resume_step = self._continue, self._resume_step
             sent = 0  # rows[:sent] are in MLflow
             try:
                 run_id = self.run_id
-                if self._logged:  # a resumed attempt: what an earlier one sent is not sent again
-                    rows = [r for r in rows if r.key not in self._logged or r.step > self._logged[r.key]]
+                self._guard()   # a lost lease: nothing more is sent (the server fences the rest)
+                if resume is not None:
+                    self._copy_history(run_id, *resume)
+                    with self._lock:
+                        self._continue = None
+                if resume_step is not None:  # a resumed attempt: the copied steps are not sent again
+                    rows = [r for r in rows if r.step > resume_step]
                 while self._params:  # the params ride with the first metrics, 100 a request
                     chunk = rows[sent:sent + BATCH - 100]
                     self.client.log_batch(run_id, metrics=chunk, params=self._params[:100])
@@ -146,14 +200,17 @@ class CellTracker:
                     sent += len(chunk)
                 self._test_pause("metrics_sent")
                 if checkpoint is not None and self._write_checkpoint is not None:
-                    self._write_checkpoint(checkpoint)
+                    self._write_checkpoint(checkpoint, checkpoint_step, run_id)
                     checkpoint = None
                 self._test_pause("checkpoint_written")
-            except Exception:
+            except Exception as exc:
+                if _superseded(exc):  # a successor deleted this attempt's run
+                    raise LeaseLost(f"cell {self.cell.id}: its run {run_id} was superseded by "
+                                    "another attempt") from None
                 with self._lock:
                     self._buffer[:0] = rows[sent:]
                     if self._checkpoint is None:
-                        self._checkpoint = checkpoint
+                        self._checkpoint, self._checkpoint_step = checkpoint, checkpoint_step
                 raise
 
     def _loop(self, experiment_id: str, parent_run_id: str, sweep_name: str,
@@ -172,6 +229,10 @@ class CellTracker:
             try:
                 self.flush()
                 failures = 0
+            except LeaseLost as exc:  # the cell is another attempt's now: stop here
+                self._error = exc
+                self._abandoned = True
+                return
             except Exception as exc:  # a blip is retried; a lasting failure stops the trial
                 failures += 1
                 if failures >= _MAX_FAILURES:
@@ -191,6 +252,8 @@ class CellTracker:
             try:
                 self.flush()
                 break
+            except LeaseLost:
+                raise
             except Exception:
                 if attempt == _MAX_FAILURES - 1:
                     raise
@@ -213,10 +276,19 @@ class CellTracker:
         # the cell may still be resumed (an interruption here), and storage holds every
         # cell's final state.
         self.close()
+        if isinstance(self._error, LeaseLost):
+            raise self._error
         if tags:
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self._test_pause("before_terminated")
-        self.client.set_terminated(self.run_id, status=status)
+        if status == "FINISHED":
+            self._fence()   # the lease confirmed by the store: this attempt's run is the cell's
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as exc:
+            if _superseded(exc):
+                raise LeaseLost(f"cell {self.cell.id}: its run was superseded by another attempt") from None
+            raise
 
     def _test_pause(self, point: str) -> None:
         """Test hook for the crash windows at a cell's end: with ``HPSWEEP_TEST_PAUSE_AT=<point>``

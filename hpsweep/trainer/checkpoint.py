@@ -18,7 +18,7 @@ import pickle
 import sys
 from typing import Any
 
-__all__ = ["dump_state", "load_state", "safe_load", "UnsafeCheckpoint"]
+__all__ = ["dump_state", "load_state", "safe_load", "UnsafeCheckpoint", "CorruptCheckpoint"]
 
 #: the header of a checkpoint written without torch (torch.save writes a zip file: ``PK``)
 PLAIN = b"HPSWEEP-STATE-1\n"
@@ -26,6 +26,15 @@ PLAIN = b"HPSWEEP-STATE-1\n"
 
 class UnsafeCheckpoint(ValueError):
     """A checkpoint holding more than tensors and plain containers: refused, never unpickled."""
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint that is not readable at all (truncated, overwritten, not a checkpoint): unlike
+    an unsafe one, nothing in it can be trusted or refused, so its cell may start again."""
+
+
+class _Refused(pickle.UnpicklingError):
+    """A global named in a plain state: the sign of an unsafe file, not of a damaged one."""
 
 
 def _has_tensor(value: Any) -> bool:
@@ -46,15 +55,17 @@ def _has_tensor(value: Any) -> bool:
 
 class _PlainUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+        raise _Refused(f"global '{module}.{name}' is not allowed")
 
 
 def _plain_loads(data: bytes, what: str) -> Any:
     try:
         return _PlainUnpickler(io.BytesIO(data)).load()
-    except pickle.UnpicklingError as exc:
+    except _Refused as exc:
         raise UnsafeCheckpoint(f"{what}: refused to load: it holds objects other than tensors and "
                                f"plain containers: {exc}") from None
+    except Exception as exc:  # truncated or damaged: not a pickle of plain values any more
+        raise CorruptCheckpoint(f"{what}: unreadable ({type(exc).__name__}: {exc})") from None
 
 
 def dump_state(state: dict) -> bytes:
@@ -88,4 +99,13 @@ def load_state(data: bytes, device=None, what: str = "checkpoint") -> dict:
     """Inverse of :func:`dump_state`; tensors land on ``device`` (CPU by default)."""
     if data.startswith(PLAIN):
         return _plain_loads(data[len(PLAIN):], what)
-    return safe_load(io.BytesIO(data), device, what)
+    if not data.startswith(b"PK\x03\x04"):  # torch.save writes a zip file; this is neither
+        raise CorruptCheckpoint(f"{what}: unreadable: neither a torch.save zip file nor a plain "
+                                f"state ({len(data)} bytes starting {data[:8]!r})")
+    try:
+        return safe_load(io.BytesIO(data), device, what)
+    except UnsafeCheckpoint:
+        raise
+    except Exception as exc:  # a damaged zip (truncated, a member missing)
+        raise CorruptCheckpoint(f"{what}: unreadable ({type(exc).__name__}: "
+                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None

@@ -154,9 +154,22 @@ def build_config(config_cls: type, values: Mapping[str, Any]) -> tuple[Any | Non
     try:
         return adapter(config_cls).validate_json(text), []
     except ValidationError as exc:
-        return None, _problems(config_cls, exc.errors(include_url=False))
+        problems = _problems(config_cls, exc.errors(include_url=False))
     except TypeError as exc:  # a __post_init__ that trips over a value it did not expect
         return None, [ConfigProblem("", str(exc))]
+    # Values of the wrong type stop validation before the Config's own invariants run: run them
+    # again without those values (their defaults instead), so every problem comes at once.
+    bad = {p.field for p in problems if p.field}
+    rest = {k: v for k, v in values.items() if k not in bad}
+    if bad and len(rest) < len(values):
+        try:
+            adapter(config_cls).validate_json(json.dumps(rest, default=str))
+        except ValidationError as exc:
+            problems += [p for p in _problems(config_cls, exc.errors(include_url=False))
+                         if p not in problems and p.field not in bad]
+        except TypeError:
+            pass
+    return None, problems
 
 
 def trusted(config_cls: type, config: Mapping[str, Any]) -> Any:

@@ -102,6 +102,13 @@ class LiveTable:
             self.console.print(f"[running elsewhere] {label}", highlight=False, markup=False)
         self._redraw(force=True)
 
+    def copied(self, cell_id: str, sweep: str) -> None:
+        """A cell another sweep finished, copied into this one (not run again)."""
+        self.counts["copied"] = self.counts.get("copied", 0) + 1
+        if not self.enabled:
+            self.console.print(f"[copied] {self.labels.get(cell_id, cell_id)}  (finished in sweep {sweep})",
+                               highlight=False, markup=False)
+
     def settled(self, cell_id: str, status: str) -> None:
         """How a cell run elsewhere ended: done, failed, or released (it runs here next)."""
         if status == "released":

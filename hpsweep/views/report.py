@@ -236,7 +236,7 @@ def _summary(ctx: _Ctx, comp) -> Section:
     if comp is not None:
         c = comp.counts
         lines.append(f"Cells: {comp.total} planned: {c['done']} done, {c['running']} running, "
-                     f"{c['failed']} failed, {c['pending']} pending"
+                     f"{c['failed']} failed, {c['interrupted']} interrupted, {c['pending']} pending"
                      + (f"; {len(comp.orphans)} runs not in the plan (listed apart)"
                         if comp.orphans else "") + ".")
     else:
@@ -250,7 +250,7 @@ def _summary(ctx: _Ctx, comp) -> Section:
 
 
 _SYMBOL = {"done": "done", "stopped": "stopped early", "running": "running", "failed": "FAILED",
-           "pending": "missing", "stale": "stale"}
+           "interrupted": "interrupted", "pending": "missing", "stale": "stale"}
 
 
 def _completeness(ctx: _Ctx, comp) -> Section:

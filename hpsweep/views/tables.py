@@ -20,7 +20,7 @@ __all__ = ["results_table", "results_json", "status_table", "with_leases", "rows
            "emit_rows"]
 
 _MARK = {"done": ("●", "green"), "stopped": ("◑", "cyan"), "running": ("◐", "yellow"), "failed": ("✗", "red"),
-         "pending": ("·", "dim"), "stale": ("◌", "magenta")}
+         "interrupted": ("○", "cyan"), "pending": ("·", "dim"), "stale": ("◌", "magenta")}
 
 def results_json(groups: list[tuple[dict, Stat]]) -> list[dict[str, Any]]:
     """The groups of :func:`hpsweep.views.stats.aggregate`, JSON-able (undefined numbers as null)."""
@@ -117,9 +117,10 @@ def with_leases(matrix: Completeness, held: dict[str, str]) -> Completeness:
 
 
 def status_table(matrix: Completeness, title: str, limit: int = 0) -> Table:
-    """Rows are configurations, columns are seeds; each cell is done / running / failed / pending."""
+    """Rows are configurations, columns are seeds; each cell is done / running / failed /
+    interrupted (resumable) / pending, or stale."""
     names = list(dict.fromkeys(k for params, _ in matrix.rows for k in params))
-    table = Table(title=title, caption="● done  ◐ running  ✗ failed  · pending"
+    table = Table(title=title, caption="● done  ◐ running  ✗ failed  ○ interrupted  · pending"
                   + ("  ◑ stopped early by the scheduler" if matrix.counts.get("stopped") else "")
                   + ("  ◌ stale" if matrix.counts.get("stale") else ""))
     for name in names:

@@ -21,6 +21,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_engine import HPSWEEP, child_runs, cli_env, run_cli, sweep_file
 
+from hpsweep.store.checkpoints import stored_checkpoint
+from hpsweep.store.storage import open_storage
+
 pytestmark = pytest.mark.slow
 
 REPORTS = 4
@@ -61,7 +64,8 @@ def check_outcome(uri: str, name: str, storage: Path, finished_before: dict) -> 
         for key in ("loss", "score"):
             steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
             assert steps == list(range(1, REPORTS + 1)), (cell, key, steps)
-        assert (storage / name / "cells" / cell / "checkpoint.pt").is_file(), f"no checkpoint for {cell}"
+        stored = stored_checkpoint(open_storage(str(storage)), name, cell)
+        assert stored is not None and stored[1]["step"] == REPORTS, f"no final checkpoint for {cell}"
 
 
 @pytest.mark.parametrize("point", POINTS)
@@ -116,4 +120,4 @@ def test_a_cell_done_before_the_first_flush_keeps_its_checkpoint(tmp_path, mlflo
     assert proc.returncode == 0, proc.stdout + proc.stderr
     cells = {r.data.tags["hpsweep.cell_id"] for r in child_runs(mlflow_server.url, name)}
     assert len(cells) == 2
-    assert {p.parent.name for p in (storage / name / "cells").glob("*/checkpoint.pt")} == cells
+    assert {p.parent.name for p in (storage / name / "cells").glob("*/*checkpoint.pt")} == cells

@@ -152,7 +152,7 @@ def test_no_credential_in_any_file_a_submitted_sweep_writes(ray_cluster, mlflow_
     assert not leaks, f"the nodes' AWS keys were copied into runtime envs and logged: {leaks}"
 
 
-# --- 7: Ctrl-C during Ray's start-up leaves no run RUNNING -----------------------------------
+# --- 7: Ctrl-C during Ray's start-up leaves no run RUNNING and no Ray process ------------------
 
 def test_ctrl_c_during_ray_start_up_leaves_no_run_running(tmp_path) -> None:
     from mlflow.tracking import MlflowClient
@@ -177,6 +177,15 @@ def test_ctrl_c_during_ray_start_up_leaves_no_run_running(tmp_path) -> None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)  # time to close its runs before a second Ctrl-C
         out, _ = proc.communicate(timeout=60)
+        # no Ray process of the session outlives the command by more than 5 s (its agents did
+        # by about a minute when the reaper started only after ray.init returned)
+        from hpsweep.run.reaper import session_processes
+
+        sessions = [str(s) for s in ray_tmp.glob("ray/session_2*")]
+        deadline = time.monotonic() + 5
+        while (left := [p for s in sessions for p in session_processes(s)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sessions and not left, {p: Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left}
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # what the interrupted start left behind
@@ -191,6 +200,42 @@ def test_ctrl_c_during_ray_start_up_leaves_no_run_running(tmp_path) -> None:
     parents = [r for r in runs if r.data.tags.get("hpsweep.role") == "sweep"]
     assert [r.info.status for r in parents] == ["KILLED"], out[-3000:]
     assert not [r for r in runs if r.info.status == "RUNNING"], out[-3000:]
+
+
+def test_ctrl_c_while_ray_starts_its_agents_leaves_no_ray_process(tmp_path) -> None:
+    """Ctrl-C while ``ray.init`` has started Ray's agents but not yet returned: Ray's processes
+    block SIGINT and its agents outlived the command by about a minute when the watcher that
+    stops them was started only after ``ray.init`` returned (issue 22)."""
+    from hpsweep.run.reaper import session_processes
+
+    proc, env, _ = _start_in_background(tmp_path, "{reports: 2, sleep: 0.01}")
+    ray_tmp = Path(env["RAY_TMPDIR"])
+    try:
+        deadline = time.monotonic() + 120
+        while not list(ray_tmp.glob("ray/session_2*/logs/*agent*")):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "Ray never started its agents"
+            time.sleep(0.02)
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        out, _ = proc.communicate(timeout=60)
+        sessions = [str(s) for s in ray_tmp.glob("ray/session_2*")]
+        deadline = time.monotonic() + 5
+        while (left := [p for s in sessions for p in session_processes(s)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.returncode != 0, out[-3000:]
+        assert not left, {p: Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left}
+    finally:
+        for s in ray_tmp.glob("ray/session_2*"):   # what an unfixed start-up leaves behind
+            for pid in session_processes(str(s)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _has_parent_run(db: Path) -> bool:
@@ -303,6 +348,7 @@ def test_in_process_ray_listens_on_loopback_only(tmp_path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     names = " ".join(n for _, _, n in listening)
+    print("\n" + "\n".join(f"{addr}:{port}  {name[:60]}" for addr, port, name in sorted(listening, key=lambda s: s[2])))
     # not vacuous: Ray's servers, and the trials' workers, were found and listen
     for server in ("gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::ImplicitFunc"):
         assert server in names, f"{server} not among the listening processes: {listening}"

@@ -107,7 +107,7 @@ def test_selection_picks_what_the_histories_say(tracked, report):
 def test_partial_sweep_claims_links_and_artifacts(tracked, report):
     html, md, timings = report
     text = md.read_text()
-    assert "Cells: 24 planned: 21 done, 1 running, 1 failed, 1 pending." in text
+    assert "Cells: 24 planned: 21 done, 1 running, 1 failed, 0 interrupted, 1 pending." in text
     assert text.count("| missing |") == 1
     assert "| zero-beats-half |" in text and "**reproduced**" in text
     assert "| zero-above-half | x=0 reaches a higher loss than x=0.5 (false) | **not reproduced**" in text

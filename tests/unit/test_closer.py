@@ -29,7 +29,7 @@ class _Tracker:
     open_now = most_open = 0   # runs opened and not yet finished
 
     def __init__(self, tracking_uri, experiment_id, parent_run_id, sweep, cell, extra_tags=None,
-                 write_checkpoint=None, fresh=False) -> None:
+                 write_checkpoint=None, fresh=False, **fences) -> None:
         _Tracker.open_now += 1
         _Tracker.most_open = max(_Tracker.most_open, _Tracker.open_now)
         self.cell, self.write_checkpoint = cell, write_checkpoint
@@ -42,7 +42,7 @@ class _Tracker:
     def log(self, step, metrics, checkpoint=None) -> None:
         self.events.append((self.cell.id, "log", time.perf_counter()))
         if checkpoint is not None:
-            self.write_checkpoint(checkpoint)
+            self.write_checkpoint(checkpoint, step, self.run_id)
 
     def finish(self, status="FINISHED", tags=None) -> None:
         if status == "FINISHED":

@@ -221,5 +221,31 @@ def test_status_marks_running_cells_without_a_live_lease_stale():
     })
     seen = with_leases(completeness(cells, runs), {"c0": "host:1", "c2": "host:2"})
     assert [c.state for c in seen.cells] == ["running", "stale", "running", "done"]
-    assert seen.counts == {"done": 1, "stopped": 0, "running": 2, "failed": 0, "pending": 0, "stale": 1}
+    assert seen.counts == {"done": 1, "stopped": 0, "running": 2, "failed": 0, "interrupted": 0, "pending": 0,
+                           "stale": 1}
     assert [c.state for _, by_seed in seen.rows for c in by_seed.values()] == [c.state for c in seen.cells]
+
+
+def test_status_shows_interrupted_cells_as_interrupted_with_a_legend():
+    """A KILLED run (a Ctrl-C: resumable) is not a failure (issue 22)."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from hpsweep.store.runs import SweepRuns, run_state
+    from hpsweep.views.stats import completeness
+    from hpsweep.views.tables import status_table
+
+    assert [run_state(s) for s in ("FINISHED", "RUNNING", "KILLED", "FAILED")] == \
+        ["done", "running", "interrupted", "failed"]
+    cells = [SimpleNamespace(id=f"c{i}", params={"x": i}, seed=0) for i in range(2)]
+    runs = SweepRuns("s", None, "1", "p", {"c0": SimpleNamespace(status=run_state("KILLED"), run_id="r0"),
+                                           "c1": SimpleNamespace(status=run_state("FAILED"), run_id="r1")})
+    matrix = completeness(cells, runs)
+    assert (matrix.counts["interrupted"], matrix.counts["failed"]) == (1, 1)
+    table = status_table(matrix, "s")
+    assert "○ interrupted" in table.caption
+    console = Console(record=True, width=120)
+    console.print(table)
+    text = console.export_text()
+    assert text.count("○") == 2 and text.count("✗") == 2, text   # a mark each, and the legend

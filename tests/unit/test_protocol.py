@@ -158,7 +158,8 @@ def test_partial_sweep_shows_missing_cells_and_never_averages_them_away():
     res[0] = (res[0][0], res[0][1], None)          # pending: never ran
     plan, runs = _sweep(res, statuses={"c001": "FAILED", "c002": "RUNNING"})
     comp = completeness(plan, runs)
-    assert comp.counts == {"done": 9, "stopped": 0, "running": 1, "failed": 1, "pending": 1, "stale": 0}
+    assert comp.counts == {"done": 9, "stopped": 0, "running": 1, "failed": 1, "interrupted": 0, "pending": 1,
+                           "stale": 0}
     row_params, by_seed = comp.rows[0]
     assert row_params == {"method": "bptt", "lr": 1e-3}
     assert [by_seed[s].state for s in (0, 1, 2)] == ["pending", "failed", "running"]

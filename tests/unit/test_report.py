@@ -62,7 +62,7 @@ def test_partial_sweep_report_shows_missing_cells_and_consistent_numbers(tmp_pat
     html_path, md_path, figs = render_report(_spec(selection=sel, claims=claims), runs, plan,
                                              tmp_path, "http://ui")
     md = md_path.read_text()
-    assert "Cells: 18 planned: 16 done, 0 running, 1 failed, 1 pending." in md
+    assert "Cells: 18 planned: 16 done, 0 running, 1 failed, 0 interrupted, 1 pending." in md
     assert md.count("| missing |") == 1 and "FAILED" in md
     # the chosen snap1 configuration has 2 of its 3 seeds: the table says so
     assert re.search(r"\| snap1 \| 0\.001 \| [^|]+\(n=2/3\)", md)
@@ -176,7 +176,7 @@ def test_shipped_paper_sweeps_render(name, tmp_path):
     sweep_runs = SweepRuns(spec.name, "http://x", "1", "p", runs)
     html_path, md_path, figs = render_report(spec, sweep_runs, cells, tmp_path, "http://ui")
     md = md_path.read_text()
-    assert f"Cells: {len(cells)} planned: {len(cells) - 1} done, 0 running, 0 failed, 1 pending." in md
+    assert f"Cells: {len(cells)} planned: {len(cells) - 1} done, 0 running, 0 failed, 0 interrupted, 1 pending." in md
     assert "| missing |" in md
     for claim in spec.claims:
         assert f"| {claim.id} |" in md

@@ -78,6 +78,17 @@ BAD = [
       "bad.yaml:4: evil: unknown key (known keys: name, description, trainer, config, parameters, variants, exclude, seeds, metric, search, scheduler, resources, max_concurrent, retries, bundle, checkpoint, selection, claims)"]),
     (HEAD + "parameters:\n  x: {pow10: [-1]}\nsearch: {algorithm: optuna, samples: 3}\nseeds: 2\n",
      ["bad.yaml:7: seeds: optuna tunes one seed at a time: give seeds: 1 (or a one-seed list), then rerun the best configurations with more seeds as a grid"]),
+    # every problem at once (issue 22): a type error does not hide a broken invariant, a bad
+    # mode does not hide a metric typo, a missing metric does not hide an unknown trainer
+    (HEAD + "config: {reports: 4.5, sleep: -1}\n",
+     ["bad.yaml:4: config: sleep must be >= 0, got sleep=-1.0",
+      "bad.yaml:4: config.reports: must be an integer, got 4.5"]),
+    ("name: t\ntrainer: sleep\nmetric: {name: losss, mode: minn}\n",
+     ["bad.yaml:3: metric.mode: Input should be 'min' or 'max', got 'minn'",
+      "bad.yaml:3: metric.name: trainer 'sleep' does not report 'losss'; it reports: loss, score, extra/*"]),
+    ("name: t\ntrainer: sleeep\n",
+     ["bad.yaml:1: metric: required key is missing",
+      "bad.yaml:2: trainer: unknown trainer 'sleeep'; registered trainers: command, mbpa, sleep, snap"]),
 ]
 
 

@@ -23,6 +23,8 @@ class FakeClient:
         self.existing = list(existing)
         self.fail_batches = fail_batches
         self.lock = threading.Lock()
+        self.deleted: set[str] = set()
+        self.history: dict[tuple[str, str], list] = {}   # (metric, run id) -> points
 
     def search_runs(self, *args, **kwargs):
         time.sleep(self.search_s)
@@ -37,6 +39,8 @@ class FakeClient:
 
     def log_batch(self, run_id, metrics=(), params=(), tags=()):
         with self.lock:
+            if run_id in self.deleted:
+                raise RuntimeError(f"The run {run_id} must be in the 'active' state. Current state is deleted.")
             if metrics and self.fail_batches > 0:
                 self.fail_batches -= 1
                 raise ConnectionError("503 from the tracking server")
@@ -48,7 +52,22 @@ class FakeClient:
                 self.events.append(("tags", run_id, {t.key: t.value for t in tags}))
 
     def set_terminated(self, run_id, status):
+        if run_id in self.deleted:
+            raise RuntimeError(f"The run {run_id} must be in the 'active' state. Current state is deleted.")
         self.events.append(("terminated", run_id, status))
+
+    def set_tag(self, run_id, key, value):
+        self.events.append(("tag", run_id, key, value))
+
+    def delete_run(self, run_id):
+        self.deleted.add(run_id)
+        self.events.append(("delete", run_id))
+
+    def get_run(self, run_id):
+        return SimpleNamespace(data=SimpleNamespace(metrics={k: 0.0 for k, _ in self.history}))
+
+    def get_metric_history(self, run_id, key):
+        return list(self.history.get((key, run_id), []))
 
 
 CELL = Cell("abc123", 0, 1, {"x": 0.5}, {"x": 0.5, "seed": 1, "reports": 3})
@@ -58,8 +77,8 @@ def make(monkeypatch, client: FakeClient, writes: list, flush_s: float = 0.01):
     monkeypatch.setattr(tracking, "mlflow_client", lambda uri: client)
     monkeypatch.setattr(tracking, "_FLUSH_S", flush_s)
     return tracking.CellTracker("http://unused", "1", "parent", "sweep", CELL,
-                                write_checkpoint=lambda data: writes.append(("checkpoint", data)) or
-                                client.events.append(("checkpoint", data)))
+                                write_checkpoint=lambda data, step, run_id: writes.append(("checkpoint", data))
+                                or client.events.append(("checkpoint", data)))
 
 
 def sent_metrics(client: FakeClient) -> list:
@@ -115,32 +134,51 @@ def test_a_finished_cell_writes_its_last_checkpoint(monkeypatch) -> None:
     assert kinds.index("metrics") < kinds.index("checkpoint") < kinds.index("terminated")
 
 
-def test_a_resumed_attempt_does_not_send_the_steps_already_logged(monkeypatch) -> None:
-    # An earlier attempt sent loss up to step 3 and score up to step 2 (then was killed before
-    # its step-3 checkpoint); the trainer resumes from its step-1 checkpoint.
+def test_a_resumed_attempt_continues_the_history_up_to_its_checkpoint(monkeypatch) -> None:
+    # An earlier attempt sent loss and score up to step 3 (a retried request put step 1 in
+    # twice), then was killed after its step-2 checkpoint; this attempt resumes from it.
     old = SimpleNamespace(info=SimpleNamespace(run_id="old-run", status="KILLED"),
-                          data=RunData(metrics=[Metric("loss", 3.0, 0, 3), Metric("score", 2.0, 0, 2)],
-                                       tags=[RunTag("hpsweep.attempts", "1")]))
+                          data=RunData(tags=[RunTag("hpsweep.attempts", "1")]))
     client, writes = FakeClient(existing=[old]), []
+    client.history = {(k, "old-run"): [Metric(k, float(s), s, s) for s in (1, 1, 2, 3)] for k in ("loss", "score")}
     tracker = make(monkeypatch, client, writes)
+    tracker.continue_from("old-run", 2)
     for step in (2, 3, 4):
-        tracker.log(step, {"loss": float(step), "score": -float(step), "new": 0.0})
+        tracker.log(step, {"loss": 10.0 * step, "score": -10.0 * step})
     tracker.finish("FINISHED")
-    assert sorted(sent_metrics(client)) == [
-        ("loss", 4, 4.0), ("new", 2, 0.0), ("new", 3, 0.0), ("new", 4, 0.0),
-        ("score", 3, -3.0), ("score", 4, -4.0)]
+    assert tracker.run_id == "new-run"
+    got = sorted(sent_metrics(client))
+    assert got == [("loss", 1, 1.0), ("loss", 2, 2.0), ("loss", 3, 30.0), ("loss", 4, 40.0),
+                   ("score", 1, 1.0), ("score", 2, 2.0), ("score", 3, -30.0), ("score", 4, -40.0)], got
+    assert ("tags", "new-run", {"hpsweep.continues": "old-run"}) in client.events
 
 
-def test_a_killed_run_is_reused_with_its_attempt_count(monkeypatch) -> None:
+def test_each_attempt_has_a_run_and_the_earlier_one_is_deleted(monkeypatch) -> None:
+    """The old run's writer (a stalled holder) is then refused by the server: the fence."""
     old = SimpleNamespace(info=SimpleNamespace(run_id="old-run", status="KILLED"),
                           data=RunData(tags=[RunTag("hpsweep.attempts", "1")]))
     client, writes = FakeClient(existing=[old]), []
     tracker = make(monkeypatch, client, writes)
-    assert tracker.run_id == "old-run"
+    assert tracker.run_id == "new-run"
+    tracker.log(1, {"loss": 1.0})
     tracker.finish("FINISHED")
-    assert ("update", "old-run", "RUNNING") in client.events
-    assert any(e[0] == "tags" and e[2].get("hpsweep.attempts") == "2" for e in client.events)
-    assert not any(e[0] == "create" for e in client.events)
+    created = client.events.index(("create", CELL.id))
+    assert ("tag", "old-run", "hpsweep.superseded_by", "new-run") in client.events
+    assert client.events.index(("delete", "old-run")) > created
+    assert client.events[-1] == ("terminated", "new-run", "FINISHED")
+    # no history copied: this attempt did not resume from a checkpoint (no mixed history)
+    assert sent_metrics(client) == [("loss", 1, 1.0)]
+
+
+def test_a_writer_whose_run_was_deleted_loses_the_cell(monkeypatch) -> None:
+    client, writes = FakeClient(), []
+    tracker = make(monkeypatch, client, writes)
+    tracker.log(1, {"loss": 1.0})
+    assert tracker.run_id == "new-run"
+    client.deleted.add("new-run")
+    with pytest.raises(tracking.LeaseLost, match="superseded"):
+        tracker.finish("FINISHED")
+    assert not [e for e in client.events if e[0] == "terminated"]
 
 
 def test_a_finished_cell_is_never_run_twice(monkeypatch) -> None:
@@ -150,5 +188,5 @@ def test_a_finished_cell_is_never_run_twice(monkeypatch) -> None:
     tracker = make(monkeypatch, client, writes)
     with pytest.raises(RuntimeError, match="could not be opened: cell abc123 already has a finished run"):
         tracker.run_id
-    with pytest.raises(RuntimeError, match="already has a finished run"):
+    with pytest.raises(tracking.AlreadyFinished, match="already has a finished run"):
         tracker.check()
