@@ -7,6 +7,8 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
+# the data sets the paper sweeps name relative to the data root (data_dir: mnist)
+export HPSWEEP_DATA_ROOT ?= $(abspath $(CURDIR)/../shared/data)
 
 .PHONY: run lint test test-fast test-slow test-scale test-containers container-images docker-engine bench browser clean venv reproduce
 

@@ -50,7 +50,7 @@ from hpsweep.run.trial import (
 from hpsweep.spec.model import SweepSpec
 from hpsweep.spec.plan import Cell, plan
 from hpsweep.store.leases import driver_id, lease_ttl
-from hpsweep.store.mlflow import SweepTracker
+from hpsweep.store.mlflow import SweepTracker, code_version
 from hpsweep.store.storage import Storage, open_storage
 from hpsweep.views.live import LiveTable
 
@@ -194,9 +194,12 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
                node_wait: float | None = None) -> SweepOutcome:
     started = time.time()
     storage = open_storage(storage_uri, s3_endpoint)
+    trainer = spec.trainer_info()
+    code = code_version(trainer.source_dir(), trainer.module)
     with storage.lock(f"sweep-{spec.name}"):  # drivers started together: one parent run
         parent = tracker.start(spec.spec_hash(), spec_text, spec.description, storage_uri=storage.uri,
-                               overrides=spec._sources.overridden() if spec._sources else ())
+                               overrides=spec._sources.overridden() if spec._sources else (),
+                               code=code)
         tracker.set_view(spec.swept_names(), spec.metric.name, spec.metric.mode)
     existing = tracker.cell_runs()
     finished = tracker.finished_cells(existing)
@@ -232,7 +235,8 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
     context = {
-        "trainer": spec.trainer, "sweep": spec.name, "tracking_uri": tracking_uri,
+        "trainer": spec.trainer, "trainer_base": _where(spec.trainer_base()), "code_version": code,
+        "sweep": spec.name, "tracking_uri": tracking_uri,
         "experiment_id": tracker.experiment_id, "parent_run_id": parent,
         "storage": storage.spec(), "every": spec.checkpoint.every, "cpus": spec.resources.cpus,
         "metric": spec.metric.name, "optuna": optuna, "bases": spec.data_bases(),
@@ -310,6 +314,18 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
                         elsewhere_failed=sum(e == "failed" for e, _ in settled.values()),
                         copied=queue.copied if queue is not None else 0, taken_over=taken_over,
                         lost_failed=sum(settled.get(c, ("",))[0] == "failed" for c in outcomes.lost))
+
+
+def _where(directory: str) -> tuple[str, str | None]:
+    """The sweep file's directory as a trial finds it: absolute, and relative to the driver's
+    working directory when inside it (a job's working directory lands elsewhere on each node)."""
+    from pathlib import Path
+
+    path = Path(directory)
+    try:
+        return str(path), path.relative_to(Path.cwd().absolute()).as_posix()
+    except ValueError:
+        return str(path), None
 
 
 def _tuner(spec: SweepSpec, context: dict, param_space: dict, search_alg, outcomes: Outcomes,

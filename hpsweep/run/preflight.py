@@ -155,10 +155,8 @@ def check_data(spec, sweep_path: str | Path) -> None:
     here. Every problem at once."""
     from hpsweep.trainer.config import DataPath, path_fields
     from hpsweep.trainer.data import OUTPUT_SCHEME, check_location, expand_vars
-    from hpsweep.trainer.registry import load_config
-
     sweep_path = Path(sweep_path)
-    fields = [f for f, kind in path_fields(load_config(spec.trainer).Config).items() if kind is DataPath]
+    fields = [f for f, kind in path_fields(spec.trainer_info().Config).items() if kind is DataPath]
     values: dict[tuple[str, str], str] = {}
     for field in fields:
         fixed = (spec.config or {}).get(field)

@@ -146,20 +146,23 @@ class CellFailed(Exception):
         return self.summary.splitlines()[0]
 
 
-def _summary(exc: BaseException) -> str:
-    """``Type: message`` and the frames of the traceback inside ``trainers/`` (the trainer's own
-    code; not hpsweep's, Ray's or a library's)."""
+def _summary(exc: BaseException, source: str | None = None) -> str:
+    """``Type: message`` and the frames of the traceback inside ``trainers/`` or the trainer's
+    own directory ``source`` (the trainer's code; not hpsweep's, Ray's or a library's)."""
     import traceback
     from pathlib import Path
 
     import trainers
 
-    root = Path(trainers.__file__).resolve().parent
+    roots = [Path(trainers.__file__).resolve().parent]
+    if source:
+        roots.append(Path(source).resolve())
     head = f"{type(exc).__name__}: {exc}".strip()
     lines = [head.splitlines()[0][:500] if head else type(exc).__name__]
     for frame in traceback.extract_tb(exc.__traceback__):
         path = Path(frame.filename).resolve()
-        if path.is_relative_to(root):
+        root = next((r for r in roots if path.is_relative_to(r)), None)
+        if root is not None:
             lines.append(f"  {path.relative_to(root.parent)}:{frame.lineno} in {frame.name}: "
                          f"{(frame.line or '').strip()}")
     from hpsweep.trainer.command.training import CommandFailed
@@ -176,7 +179,13 @@ def _fail(exc: Exception, cell: Cell, tracker: CellTracker | None, run: TrialRun
     not to retry a permanent one; returns what the trial raises instead."""
     import traceback
 
-    summary = _summary(exc)
+    source = None
+    with contextlib.suppress(Exception):  # the trainer's own frames, wherever it lives
+        from hpsweep.trainer.registry import load_config
+
+        found = load_config(context["trainer"], base_dir=trainer_base(context)).source_dir()
+        source = str(found) if found else None
+    summary = _summary(exc, source)
     permanent = isinstance(exc, _PERMANENT)
     run_id = None
     if tracker is not None:
@@ -362,6 +371,8 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
     checkpoint = CellCheckpoint(storage, context["sweep"], context["experiment_id"], cell.id, lease)
     extra_tags = {TAG["node_ip"]: ray.util.get_node_ip_address(), TAG["node_id"]: runtime.get_node_id(),
                   TAG["trial"]: host.trial_id}
+    if context.get("code_version"):  # the trainer's own commit (hpsweep.store.mlflow.code_version)
+        extra_tags[TAG["code"]] = context["code_version"]
     try:  # an unreadable checkpoint is set aside (the cell starts again); an unsafe one fails it
         resume, warning = checkpoint.checked(device, cell.label())
     except BaseException:
@@ -382,7 +393,7 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
     try:
         # Imported here, under the cell's lease and run: a trainer whose training module fails
         # to import fails its cell at once (ImportError is permanent), with the reason in its run.
-        info = load_trainer(context["trainer"], cell.config)
+        info = load_trainer(context["trainer"], cell.config, base_dir=trainer_base(context))
         # The planner validated this config (hpsweep.spec.points); the trial trusts it.
         trainer_config = trusted(info.Config, cell.config)
         info.train(trainer_config, run)
@@ -434,6 +445,20 @@ def _tell_lost(cid: str, lost: BaseException, host: Host, teller: _Teller | None
     else:
         with contextlib.suppress(BaseException):
             host.report(marker)
+
+
+def trainer_base(context: dict) -> str | None:
+    """The sweep file's directory on this node: the driver's absolute path where it exists here,
+    else the same path relative to this worker's working directory (a job's copy)."""
+    import os
+
+    where = context.get("trainer_base")
+    if not where:
+        return None
+    absolute, relative = where
+    if os.path.isdir(absolute) or relative is None:
+        return absolute
+    return os.path.join(os.getcwd(), relative)
 
 
 def _closing(cell: Cell, context: dict, host: Host, storage: Storage, lease: HeldLease,

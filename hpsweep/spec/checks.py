@@ -45,7 +45,7 @@ def check_against_trainer(spec: SweepSpec, loaded: LoadedYaml) -> list[Problem]:
     """Checks that need the trainer: its options, its metrics, every distinct config once
     (through the trainer's own Config, imported without its numeric code)."""
     from hpsweep.trainer.config import config_fields
-    from hpsweep.trainer.registry import UnknownTrainer, load_config
+    from hpsweep.trainer.registry import TrainerError
 
     problems: list[Problem] = []
 
@@ -53,8 +53,8 @@ def check_against_trainer(spec: SweepSpec, loaded: LoadedYaml) -> list[Problem]:
         problems.append(Problem(loaded.line_of(path), ".".join(map(str, path)), message))
 
     try:
-        info = load_config(spec.trainer, spec.trainer_config())
-    except UnknownTrainer as exc:
+        info = spec.trainer_info()
+    except TrainerError as exc:
         add(("trainer",), str(exc))
         return problems
     own: list[Problem] = []   # the trainer's own checks: reported with, not instead of, the rest

@@ -229,12 +229,24 @@ class SweepSpec(Model):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def data_bases(self) -> list[str]:
-        """Where relative data locations resolve, in order: the sweep file's directory, the data
-        root (:func:`hpsweep.trainer.data.data_root`); absolute, as the trial gets them."""
+        """Where relative data locations resolve, in order: the sweep file's directory, then the
+        data root when one is set (:func:`hpsweep.trainer.data.data_root`); absolute, as the
+        trial gets them."""
         from hpsweep.trainer.data import data_root
 
         base = Path(self._base_dir) if self._base_dir is not None else Path.cwd()
-        return [str(base.absolute()), str(data_root())]
+        root = data_root()
+        return [str(base.absolute())] + ([str(root)] if root is not None else [])
+
+    def trainer_base(self) -> str:
+        """Where a file or package ``trainer:`` is found: the sweep file's directory (absolute)."""
+        return str((Path(self._base_dir) if self._base_dir is not None else Path.cwd()).absolute())
+
+    def trainer_info(self):
+        """The trainer's Config and metrics (:func:`hpsweep.trainer.registry.load_config`)."""
+        from hpsweep.trainer.registry import load_config
+
+        return load_config(self.trainer, self.trainer_config(), base_dir=self.trainer_base())
 
     def trainer_config(self) -> dict:
         """The fixed config with every swept name (valued None): what a trainer whose Config

@@ -50,10 +50,8 @@ def resolve_config(spec: SweepSpec, values: dict, seed: int) -> dict:
     import json
 
     from hpsweep.trainer.config import build_config
-    from hpsweep.trainer.registry import load_config
 
-    config, problems = build_config(load_config(spec.trainer, spec.trainer_config()).Config,
-                                    {**spec.config, **values, "seed": seed})
+    config, problems = build_config(spec.trainer_info().Config, {**spec.config, **values, "seed": seed})
     if problems:
         raise ValueError(f"cell {values} seed={seed}: " + "; ".join(
             f"{p.field}: {p.message}" if p.field else p.message for p in problems))
@@ -65,9 +63,7 @@ def _resolved(spec: SweepSpec) -> Resolved:
     cached = getattr(spec, "_points", None)
     if cached is not None:
         return cached
-    from hpsweep.trainer.registry import load_config
-
-    resolved, failures = resolve(spec, load_config(spec.trainer, spec.trainer_config()).Config)
+    resolved, failures = resolve(spec, spec.trainer_info().Config)
     if failures:  # load_spec reports these with their lines; reaching here is a bug
         values, problems = failures[0]
         raise ValueError(f"cell {values}: {problems}")

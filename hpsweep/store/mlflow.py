@@ -105,16 +105,27 @@ def _prepare_sqlite(uri: str) -> None:
     _PREPARED.add(uri)
 
 
-def code_version() -> str:
-    """The git sha of the working tree (``+dirty`` when it has changes), or ``unknown``."""
+def code_version(where: str | Path | None = None, module: str | None = None) -> str:
+    """The version of a trainer's code: the git commit of its source (``where``, its directory;
+    ``+dirty`` when that tree has changes), else the installed distribution ``module`` comes
+    from (``mylab 1.2.0``), else ``HPSWEEP_CODE_VERSION``, else ``unknown``. hpsweep's own
+    version is tagged beside it (``hpsweep.version``)."""
+    cwd = str(where) if where is not None else None
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, check=True).stdout.strip()
+                             timeout=5, check=True, cwd=cwd).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+                               capture_output=True, text=True, timeout=5, cwd=cwd).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("HPSWEEP_CODE_VERSION", "unknown")
+        pass
+    if module:
+        from importlib import metadata
+
+        dists = metadata.packages_distributions().get(module.split(".")[0], [])
+        if dists:
+            return f"{dists[0]} {metadata.version(dists[0])}"
+    return os.environ.get("HPSWEEP_CODE_VERSION", "unknown")
 
 
 def mlflow_client(tracking_uri: str | None):
@@ -209,8 +220,10 @@ class SweepTracker:
         self.index: str | None = None   # the key of the sweep's finished index, when trusted
 
     def start(self, spec_hash: str, spec_text: str, description: str = "",
-              storage_uri: str | None = None, overrides: Sequence[str] = ()) -> str:
+              storage_uri: str | None = None, overrides: Sequence[str] = (),
+              code: str | None = None) -> str:
         """Find or create the experiment and the sweep's parent run; return the parent id.
+        ``code``: the trainer's code version (:func:`code_version`).
         ``storage_uri`` (where the cells' checkpoints and leases live) is tagged on the parent,
         so that ``hpsweep status`` reads the right leases without being told; ``overrides``
         (the driver's ``--set FIELD=VALUE``) are tagged there too, and kept with the file as
@@ -252,7 +265,7 @@ class SweepTracker:
                 TAG["role"]: "sweep", TAG["sweep"]: self.sweep_name})
             self.parent_run_id = run.info.run_id
         client.set_tag(self.parent_run_id, TAG["spec_hash"], spec_hash)
-        client.set_tag(self.parent_run_id, TAG["code"], code_version())
+        client.set_tag(self.parent_run_id, TAG["code"], code or code_version())
         if storage_uri:
             client.set_tag(self.parent_run_id, TAG["storage"], storage_uri)
         if description:

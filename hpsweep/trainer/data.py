@@ -6,7 +6,8 @@ bases (the sweep file's directory, then the data root; standalone, the current d
 then the data root) and may not climb out of them (``../../etc/passwd`` is refused, as is a
 relative path whose ``..`` leaves the base). ``output:NAME`` names a file an earlier run wrote
 through ``run.output(NAME)``; the run resolves it. The data root is ``HPSWEEP_DATA_ROOT``
-(or ``HPSWEEP_SHARED_DATA``), else ``../shared/data`` from the current directory.
+(or ``HPSWEEP_SHARED_DATA``) when set; without it, relative locations resolve under the sweep
+file's directory (standalone: the current directory) alone.
 :func:`check_location` and :func:`check_output_name` say what is wrong with a value before
 anything runs (``hpsweep validate``); :func:`locate` resolves one (``run.data_path``).
 
@@ -36,15 +37,16 @@ class PathEscape(ValueError):
     """A relative location that climbs out of its bases, or an output name that is a path."""
 
 
-def data_root() -> Path:
-    """``HPSWEEP_DATA_ROOT`` (or ``HPSWEEP_SHARED_DATA``), else ``../shared/data`` from here."""
+def data_root() -> Path | None:
+    """``HPSWEEP_DATA_ROOT`` (or ``HPSWEEP_SHARED_DATA``), absolute; None when neither is set."""
     given = os.environ.get("HPSWEEP_DATA_ROOT") or os.environ.get("HPSWEEP_SHARED_DATA")
-    return Path(os.path.normpath(Path(given or Path.cwd() / ".." / "shared" / "data").expanduser().absolute()))
+    return Path(os.path.normpath(Path(given).expanduser().absolute())) if given else None
 
 
 def standalone_bases() -> list[Path]:
     """Where a relative location resolves for a trainer run on its own: here, then the data root."""
-    return [Path.cwd(), data_root()]
+    root = data_root()
+    return [Path.cwd()] + ([root] if root is not None else [])
 
 
 def expand_vars(uri: str) -> str:

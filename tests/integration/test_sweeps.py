@@ -34,7 +34,7 @@ def test_the_list_covers_every_cpu_sized_sweep() -> None:
 def test_cpu_sweep_runs_end_to_end(name: str, mlflow_server, local_ray, tmp_path_factory, monkeypatch) -> None:
     from hpsweep.run.engine import run_sweep
 
-    monkeypatch.chdir(ROOT)  # the data root defaults to ../shared/data from here
+    monkeypatch.chdir(ROOT)  # tests/conftest.py points the data root at ../shared/data
     path = ROOT / "sweeps" / name
     spec = load_spec(path)
     # one storage for all: stage 2 of the LM reads the output stage 1 wrote there (outputs/)
