@@ -1,5 +1,5 @@
-"""``hpsweep``: validate | run | status | results | history | list | report | ui | schema, and against a Ray
-cluster submit | logs | stop | render rayjob (see :mod:`hpsweep.cluster`).
+"""``hpsweep``: validate | run | status | results | history | list | report | ui | schema | new
+trainer, and against a Ray cluster submit | logs | stop | render rayjob (see :mod:`hpsweep.cluster`).
 
 User errors (a bad sweep file, an unreachable server, a bad flag) print their message and exit
 with 2, without a traceback; ``--debug`` shows it. Ray is imported only by ``run``.
@@ -85,6 +85,7 @@ def cmd_run(args) -> int:
     _check_tracking(tracking_uri)
     storage = args.storage or os.environ.get("HPSWEEP_STORAGE")
     _check_storage(storage, args.s3_endpoint)
+    preflight.check_requirements(spec, args.sweep)
     preflight.check_data(spec, args.sweep)
     node_wait = resources.node_wait(args.node_wait)
     if address and not args.allow_local_store:
@@ -449,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cluster.register(sub)
     _add_overrides(sub)
+    from hpsweep import scaffold  # new trainer NAME [--command]
+
+    scaffold.register(sub)
     return parser
 
 

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hpsweep.cluster.shipping import WORKING_DIR_EXCLUDES, no_credentials, stage_working_dir
+from hpsweep.cluster.shipping import WORKING_DIR_EXCLUDES, no_credentials, shipped_with, stage_working_dir
 from hpsweep.errors import ClusterError, SweepFileMissing, UnknownJob, UsageError
 from hpsweep.store.mlflow import TAG  # a job is labelled with its sweep as its runs are
 
@@ -175,6 +175,7 @@ def build_submission(
     anything is sent.
     """
     from hpsweep.spec.model import load_spec  # lazily: ``hpsweep logs`` needs no spec machinery
+    from hpsweep.spec.requirements import pip_packages
 
     sweep = Path(sweep)
     if not sweep.is_file():
@@ -221,6 +222,11 @@ def build_submission(
         # entrypoint writes it to a file inside the container before running it
         if pip or working_dir:
             raise UsageError("--image runs the code inside the image: drop --pip and --working-dir")
+        ref = spec.trainer_info().ref
+        if spec.requirements or (ref is not None and ref.source is not None):
+            raise UsageError(f"{sweep}: --image runs the code inside the image, and this sweep's trainer "
+                             "(a file or directory) or its requirements would not travel with it: build "
+                             "them into the image and name the trainer as a module, or drop --image")
         runtime_env["image_uri"] = image
         env_vars["HPSWEEP_SWEEP_YAML"] = sweep.read_text()
         target = f"/tmp/hpsweep-{sweep.name}"
@@ -238,13 +244,14 @@ def build_submission(
                 f"{sweep}: the sweep file must be inside the working directory {root} "
                 "that is shipped to the cluster (pass --working-dir)"
             ) from None
-        staged, stripped = stage_working_dir(root, sweep, spec)
+        staged, stripped = stage_working_dir(root, sweep, spec, shipped_with(spec, root))
         if stripped:
             print(f"hpsweep: left out of the job (credentials never travel with it): "
                   f"{', '.join(sorted(stripped))}", file=sys.stderr)
         runtime_env.update(working_dir=str(staged), excludes=list(WORKING_DIR_EXCLUDES))
-        if pip:
-            runtime_env["pip"] = list(pip)
+        packages = pip_packages(list(spec._requirements), root) + list(pip or [])
+        if packages:  # Ray's runtime environment installs them on every node the job uses
+            runtime_env["pip"] = packages
         entrypoint = shlex.join(["hpsweep", "run", relative.as_posix(), *flags])
 
     return {

@@ -1,7 +1,8 @@
 """What a submitted job carries to a cluster: an allow-list, never the directory. The packages, the
-sweep file and the files it names inside the project go; credential files never do (left out of
-the packages with a message, refused when the sweep names one), and neither does a URL that
-carries a password or a token."""
+sweep file, the files it names inside the project, its trainer (a file or a package directory)
+and its local requirements (wheels) go; credential files never do (left out of the packages with
+a message, refused when the sweep names one), and neither does a URL that carries a password or
+a token."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from urllib.parse import urlsplit
 
 from hpsweep.errors import CredentialRefused, UsageError
 
-__all__ = ["stage_working_dir", "no_credentials", "SHIPPED_PACKAGES", "CREDENTIAL_NAMES", "WORKING_DIR_EXCLUDES"]
+__all__ = ["stage_working_dir", "shipped_with", "no_credentials", "SHIPPED_PACKAGES", "CREDENTIAL_NAMES",
+           "WORKING_DIR_EXCLUDES"]
 
 #: never shipped in a working directory: environments, caches, local results
 WORKING_DIR_EXCLUDES = [
@@ -88,9 +90,31 @@ def _named_files(spec: Any, root: Path, sweep_dir: Path) -> list[Path]:
     return found
 
 
-def stage_working_dir(root: Path, sweep: Path, spec: Any) -> tuple[Path, list[str]]:
+def shipped_with(spec: Any, root: Path) -> list[Path]:
+    """What the sweep's own code needs shipped: its trainer's file or package directory and its
+    local requirements (wheels, a requirements file); each must be inside ``root``."""
+    wanted: list[tuple[str, Path]] = []
+    ref = spec.trainer_info().ref
+    if ref is not None and ref.source is not None:
+        wanted.append((f"trainer {ref.text}", Path(ref.source)))
+    base = Path(spec.trainer_base())
+    if isinstance(spec.requirements, str):
+        wanted.append((f"requirements {spec.requirements}", base / spec.requirements))
+    wanted += [(f"requirement {r.text}", r.path) for r in spec._requirements if r.path is not None]
+    out = []
+    for what, path in wanted:
+        path = path.resolve()
+        if not path.is_relative_to(root.resolve()):
+            raise UsageError(f"{what}: {path} is outside the working directory {root} that is shipped "
+                             "to the cluster; move it inside, or pass --working-dir")
+        out.append(path)
+    return out
+
+
+def stage_working_dir(root: Path, sweep: Path, spec: Any, extra: list[Path] = ()) -> tuple[Path, list[str]]:
     """Copy what the job needs into a fresh directory: the packages (``SHIPPED_PACKAGES`` found
-    in ``root``), the sweep file and what it names inside ``root``, at the same relative paths.
+    in ``root``), the sweep file and what it names inside ``root``, and ``extra`` (the trainer
+    and local requirements, :func:`shipped_with`), at the same relative paths.
 
     Credential files are left out of the packages (returned, for a message); a sweep file, or a
     file it names, that looks like one is refused.
@@ -111,7 +135,7 @@ def stage_working_dir(root: Path, sweep: Path, spec: Any) -> tuple[Path, list[st
                 skip.append(name)
         return skip
 
-    wanted = [sweep.resolve(), *_named_files(spec, root, sweep.resolve().parent)]
+    wanted = [sweep.resolve(), *_named_files(spec, root, sweep.resolve().parent), *extra]
     for path in wanted:
         relative = path.relative_to(root)
         if any(_is_credential(part) for part in relative.parts):

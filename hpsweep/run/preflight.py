@@ -147,6 +147,19 @@ def _s3_answers(uri: str) -> str | None:
     return None
 
 
+def check_requirements(spec, sweep_path: str | Path) -> None:
+    """Every package of the sweep's ``requirements:`` is installed here (a local run, or the
+    driver of a job, whose runtime environment installed them); the missing ones named."""
+    from hpsweep.spec.requirements import missing
+
+    absent = missing(list(spec._requirements))
+    if absent:
+        where = f"{sweep_path}:{spec._requirements_line}" if spec._requirements_line else str(sweep_path)
+        raise Unusable(f"{where}: requirements: not installed here: {', '.join(absent)}; install them "
+                       f"(pip install ...) or run on a cluster with `hpsweep submit`, which installs them "
+                       f"on its nodes")
+
+
 def check_data(spec, sweep_path: str | Path) -> None:
     """Every data location the sweep names (fixed config and swept values of the fields its
     trainer's Config marks as :class:`hpsweep.trainer.config.DataPath`) exists: local paths

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 __all__ = ["check_against_trainer", "check_raw_against_trainer"]
 
 
-def check_raw_against_trainer(data: dict, loaded: LoadedYaml) -> list[Problem]:
+def check_raw_against_trainer(data: dict, loaded: LoadedYaml, base_dir=None) -> list[Problem]:
     """What can be checked against the trainer when the file itself did not validate (a bad
     ``mode``, a missing ``metric``): that the trainer exists and reports the metric, so that
     these problems come with the others instead of after they are fixed."""
@@ -28,7 +28,7 @@ def check_raw_against_trainer(data: dict, loaded: LoadedYaml) -> list[Problem]:
     if not isinstance(trainer, str):
         return []
     try:
-        info = load_config(trainer)
+        info = load_config(trainer, base_dir=Path(base_dir) if base_dir is not None else None)
     except UnknownTrainer as exc:
         return [Problem(loaded.line_of(("trainer",)), "trainer", str(exc))]
     except Exception:   # the trainer's own import problems are reported once the file validates

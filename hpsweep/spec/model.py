@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, Field, PrivateAttr, Tag, ValidationError, field_validator, model_validator
 
 from hpsweep.spec import overrides as _overrides
+from hpsweep.spec import requirements
 from hpsweep.spec.checks import check_against_trainer, check_raw_against_trainer
 from hpsweep.spec.domains import GRID_KINDS, KINDS, SAMPLED_KINDS, Domain, Model, VariantValue, wrap_fixed
 from hpsweep.spec.problems import Problem, SpecError
@@ -159,12 +160,17 @@ class SweepSpec(Model):
     checkpoint: Checkpointing = Checkpointing()
     selection: Selection | None = None
     claims: list[Claim] = Field(default_factory=list)
+    # Python packages the trainer needs: a list, or a requirements file's path (hpsweep.spec.requirements)
+    requirements: list[str] | str | None = None
     # the validated points and configs, kept by load_spec for plan() (hpsweep.spec.points)
     _points: Any = PrivateAttr(default=None)
     # the sweep file's directory (relative data paths resolve under it or the data root)
     _base_dir: Any = PrivateAttr(default=None)
     # where each field came from: a line of the file or a --set (hpsweep.spec.overrides.Sources)
     _sources: Any = PrivateAttr(default=None)
+    # the parsed requirements and the line of `requirements:` in the file
+    _requirements: Any = PrivateAttr(default=())
+    _requirements_line: Any = PrivateAttr(default=None)
 
     @field_validator("name")
     @classmethod
@@ -410,11 +416,15 @@ def _validate(loaded, problems: list[Problem], source: str, base_dir: str | Path
             problems.append(Problem(loaded.line_of(loc), ".".join(map(str, loc)),
                                     _message(err, tuple(err["loc"]))))
         # every problem at once: the trainer and the metric are checked even so
-        problems += [p for p in check_raw_against_trainer(data, loaded)
+        problems += [p for p in check_raw_against_trainer(data, loaded, base_dir)
                      if p.path not in {q.path for q in problems}]
         raise SpecError(source, problems) from None
     spec._base_dir = Path(base_dir) if base_dir is not None else None
     problems += check_against_trainer(spec, loaded)
+    if spec.requirements is not None:
+        spec._requirements_line = loaded.line_of(("requirements",))
+        spec._requirements, messages = requirements.parse(spec.requirements, Path(spec.trainer_base()))
+        problems += [Problem(spec._requirements_line, "requirements", m) for m in messages]
     if problems:
         raise SpecError(source, problems)
     return spec

@@ -1,4 +1,5 @@
-"""Run a trainer standalone: ``python -m trainers.NAME key=value ... [--out DIR]``.
+"""Run a trainer standalone: ``python -m hpsweep.trainer TRAINER key=value ... [--out DIR]`` (any
+trainer; ``hpsweep/trainer/__main__.py``), or ``python -m trainers.NAME ...`` for a built-in.
 
 No Ray, no MLflow: a :class:`~hpsweep.trainer.run.LocalRun` writes ``metrics.jsonl`` and
 ``checkpoint.pt`` under ``--out``; running the same command again resumes from it. Outputs
@@ -14,6 +15,7 @@ import dataclasses
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from hpsweep.trainer.config import OutputName, build_config, config_fields, parse_text, path_fields
@@ -23,9 +25,10 @@ from hpsweep.trainer.run import LocalRun
 __all__ = ["main"]
 
 
-def main(name: str, config_cls: type, train: Callable[[Any, Any], None], argv: Sequence[str] | None = None) -> int:
+def main(name: str, config_cls: type, train: Callable[[Any, Any], None], argv: Sequence[str] | None = None,
+         prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog=f"python -m trainers.{name}",
+        prog=prog or f"python -m trainers.{name}",
         description=f"Run the {name} trainer without Ray or MLflow.",
         epilog="options (key=value): " + ", ".join(
             f"{f.name}={f.default!r}" for f in dataclasses.fields(config_cls)),
@@ -61,7 +64,8 @@ def main(name: str, config_cls: type, train: Callable[[Any, Any], None], argv: S
     if problems:
         print("\n".join(problems), file=sys.stderr)
         return 2
-    out = args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem = Path(name.rstrip("/")).stem or "trainer"
+    out = args.out or f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = LocalRun(out, echo=True, outputs_dir=args.outputs, bases=bases)
     print(f"{name}: {config}\nwriting to {out}", flush=True)
     try:

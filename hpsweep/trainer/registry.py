@@ -154,10 +154,8 @@ def _unknown(text: str, base: Path, why: str) -> UnknownTrainer:
     if not close and not _is_path(text):  # `logreg` for ./logreg.py
         close = difflib.get_close_matches(f"./{text}.py", files, n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    known = ", ".join(names)
-    beside = f"; beside the sweep file: {', '.join(files)}" if files else ""
-    return UnknownTrainer(f"{why}{hint}; registered trainers: {known}{beside}; or a module path "
-                          "(mylab.logreg) or a file (./logreg.py)")
+    return UnknownTrainer(f"{why}{hint}; registered trainers: {', '.join(names)}; or a module path "
+                          "(mylab.logreg) or a file beside the sweep file (./logreg.py)")
 
 
 def resolve(text: str, base_dir: str | Path | None = None) -> TrainerRef:

@@ -44,7 +44,8 @@ def test_run_with_a_bad_file_starts_nothing(tmp_path, capsys, monkeypatch) -> No
     proc = subprocess.run([sys.executable, "-c", probe, str(bad)], capture_output=True, text=True,
                           cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
-    assert "unknown trainer 'sleeep'; registered trainers: command, mbpa, sleep, snap" in proc.stderr
+    assert "unknown trainer 'sleeep' (did you mean 'sleep'?); registered trainers: command, mbpa, sleep, snap" \
+        in proc.stderr
     assert proc.stdout.strip() == "NO_RAY_TUNE", "a bad sweep file imported ray.tune"
     assert not (tmp_path / ".hpsweep").exists(), "something was created for a bad sweep"
 

@@ -116,8 +116,9 @@ def test_tag_names_and_the_mlflow_client_live_in_the_store():
 #: a package (or top-level module) of hpsweep/ may import only those of a higher number: the
 #: flow read from the user's side down to the trainer contract (the CLI a shell over the Python API:
 #: cli -> api); spec and store share a rank and
-#: import neither each other; errors, fmt and the package root (its version) are leaves every layer may use
-RANK = {"__init__": 6, "cli": 0, "api": 0.5, "cluster": 1, "run": 2, "views": 3, "spec": 4, "store": 4,
+#: import neither each other; errors, fmt and the package root (its version) are leaves every layer may use;
+#: scaffold (``hpsweep new``, which cli registers) ranks with cluster
+RANK = {"__init__": 6, "cli": 0, "api": 0.5, "scaffold": 1, "cluster": 1, "run": 2, "views": 3, "spec": 4, "store": 4,
         "trainer": 5, "errors": 6, "fmt": 6}
 
 

@@ -21,7 +21,7 @@ BAD = [
     (HEAD + "name: u\n", ["bad.yaml:4: name: duplicate key (first defined on line 1); remove one of them"]),
     (HEAD + "num_sample: 3\n", ["bad.yaml:4: num_sample: unknown key (known keys: name, description, "
                                "trainer, config, parameters, variants, exclude, seeds, metric, search, "
-                               "scheduler, resources, max_concurrent, retries, bundle, checkpoint, selection, claims)"]),
+                               "scheduler, resources, max_concurrent, retries, bundle, checkpoint, selection, claims, requirements)"]),
     (HEAD + "search: {algorithm: random, num_sample: 3}\n",
      ["bad.yaml:4: search.num_sample: unknown key (did you mean 'samples'?)"]),
     (HEAD + "sceduler: {type: fifo}\n", ["bad.yaml:4: sceduler: unknown key (did you mean 'scheduler'?)"]),
@@ -53,7 +53,8 @@ BAD = [
      ["bad.yaml:4: search: samples is for random and optuna searches; a grid runs every cell (repeat it with seeds instead)"]),
     (HEAD + "search: {algorithm: random}\n", ["bad.yaml:4: search: algorithm 'random' needs samples: N"]),
     ("name: t\ntrainer: nope\nmetric: {name: loss, mode: min}\n",
-     ["bad.yaml:2: trainer: unknown trainer 'nope'; registered trainers: command, mbpa, sleep, snap"]),
+     ["bad.yaml:2: trainer: unknown trainer 'nope'; registered trainers: command, mbpa, sleep, snap; "
+      "or a module path (mylab.logreg) or a file beside the sweep file (./logreg.py)"]),
     ("name: t\ntrainer: sleep\nmetric: {name: los, mode: min}\n",
      ["bad.yaml:3: metric.name: trainer 'sleep' does not report 'los'; it reports: loss, score, extra/*"]),
     ("name: t\ntrainer: sleep\nmetric: {name: loss, mode: minimum}\n",
@@ -75,7 +76,7 @@ BAD = [
     (HEAD + "parameters:\n  x: {grid: [1]}\nexclude:\n  - {y: 1}\n", ["bad.yaml:7: exclude.0.y: exclude names a parameter that is not swept"]),
     (HEAD + "evil: !!python/object/apply:os.system [echo hacked]\n",
      ["bad.yaml:4: evil: tag 'tag:yaml.org,2002:python/object/apply:os.system' is not allowed (only plain YAML data: mappings, lists, strings, numbers, booleans, null)",
-      "bad.yaml:4: evil: unknown key (known keys: name, description, trainer, config, parameters, variants, exclude, seeds, metric, search, scheduler, resources, max_concurrent, retries, bundle, checkpoint, selection, claims)"]),
+      "bad.yaml:4: evil: unknown key (known keys: name, description, trainer, config, parameters, variants, exclude, seeds, metric, search, scheduler, resources, max_concurrent, retries, bundle, checkpoint, selection, claims, requirements)"]),
     (HEAD + "parameters:\n  x: {pow10: [-1]}\nsearch: {algorithm: optuna, samples: 3}\nseeds: 2\n",
      ["bad.yaml:7: seeds: optuna tunes one seed at a time: give seeds: 1 (or a one-seed list), then rerun the best configurations with more seeds as a grid"]),
     # every problem at once (issue 22): a type error does not hide a broken invariant, a bad
