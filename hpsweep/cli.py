@@ -77,6 +77,7 @@ def cmd_run(args) -> int:
     from hpsweep.store.mlflow import resolve_tracking_uri
 
     spec = _load(args.sweep, args)  # every problem reported before Ray starts
+    preflight.check_requirements(spec, args.sweep)
     address = args.address or os.environ.get("HPSWEEP_RAY_ADDRESS")
     if not address:  # in-process Ray: a trial this machine cannot hold fails before anything
         resources.check_local(spec)
@@ -85,7 +86,6 @@ def cmd_run(args) -> int:
     _check_tracking(tracking_uri)
     storage = args.storage or os.environ.get("HPSWEEP_STORAGE")
     _check_storage(storage, args.s3_endpoint)
-    preflight.check_requirements(spec, args.sweep)
     preflight.check_data(spec, args.sweep)
     node_wait = resources.node_wait(args.node_wait)
     if address and not args.allow_local_store:

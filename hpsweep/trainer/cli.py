@@ -38,7 +38,7 @@ def main(name: str, config_cls: type, train: Callable[[Any, Any], None], argv: S
     parser.add_argument("--outputs", default=None,
                         help="where run.output files go and output:NAME reads from (default OUT/outputs)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     values: dict[str, Any] = {}
     for item in args.options:
         key, sep, text = item.partition("=")

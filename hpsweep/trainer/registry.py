@@ -185,13 +185,20 @@ def resolve(text: str, base_dir: str | Path | None = None) -> TrainerRef:
             raise TrainerError(f"entry point {text} = {value!r} in group {GROUP}: name a module "
                                f"({value.split(':')[0]!r}), not an object in it")
         return TrainerRef(text, "entry point", value)
-    if _MODULE.match(text):
+    if _MODULE.match(text) and text.split(".")[0] not in _FROM_FILE:
+        # as the sweep's process finds it: not through the directories of file trainers that an
+        # earlier sweep of the same `validate` put on sys.path
+        added = {str(Path(source).parent) for source in _FROM_FILE.values()}
+        kept = sys.path[:]
+        sys.path[:] = [p for p in kept if p not in added]
         try:
             found = importlib.util.find_spec(text)
         except (ImportError, ValueError):
             found = None
         except Exception as exc:  # a parent package that raises on import
             raise TrainerError(_import_failure(text, exc, None)) from None
+        finally:
+            sys.path[:] = kept
         if found is not None:
             return TrainerRef(text, "module", text)
     raise _unknown(text, base, f"unknown trainer {text!r}")
@@ -214,17 +221,37 @@ def _import_failure(module: str, exc: BaseException, source: str | None) -> str:
     return f"{where}{message} (importing {module})"
 
 
+#: module name -> the file or package directory a file or package trainer was imported from
+_FROM_FILE: dict[str, str] = {}
+
+
+def _make_room(ref: TrainerRef) -> None:
+    """Put the trainer's directory first on ``sys.path``; a module of the same name imported
+    earlier from another trainer's file (two sweeps in one ``validate``) is set aside."""
+    taken = sys.modules.get(ref.module)
+    where = getattr(taken, "__file__", None) or ""
+    mine = Path(ref.source).resolve()
+    if taken is not None and not Path(where).resolve().is_relative_to(mine):
+        earlier = _FROM_FILE.get(ref.module)
+        if earlier is None:
+            raise TrainerError(f"{ref.text}: the module name {ref.module!r} is already taken by "
+                               f"{where or 'a built-in module'}; rename the file or directory")
+        for name in [m for m in sys.modules if m == ref.module or m.startswith(ref.module + ".")]:
+            del sys.modules[name]
+        with_earlier = str(Path(earlier).parent)
+        if with_earlier in sys.path and with_earlier != ref.path:
+            sys.path.remove(with_earlier)
+    if ref.path in sys.path:
+        sys.path.remove(ref.path)
+    sys.path.insert(0, ref.path)
+    importlib.invalidate_caches()
+
+
 def _import(ref: TrainerRef, name: str | None = None):
     """Import ``name`` (default the trainer's module) as the driver and every worker do."""
     name = name or ref.module
-    if ref.path is not None:
-        if ref.path not in sys.path:
-            sys.path.insert(0, ref.path)
-        taken = sys.modules.get(ref.module)
-        where = getattr(taken, "__file__", None) or ""
-        if taken is not None and not Path(where).resolve().is_relative_to(Path(ref.source).resolve()):
-            raise TrainerError(f"{ref.text}: the module name {ref.module!r} is already taken by "
-                               f"{where or 'a built-in module'}; rename the file or directory")
+    if ref.path is not None and name == ref.module:
+        _make_room(ref)
     try:
         module = importlib.import_module(name)
     except TrainerError:
@@ -241,6 +268,7 @@ def _import(ref: TrainerRef, name: str | None = None):
         if not where.is_relative_to(Path(ref.source).resolve()):
             raise TrainerError(f"{ref.text}: the module name {ref.module!r} is already taken by {where}; "
                                "rename the file or directory")
+        _FROM_FILE[ref.module] = ref.source
     return module
 
 
