@@ -273,3 +273,18 @@ def test_the_scaffold_validates_and_its_test_passes(tmp_path):
     test = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_fitscript.py"],
                           cwd=command, capture_output=True, text=True, timeout=120)
     assert test.returncode == 0, test.stdout + test.stderr
+
+
+def test_the_example_trainer_validates_and_learns(tmp_path):
+    """examples/logreg: its sweep validates; the trainer alone, one epoch on 2,000 MNIST images,
+    well above chance (softmax regression reaches about 0.9 on MNIST; chance is 0.1)."""
+    data = Path(os.environ["HPSWEEP_DATA_ROOT"]) / "mnist"   # tests/conftest.py points it at ../shared/data
+    example = REPO / "examples" / "logreg"
+    spec = load_spec(example / "logreg.yaml")
+    assert spec.trainer_info().reports(spec.metric.name)
+    out = subprocess.run([sys.executable, "-m", "hpsweep.trainer", str(example / "logreg.py"), "epochs=1",
+                          "train_size=2000", f"data_dir={data}", "--out", "out"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    (row,) = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert row["step"] == 1 and row["test/acc"] > 0.8 and row["valid/acc"] > 0.8

@@ -1,0 +1,109 @@
+"""``hpsweep submit`` of a user's own trainer, with a requirement, to the real two-node Ray
+cluster on loopback (``ray_cluster`` in conftest.py): the trainer file and the requirement (a
+small wheel built here, so no package index is needed) travel with the job, Ray's runtime
+environment installs the wheel on the node, and the cells run on the second node with it.
+What is asserted is MLflow's: run statuses, the node each ran on, the metric the requirement
+gives."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+HPSWEEP = str(Path(sys.executable).with_name("hpsweep"))
+
+#: the requirement: a distribution with one module and a constant the trainer reports
+MAGIC = 42.5
+
+#: the user's trainer: it imports its requirement where it trains (the submitting machine,
+#: which validates the sweep, does not have it)
+TRAINER = '''\
+import dataclasses
+
+METRICS = ("loss", "magic")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    x: float = 0.0
+
+
+def train(config, run):
+    import hps_req_demo
+
+    run.report(1, loss=config.x ** 2, magic=hps_req_demo.MAGIC)
+'''
+
+
+def _wheel(tmp_path: Path, into: Path) -> Path:
+    src = tmp_path / "req-src"
+    (src / "hps_req_demo").mkdir(parents=True)
+    (src / "pyproject.toml").write_text(textwrap.dedent("""\
+        [build-system]
+        requires = ["setuptools"]
+        build-backend = "setuptools.build_meta"
+
+        [project]
+        name = "hps-req-demo"
+        version = "1.2.0"
+
+        [tool.setuptools]
+        packages = ["hps_req_demo"]
+        """))
+    (src / "hps_req_demo" / "__init__.py").write_text(f"MAGIC = {MAGIC}\n")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "--no-index", "-w", str(into), str(src)], check=True, capture_output=True, timeout=300)
+    (wheel,) = into.glob("hps_req_demo-1.2.0-*.whl")
+    return wheel
+
+
+def _hpsweep(cluster, *args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, **cluster.env}
+    env.pop("RAY_AUTH_MODE")
+    return subprocess.run([HPSWEEP, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_submitted_own_trainer_runs_on_the_worker_with_its_requirement(ray_cluster, mlflow_server, moto_server,
+                                                                      tmp_path):
+    from test_cluster import _cell_runs, _nodes
+
+    assert subprocess.run([sys.executable, "-c", "import hps_req_demo"], capture_output=True).returncode != 0
+    project = tmp_path / "project"          # the user's project: no hpsweep in it
+    (project / "wheels").mkdir(parents=True)
+    wheel = _wheel(tmp_path, project / "wheels")
+    (project / "fit.py").write_text(TRAINER)
+    name = "cluster-own-trainer"
+    (project / f"{name}.yaml").write_text(yaml.safe_dump({
+        "name": name, "trainer": "./fit.py",
+        "requirements": [f"./wheels/{wheel.name}"],
+        "parameters": {"x": {"grid": [0.5, 1.5]}},
+        "metric": {"name": "loss", "mode": "min"},
+        # half a GPU: only the second node declares one, so the cells run there
+        "resources": {"cpus": 1, "gpus": 0.5},
+    }, sort_keys=False))
+    bucket = moto_server.create_bucket()
+    submitted = _hpsweep(ray_cluster, "submit", f"{name}.yaml", "--address", ray_cluster.dashboard_url,
+                         "--tracking-uri", mlflow_server.url, "--storage", f"s3://{bucket}/ckpt",
+                         "--s3-endpoint", moto_server.url, cwd=project, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    logs = _hpsweep(ray_cluster, "logs", job_id, "--follow", "--address", ray_cluster.dashboard_url,
+                    cwd=project, timeout=480)
+    assert logs.returncode == 0, logs.stdout[-4000:] + logs.stderr[-2000:]
+
+    (gpu_node,) = [n for n, res in _nodes(ray_cluster).items() if res.get("GPU", 0) > 0]
+    client, exp, runs = _cell_runs(mlflow_server.url, name)
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.tags["hpsweep.node_id"] for r in runs} == {gpu_node}
+    for r in runs:
+        assert r.data.metrics["magic"] == MAGIC     # imported from the installed requirement
+        assert r.data.metrics["loss"] == pytest.approx(float(r.data.params["x"]) ** 2)
