@@ -123,6 +123,13 @@ def rayjob_manifests(
     if not sweep.is_file():
         raise SweepFileMissing(f"{sweep}: no such sweep file")
     spec = load_spec(sweep)
+    ref = spec.trainer_info().ref
+    local = [r.text for r in spec._requirements if r.path is not None]
+    if (ref is not None and ref.source is not None) or local:
+        what = f"trainer {ref.text}" if ref is not None and ref.source is not None else ", ".join(local)
+        raise UsageError(f"{sweep}: {what}: a RayJob runs the code of its image and carries only the sweep "
+                         "file; install the trainer (and local wheels) in the image and name it as a module, "
+                         "or use `hpsweep submit`, which ships them")
     for flag, value in (("--max-cpu-workers", max_cpu_workers), ("--max-gpu-workers", max_gpu_workers)):
         if value < 0:
             raise UsageError(f"{flag} must be >= 0, got {value}")
@@ -209,6 +216,8 @@ def rayjob_manifests(
             "rayClusterSpec": cluster,
         },
     }
+    if spec._requirements:  # installed on the nodes by Ray's runtime environment
+        rayjob["spec"]["runtimeEnvYAML"] = yaml.safe_dump({"pip": [r.text for r in spec._requirements]})
     configmap = {
         "apiVersion": "v1",
         "kind": "ConfigMap",

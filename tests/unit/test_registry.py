@@ -288,3 +288,22 @@ def test_the_example_trainer_validates_and_learns(tmp_path):
     assert out.returncode == 0, out.stderr
     (row,) = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert row["step"] == 1 and row["test/acc"] > 0.8 and row["valid/acc"] > 0.8
+
+
+def test_render_rayjob_installs_named_requirements_and_refuses_code_it_cannot_carry(tmp_path):
+    from hpsweep.cluster.render import rayjob_manifests
+    from hpsweep.errors import UsageError
+
+    (tmp_path / "logreg.py").write_text(LOGREG)
+    with pytest.raises(UsageError, match=r"trainer ./logreg.py: a RayJob runs the code of its image"):
+        rayjob_manifests(_sweep(tmp_path, "./logreg.py", "file"))
+    (tmp_path / "lab").mkdir()
+    (tmp_path / "lab" / "labfit.py").write_text(LOGREG)
+    sys.path.insert(0, str(tmp_path / "lab"))
+    try:
+        _, job = rayjob_manifests(_sweep(tmp_path, "labfit", "module", "requirements: [scikit-learn>=1.4]\n"))
+    finally:
+        sys.path.remove(str(tmp_path / "lab"))
+    import yaml
+
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"]) == {"pip": ["scikit-learn>=1.4"]}
