@@ -175,7 +175,7 @@ def build_submission(
     anything is sent.
     """
     from hpsweep.spec.model import load_spec  # lazily: ``hpsweep logs`` needs no spec machinery
-    from hpsweep.spec.requirements import pip_packages
+    from hpsweep.spec.requirements import runtime_env as requirements_env
 
     sweep = Path(sweep)
     if not sweep.is_file():
@@ -249,9 +249,10 @@ def build_submission(
             print(f"hpsweep: left out of the job (credentials never travel with it): "
                   f"{', '.join(sorted(stripped))}", file=sys.stderr)
         runtime_env.update(working_dir=str(staged), excludes=list(WORKING_DIR_EXCLUDES))
-        packages = pip_packages(list(spec._requirements), root) + list(pip or [])
-        if packages:  # Ray's runtime environment installs them on every node the job uses
-            runtime_env["pip"] = packages
+        # Ray's runtime environment installs them on every node the job uses
+        runtime_env.update(requirements_env(list(spec._requirements), root))
+        if pip:
+            runtime_env["pip"] = runtime_env.get("pip", []) + list(pip)
         entrypoint = shlex.join(["hpsweep", "run", relative.as_posix(), *flags])
 
     return {

@@ -1,8 +1,8 @@
 """What a submitted job carries to a cluster: an allow-list, never the directory. The packages, the
 sweep file, the files it names inside the project, its trainer (a file or a package directory)
-and its local requirements (wheels) go; credential files never do (left out of the packages with
-a message, refused when the sweep names one), and neither does a URL that carries a password or
-a token."""
+and its local source archives go (wheels go as Ray ``py_modules``); credential files never do
+(left out of the packages with a message, refused when the sweep names one), and neither does a
+URL that carries a password or a token."""
 
 from __future__ import annotations
 
@@ -92,15 +92,15 @@ def _named_files(spec: Any, root: Path, sweep_dir: Path) -> list[Path]:
 
 def shipped_with(spec: Any, root: Path) -> list[Path]:
     """What the sweep's own code needs shipped: its trainer's file or package directory and its
-    local requirements (wheels, a requirements file); each must be inside ``root``."""
+    local requirements that pip builds on the nodes (source archives; wheels travel as
+    ``py_modules``); each must be inside ``root``."""
+    from hpsweep.spec.requirements import shipped
+
     wanted: list[tuple[str, Path]] = []
     ref = spec.trainer_info().ref
     if ref is not None and ref.source is not None:
         wanted.append((f"trainer {ref.text}", Path(ref.source)))
-    base = Path(spec.trainer_base())
-    if isinstance(spec.requirements, str):
-        wanted.append((f"requirements {spec.requirements}", base / spec.requirements))
-    wanted += [(f"requirement {r.text}", r.path) for r in spec._requirements if r.path is not None]
+    wanted += [(f"requirement {path.name}", path) for path in shipped(list(spec._requirements))]
     out = []
     for what, path in wanted:
         path = path.resolve()

@@ -3,9 +3,11 @@
 Either a list (``[scikit-learn>=1.4, ./wheels/mylib-0.1-py3-none-any.whl]``) or the path of a
 requirements file, relative to the sweep file. Checked on load (each entry a requirement pip
 understands, a local file that exists); a local ``run`` checks that each is installed here and
-names the missing ones (:func:`missing`); ``submit`` ships the local files with the job and hands
-the list to Ray's runtime environment (``pip``), which installs it on every node
-(:func:`pip_packages`).
+names the missing ones (:func:`missing`); ``submit`` hands them to Ray's runtime environment,
+which installs them on every node the job uses (:func:`runtime_env`): local wheels as
+``py_modules`` (Ray uploads each and installs it with ``pip install --target``: seconds), the
+rest as ``pip`` (Ray makes a virtualenv per node first, a clone of the nodes' Python
+environment: minutes where that environment is large).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-__all__ = ["Requirement", "parse", "missing", "pip_packages", "WORKING_DIR_VAR"]
+__all__ = ["Requirement", "parse", "missing", "runtime_env", "shipped", "WORKING_DIR_VAR"]
 
 #: set by Ray's runtime-env agent, while it installs a job's pip packages, to the node's copy of
 #: the job's working directory (pip expands ``${VAR}`` in requirements files)
@@ -123,14 +125,22 @@ def missing(requirements: list[Requirement]) -> list[str]:
     return out
 
 
-def pip_packages(requirements: list[Requirement], root: Path) -> list[str]:
-    """The ``pip`` list of a job's runtime environment: a local file as its path in the node's
-    copy of the working directory ``root`` (which ships it), the others as written."""
-    out = []
+def shipped(requirements: list[Requirement]) -> list[Path]:
+    """The local files a job's working directory must carry: archives other than wheels (pip
+    builds them on the node; a wheel travels as a ``py_modules`` entry of its own)."""
+    return [r.path for r in requirements if r.path is not None and r.path.suffix != ".whl"]
+
+
+def runtime_env(requirements: list[Requirement], root: Path) -> dict[str, list[str]]:
+    """The ``py_modules`` (local wheels, by absolute path) and ``pip`` (the others; a shipped
+    archive as its path in the node's copy of the working directory ``root``) of a job."""
+    wheels, pip = [], []
     for req in requirements:
         if req.path is None:
-            out.append(req.text)
+            pip.append(req.text)
+        elif req.path.suffix == ".whl":
+            wheels.append(str(req.path.resolve()))
         else:
             relative = req.path.resolve().relative_to(root.resolve()).as_posix()
-            out.append(f"${{{WORKING_DIR_VAR}}}/{relative}")
-    return out
+            pip.append(f"${{{WORKING_DIR_VAR}}}/{relative}")
+    return {k: v for k, v in (("py_modules", wheels), ("pip", pip)) if v}
