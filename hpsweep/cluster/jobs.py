@@ -250,7 +250,7 @@ def build_submission(
                   f"{', '.join(sorted(stripped))}", file=sys.stderr)
         runtime_env.update(working_dir=str(staged), excludes=list(WORKING_DIR_EXCLUDES))
         # Ray's runtime environment installs them on every node the job uses
-        runtime_env.update(requirements_env(list(spec._requirements), root))
+        runtime_env.update(requirements_env(list(spec._requirements), root, staged))
         if pip:
             runtime_env["pip"] = runtime_env.get("pip", []) + list(pip)
         entrypoint = shlex.join(["hpsweep", "run", relative.as_posix(), *flags])

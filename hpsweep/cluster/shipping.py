@@ -1,6 +1,6 @@
 """What a submitted job carries to a cluster: an allow-list, never the directory. The packages, the
 sweep file, the files it names inside the project, its trainer (a file or a package directory)
-and its local source archives go (wheels go as Ray ``py_modules``); credential files never do
+and its local requirements (wheels, archives) go; credential files never do
 (left out of the packages with a message, refused when the sweep names one), and neither does a
 URL that carries a password or a token."""
 
@@ -92,8 +92,7 @@ def _named_files(spec: Any, root: Path, sweep_dir: Path) -> list[Path]:
 
 def shipped_with(spec: Any, root: Path) -> list[Path]:
     """What the sweep's own code needs shipped: its trainer's file or package directory and its
-    local requirements that pip builds on the nodes (source archives; wheels travel as
-    ``py_modules``); each must be inside ``root``."""
+    local requirements (wheels, source archives); each must be inside ``root``."""
     from hpsweep.spec.requirements import shipped
 
     wanted: list[tuple[str, Path]] = []

@@ -126,20 +126,21 @@ def missing(requirements: list[Requirement]) -> list[str]:
 
 
 def shipped(requirements: list[Requirement]) -> list[Path]:
-    """The local files a job's working directory must carry: archives other than wheels (pip
-    builds them on the node; a wheel travels as a ``py_modules`` entry of its own)."""
-    return [r.path for r in requirements if r.path is not None and r.path.suffix != ".whl"]
+    """The local files a job's working directory carries (the job's driver checks the sweep
+    file, and its requirements, again; pip builds a source archive from there)."""
+    return [r.path for r in requirements if r.path is not None]
 
 
-def runtime_env(requirements: list[Requirement], root: Path) -> dict[str, list[str]]:
-    """The ``py_modules`` (local wheels, by absolute path) and ``pip`` (the others; a shipped
-    archive as its path in the node's copy of the working directory ``root``) of a job."""
+def runtime_env(requirements: list[Requirement], root: Path, staged: Path) -> dict[str, list[str]]:
+    """The ``py_modules`` (local wheels: their copies in ``staged``, the job's working directory
+    as it is uploaded) and ``pip`` (the others; a source archive as its path in the node's copy
+    of the working directory, ``root`` on this machine) of a job."""
     wheels, pip = [], []
     for req in requirements:
         if req.path is None:
             pip.append(req.text)
         elif req.path.suffix == ".whl":
-            wheels.append(str(req.path.resolve()))
+            wheels.append(str(staged / req.path.resolve().relative_to(root.resolve())))
         else:
             relative = req.path.resolve().relative_to(root.resolve()).as_posix()
             pip.append(f"${{{WORKING_DIR_VAR}}}/{relative}")

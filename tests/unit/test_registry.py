@@ -235,14 +235,14 @@ def test_submit_ships_the_trainer_and_its_wheel_and_no_credentials(tmp_path):
                    "requirements: [./wheels/labutil-0.3-py3-none-any.whl, pyyaml>=5]\n")
     sub = build_submission(sweep, tracking_uri="http://mlflow:5000", storage="s3://b/p", working_dir=project)
     env = sub["runtime_env"]
-    assert env["py_modules"] == [str(project / "wheels" / "labutil-0.3-py3-none-any.whl")]
+    assert env["py_modules"] == [str(Path(env["working_dir"]) / "wheels" / "labutil-0.3-py3-none-any.whl")]
     assert env["pip"] == ["pyyaml>=5"]
     shipped = {p.relative_to(env["working_dir"]).as_posix() for p in Path(env["working_dir"]).rglob("*")
                if p.is_file() and p.relative_to(env["working_dir"]).parts[0] not in ("hpsweep", "trainers")}
     import shutil
 
     shutil.rmtree(env["working_dir"])   # what submit does once the job is sent
-    assert shipped == {"ship.yaml", "logreg.py"}   # the wheel travels as a py_modules entry
+    assert shipped == {"ship.yaml", "logreg.py", "wheels/labutil-0.3-py3-none-any.whl"}
     outside = tmp_path / "elsewhere.py"
     outside.write_text(LOGREG)
     far = _sweep(project, "../elsewhere.py", "far")
