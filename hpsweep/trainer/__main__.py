@@ -22,6 +22,9 @@ def _run(argv: list[str]) -> int:
     except TrainerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:  # its training code's own imports
+        print(f"error: {type(exc).__name__}: {exc} (importing the training code of {ref})", file=sys.stderr)
+        return 2
     return main(ref, info.Config, info.train, rest, prog=f"python -m hpsweep.trainer {ref}")
 
 

@@ -284,9 +284,11 @@ def _has_submodule(module, name: str) -> bool:
 def _contract(ref: TrainerRef, module) -> tuple[type, tuple[str, ...], Any]:
     """Config, METRICS and train (where the module defines it), checked; every problem in one
     TrainerError."""
-    holder = module
-    if not (hasattr(module, "Config") and hasattr(module, "METRICS")) and _has_submodule(module, "config"):
-        holder = _import(ref, f"{module.__name__}.config")
+    holder = module   # a `config` submodule holds them (and the hooks) where there is one
+    if _has_submodule(module, "config"):
+        config_module = _import(ref, f"{module.__name__}.config")
+        if hasattr(config_module, "Config") or not hasattr(module, "Config"):
+            holder = config_module
     problems = []
     config_cls = getattr(holder, "Config", None)
     where = getattr(holder, "__file__", None) or ref.module
@@ -373,14 +375,11 @@ def load_trainer(text: str, config: Mapping[str, Any] | None = None,
     """The trainer ready to run (its training loop imported too)."""
     info = load_config(text, config, base_dir)
     module = sys.modules[info.module]
-    try:
-        train = getattr(module, "train", None)
-        if train is None and _has_submodule(module, "training"):
-            train = getattr(_import(info.ref, f"{info.module}.training"), "train", None)
-    except TrainerError:
-        raise
-    except Exception as exc:  # a lazy export whose module fails to import
-        raise TrainerError(_import_failure(f"{info.module}.train", exc, info.ref.source)) from None
+    # the training code's own import errors go up as they are (a trial records them, with the
+    # trainer's frames, in the cell's run; ImportError is not retried)
+    train = getattr(module, "train", None)
+    if train is None and _has_submodule(module, "training"):
+        train = getattr(importlib.import_module(f"{info.module}.training"), "train", None)
     problem = "no train function" if train is None else _train_problem(train)
     if problem:
         raise TrainerError(f"{getattr(module, '__file__', None) or info.module}: trainer {text!r}: {problem}")

@@ -213,8 +213,8 @@ def test_a_checkpoint_directory_resumes_after_its_worker_is_killed(tmp_path, mlf
 def test_a_trainer_that_fails_before_training_ends_its_cells_at_once(tmp_path, mlflow_server, moto_server) -> None:
     """A trainer whose training module imports a missing package passes `validate` (only its
     config module is imported) and then fails every cell at once: not retried, each cell's run
-    FAILED with the reason, shown by `run` and by `status`. (The trainer is registered the way
-    a user had to before trainers from anywhere: a sitecustomize on PYTHONPATH.)"""
+    FAILED with the reason, shown by `run` and by `status`. (The trainer is a module on
+    PYTHONPATH, named by its module path.)"""
     lib = tmp_path / "lib"
     (lib / "brokentrainer").mkdir(parents=True)
     (lib / "brokentrainer" / "__init__.py").write_text("")
@@ -227,11 +227,9 @@ def test_a_trainer_that_fails_before_training_ends_its_cells_at_once(tmp_path, m
             x: float = 0.0
     """))
     (lib / "brokentrainer" / "training.py").write_text("import nosuchpackage_hpsweep_test\n")
-    (lib / "sitecustomize.py").write_text(
-        "from hpsweep.trainer.registry import TRAINERS\nTRAINERS['broken'] = 'brokentrainer'\n")
     path = project(tmp_path, {}, """\
         name: broken-start
-        trainer: broken
+        trainer: brokentrainer
         parameters:
           x: {grid: [0.0, 1.0, 2.0]}
         seeds: 2

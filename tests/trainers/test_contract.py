@@ -24,8 +24,8 @@ from hpsweep.trainer.run import LocalRun
 
 SHARED = Path(os.environ.get("HPSWEEP_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 CPU = torch.device("cpu")
-#: the built-in trainers (trainers/), as registered through the entry-point group hpsweep.trainers
-TRAINERS = {name: module for name, module in entry_points().items() if module.startswith("trainers.")}
+#: the built-in trainers (trainers/ and command), as registered through the entry-point group hpsweep.trainers
+TRAINERS = entry_points()
 
 #: the command trainer's source directory: empty (removed when the session ends)
 _EMPTY = tempfile.TemporaryDirectory(prefix="hpsweep-contract-")
