@@ -23,6 +23,7 @@ from hpsweep.store.leases import DONE, FAILED, RELEASED, STOPPED, HeldLease, Lea
 from hpsweep.store.mlflow import TAG
 from hpsweep.store.storage import Storage, open_storage
 from hpsweep.store.tracker import AlreadyFinished, CellTracker
+from hpsweep.trainer.registry import base_here, source_of
 
 __all__ = ["Host", "TrialRun", "CellFailed", "run_trial", "CELL", "ENDED", "CELL_S", "ENDED_BATCH",
            "FAILURE", "PERMANENT_KEY", "RUN_ID", "HELD_BY", "NO_RETRY", "LOST", "WARNING"]
@@ -154,9 +155,7 @@ def _summary(exc: BaseException, source: str | None = None) -> str:
 
     import trainers
 
-    roots = [Path(trainers.__file__).resolve().parent]
-    if source:
-        roots.append(Path(source).resolve())
+    roots = [Path(trainers.__file__).resolve().parent] + ([Path(source).resolve()] if source else [])
     head = f"{type(exc).__name__}: {exc}".strip()
     lines = [head.splitlines()[0][:500] if head else type(exc).__name__]
     for frame in traceback.extract_tb(exc.__traceback__):
@@ -179,13 +178,7 @@ def _fail(exc: Exception, cell: Cell, tracker: CellTracker | None, run: TrialRun
     not to retry a permanent one; returns what the trial raises instead."""
     import traceback
 
-    source = None
-    with contextlib.suppress(Exception):  # the trainer's own frames, wherever it lives
-        from hpsweep.trainer.registry import load_config
-
-        found = load_config(context["trainer"], base_dir=trainer_base(context)).source_dir()
-        source = str(found) if found else None
-    summary = _summary(exc, source)
+    summary = _summary(exc, source_of(context["trainer"], base_here(context.get("trainer_base"))))
     permanent = isinstance(exc, _PERMANENT)
     run_id = None
     if tracker is not None:
@@ -371,8 +364,7 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
     checkpoint = CellCheckpoint(storage, context["sweep"], context["experiment_id"], cell.id, lease)
     extra_tags = {TAG["node_ip"]: ray.util.get_node_ip_address(), TAG["node_id"]: runtime.get_node_id(),
                   TAG["trial"]: host.trial_id}
-    if context.get("code_version"):  # the trainer's own commit (hpsweep.store.mlflow.code_version)
-        extra_tags[TAG["code"]] = context["code_version"]
+    extra_tags.update({TAG["code"]: context["code_version"]} if context.get("code_version") else {})
     try:  # an unreadable checkpoint is set aside (the cell starts again); an unsafe one fails it
         resume, warning = checkpoint.checked(device, cell.label())
     except BaseException:
@@ -393,7 +385,7 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
     try:
         # Imported here, under the cell's lease and run: a trainer whose training module fails
         # to import fails its cell at once (ImportError is permanent), with the reason in its run.
-        info = load_trainer(context["trainer"], cell.config, base_dir=trainer_base(context))
+        info = load_trainer(context["trainer"], cell.config, base_dir=base_here(context.get("trainer_base")))
         # The planner validated this config (hpsweep.spec.points); the trial trusts it.
         trainer_config = trusted(info.Config, cell.config)
         info.train(trainer_config, run)
@@ -445,20 +437,6 @@ def _tell_lost(cid: str, lost: BaseException, host: Host, teller: _Teller | None
     else:
         with contextlib.suppress(BaseException):
             host.report(marker)
-
-
-def trainer_base(context: dict) -> str | None:
-    """The sweep file's directory on this node: the driver's absolute path where it exists here,
-    else the same path relative to this worker's working directory (a job's copy)."""
-    import os
-
-    where = context.get("trainer_base")
-    if not where:
-        return None
-    absolute, relative = where
-    if os.path.isdir(absolute) or relative is None:
-        return absolute
-    return os.path.join(os.getcwd(), relative)
 
 
 def _closing(cell: Cell, context: dict, host: Host, storage: Storage, lease: HeldLease,

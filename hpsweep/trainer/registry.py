@@ -38,6 +38,7 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import os
 import re
 import sys
 import traceback
@@ -46,7 +47,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["GROUP", "ConfigInfo", "TrainerInfo", "TrainerRef", "TrainerError", "UnknownTrainer",
-           "resolve", "load_config", "load_trainer", "lazy_exports", "entry_points", "BUILTIN"]
+           "resolve", "load_config", "load_trainer", "lazy_exports", "entry_points", "BUILTIN", "base_here",
+           "source_of"]
 
 #: the entry-point group a distribution registers its trainers in: ``NAME = "package.module"``
 GROUP = "hpsweep.trainers"
@@ -385,6 +387,25 @@ def load_trainer(text: str, config: Mapping[str, Any] | None = None,
         raise TrainerError(f"{getattr(module, '__file__', None) or info.module}: trainer {text!r}: {problem}")
     return TrainerInfo(name=text, module=info.module, Config=info.Config, metrics=info.metrics,
                        ref=info.ref, check=info.check, holder=info.holder, train=train)
+
+
+def base_here(where: tuple[str, str | None] | None) -> str | None:
+    """The sweep file's directory on this node, from ``where`` (the driver's absolute path, and
+    the same relative to its working directory when inside it): the absolute path where it
+    exists here, else relative to this process's working directory (a job's copy elsewhere)."""
+    if not where:
+        return None
+    absolute, relative = where
+    return absolute if os.path.isdir(absolute) or relative is None else os.path.join(os.getcwd(), relative)
+
+
+def source_of(text: str, base_dir: str | None) -> str | None:
+    """The directory of a trainer's source (for the frames of its errors), or None."""
+    try:
+        found = load_config(text, base_dir=base_dir).source_dir()
+    except Exception:
+        return None
+    return str(found) if found else None
 
 
 def lazy_exports(package: str, exports: dict[str, str]):

@@ -89,7 +89,8 @@ BAD = [
       "bad.yaml:3: metric.name: trainer 'sleep' does not report 'losss'; it reports: loss, score, extra/*"]),
     ("name: t\ntrainer: sleeep\n",
      ["bad.yaml:1: metric: required key is missing",
-      "bad.yaml:2: trainer: unknown trainer 'sleeep'; registered trainers: command, mbpa, sleep, snap"]),
+      "bad.yaml:2: trainer: unknown trainer 'sleeep' (did you mean 'sleep'?); registered trainers: command, "
+      "mbpa, sleep, snap; or a module path (mylab.logreg) or a file beside the sweep file (./logreg.py)"]),
 ]
 
 
