@@ -145,10 +145,14 @@ def test_sigint_then_rerun_runs_each_cell_exactly_once(tmp_path, mlflow_server, 
         assert by_cell[cell][0].info.run_id == run_id and by_cell[cell][0].info.end_time == end_time
         assert by_cell[cell][0].data.tags["hpsweep.attempts"] == "1"
     resumed_from_checkpoint = 0
-    for run in killed:  # the same run continued, with no gap in its history
+    for run in killed:  # a run of its own for the second attempt, continuing the first one's history
         resumed = by_cell[run.data.tags["hpsweep.cell_id"]][0]
-        assert resumed.info.run_id == run.info.run_id
+        assert resumed.info.run_id != run.info.run_id
         assert resumed.data.tags["hpsweep.attempts"] == "2"
+        assert client.get_run(run.info.run_id).info.lifecycle_stage == "deleted"   # superseded, out of sight
+        assert client.get_run(run.info.run_id).data.tags["hpsweep.superseded_by"] == resumed.info.run_id
+        if "hpsweep.continues" in resumed.data.tags:   # resumed from a checkpoint of the first attempt
+            assert resumed.data.tags["hpsweep.continues"] == run.info.run_id
         steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "loss")]
         assert sorted(set(steps)) == list(range(1, 9)), steps
         if len(before[run.info.run_id]) >= 3 and steps.count(1) == 1:
