@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,7 @@ from hpsweep.store.leases import DONE, FAILED, RELEASED, STOPPED, HeldLease, Lea
 from hpsweep.store.mlflow import TAG
 from hpsweep.store.storage import Storage, open_storage
 from hpsweep.store.tracker import AlreadyFinished, CellTracker
+from hpsweep.trainer.run import default_device, torch_threads
 
 __all__ = ["Host", "TrialRun", "CellFailed", "run_trial", "CELL", "ENDED", "CELL_S", "ENDED_BATCH",
            "FAILURE", "PERMANENT_KEY", "RUN_ID", "HELD_BY", "NO_RETRY", "LOST", "WARNING"]
@@ -44,18 +46,24 @@ class TrialRun:
     artifacts too), progress to Tune."""
 
     def __init__(self, cell: Cell, storage: Storage, sweep: str, tracker: CellTracker,
-                 every: int, device, metric: str, bases: list[str] | None = None, tell=None) -> None:
+                 every: int, gpu: bool, metric: str, bases: list[str] | None = None, tell=None, cpus=1) -> None:
         self.cell, self.storage, self.sweep, self.tracker = cell, storage, sweep, tracker
         self.tell = tell or (lambda result: None)  # a bundle's _Teller, or Tune's report
         self.bases = bases or []   # where relative data paths resolve: the sweep's dir, the data root
         self.every = every
-        self.device = device
+        self.gpu, self.cpus, self._device = gpu, cpus, None   # given a GPU; CPUs: torch's threads
         self.metric = metric
         self._latest: dict[str, float] = {}
         self._saves = 0
         self._held: bytes | None = None
         self.lease: HeldLease | None = None   # the cell's lease (see _hold_cell)
         self.resume: tuple[bytes, dict] | None = None   # the checkpoint to resume from, read
+
+    @property
+    def device(self):   # cuda when the trial was given a GPU, else cpu: torch imported on first use
+        if self._device is None:
+            self._device = default_device(self.gpu, self.cpus)
+        return self._device
 
     def report(self, step: int, **metrics: float) -> None:
         values = {k: float(v) for k, v in metrics.items()}
@@ -81,13 +89,13 @@ class TrialRun:
     def load_checkpoint(self) -> dict | None:
         """The state to resume from (as the cell's lease pointed when this attempt took it);
         the run then continues the history of the attempt that saved it, up to its step."""
-        from hpsweep.trainer.checkpoint import load_state
+        from hpsweep.trainer.checkpoint import PLAIN, load_state
 
         if self.resume is None:
             return None
         data, pointer = self.resume
         self.tracker.continue_from(pointer["run_id"], pointer["step"])
-        return load_state(data, self.device)
+        return load_state(data, None if data.startswith(PLAIN) else self.device)  # torch for tensors only
 
     def log_artifact(self, path: str) -> None:
         self.tracker.log_artifact(path)
@@ -346,14 +354,9 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
     """One cell: take its lease, open (or reuse) its MLflow run, run the trainer, close the
     run (in a bundle, ``closer`` closes it and tells ``teller``, while the next cell runs).
     False if another runner holds the cell (reported to the driver; nothing run)."""
-    import torch
-
     from hpsweep.trainer.config import trusted
     from hpsweep.trainer.registry import load_trainer
 
-    gpus = ray.get_gpu_ids()
-    device = torch.device("cuda") if gpus and torch.cuda.is_available() else torch.device("cpu")
-    torch.set_num_threads(max(1, int(context["cpus"])))
     runtime = ray.get_runtime_context()
     storage = open_storage(**context["storage"])
     lease = _hold_cell(storage, cell, context, host, force=force)
@@ -361,9 +364,9 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
         return False
     checkpoint = CellCheckpoint(storage, context["sweep"], context["experiment_id"], cell.id, lease)
     extra_tags = {TAG["node_ip"]: ray.util.get_node_ip_address(), TAG["node_id"]: runtime.get_node_id(),
-                  TAG["trial"]: host.trial_id}
+                  TAG["trial"]: host.trial_id, TAG["pid"]: str(os.getpid())}
     try:  # an unreadable checkpoint is set aside (the cell starts again); an unsafe one fails it
-        resume, warning = checkpoint.checked(device, cell.label())
+        resume, warning = checkpoint.checked(None, cell.label())   # checked on the CPU: no device yet
     except BaseException:
         with contextlib.suppress(Exception):
             lease.end(FAILED)
@@ -375,8 +378,8 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
                           context["sweep"], cell, extra_tags=extra_tags,
                           write_checkpoint=checkpoint.publish, guard=lease.check, fence=lease.confirm,
                           fresh=lease.lease.first and cell.id not in context["ran"])
-    run = TrialRun(cell, storage, context["sweep"], tracker, context["every"], device, context["metric"],
-                   context.get("bases"), tell=teller or host.report)
+    run = TrialRun(cell, storage, context["sweep"], tracker, context["every"], bool(ray.get_gpu_ids()),
+                   context["metric"], context.get("bases"), tell=teller or host.report, cpus=context["cpus"])
     run.lease, run.resume = lease, resume
     ended: str | None = FAILED
     try:
@@ -385,6 +388,7 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
         info = load_trainer(context["trainer"], cell.config)
         # The planner validated this config (hpsweep.spec.points); the trial trusts it.
         trainer_config = trusted(info.Config, cell.config)
+        torch_threads(context["cpus"])   # a trainer that imported torch: its threads are the trial's CPUs
         info.train(trainer_config, run)
         close = _closing(cell, context, host, storage, lease, tracker, run, teller, closer)
         ended = None  # from here ``close`` ends the lease

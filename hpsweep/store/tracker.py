@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from hpsweep.store.leases import LeaseLost
-from hpsweep.store.mlflow import BATCH, PARENT, TAG, mlflow_client, param_text
+from hpsweep.store.mlflow import BATCH, PARENT, TAG, param_text
+from hpsweep.store.rest import Metric, Param, RunTag, worker_client
 
 __all__ = ["CellTracker", "AlreadyFinished"]
 
@@ -56,7 +57,7 @@ class CellTracker:
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_name: str,
                  cell: Any, extra_tags: dict[str, str] | None = None, write_checkpoint=None,
                  fresh: bool = False, guard=None, fence=None) -> None:
-        self.client = mlflow_client(tracking_uri)
+        self.client = worker_client(tracking_uri)   # MLflow's REST API without MLflow, where it can
         # fresh: the caller knows the cell has no run in this sweep (none when its driver read
         # MLflow, and its lease never held before): no search for one to reuse
         self._fresh = fresh
@@ -111,8 +112,6 @@ class CellTracker:
 
     def _open_run(self, experiment_id: str, parent_run_id: str, sweep_name: str,
                   extra_tags: dict[str, str]) -> str:
-        from mlflow.entities import Param
-
         import hpsweep
 
         cell = self.cell
@@ -143,8 +142,6 @@ class CellTracker:
     def _copy_history(self, run_id: str, source: str, step: int) -> None:
         """Copy the points of run ``source`` at steps up to ``step`` into ``run_id`` (each step
         once: a request that was retried may have landed twice)."""
-        from mlflow.entities import RunTag
-
         keys = list(self.client.get_run(source).data.metrics)
         rows, seen = [], set()
         for key in keys:
@@ -158,8 +155,6 @@ class CellTracker:
 
     def log(self, step: int, metrics: dict[str, float], checkpoint: bytes | None = None) -> None:
         """Buffer one report (and the checkpoint saved just before it). Costs microseconds."""
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         rows = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
         with self._lock:
@@ -269,8 +264,6 @@ class CellTracker:
 
     def finish(self, status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
         """Send what is buffered, then set the run's final status (synchronously)."""
-        from mlflow.entities import RunTag
-
         self._finishing = True
         # The last checkpoint is written even for a FINISHED cell: until set_terminated below
         # the cell may still be resumed (an interruption here), and storage holds every
