@@ -38,6 +38,12 @@ def _superseded(exc: BaseException) -> bool:
     return "must be in the 'active' state" in str(exc)
 
 _FLUSH_S = 1.0
+#: a flush waits at least this many times its last round trip, up to _MAX_FLUSH_S: when the
+#: tracking server (or the storage) is saturated, every worker's round trips grow and each sends
+#: fewer, larger batches, so that the load settles below saturation (64 workers at 17 ms a
+#: request on the server would need 1.1 s of its CPU a second at one batch a second each)
+_FLUSH_BACKOFF = 4.0
+_MAX_FLUSH_S = 30.0
 _MAX_FAILURES = 10     # consecutive failed flushes (about 10 s) before a trial gives up
 
 
@@ -82,6 +88,7 @@ class CellTracker:
         self._abandoned = False
         self._opened = threading.Event()
         self._finishing = False
+        self.interval = _FLUSH_S   # seconds between flushes: longer while round trips are slow
         # Opening the run (a search, a create, the params: three round trips) happens on the
         # background thread too: the trainer starts at once; reports wait in the buffer.
         self._thread = threading.Thread(target=self._loop, name="hpsweep-tracking", daemon=True,
@@ -219,10 +226,12 @@ class CellTracker:
             self._opened.set()
         failures = 0
         while not self._stop:
-            self._wake.wait(_FLUSH_S)
+            self._wake.wait(self.interval)
             self._wake.clear()
             try:
+                started = time.perf_counter()
                 self.flush()
+                self.interval = min(_MAX_FLUSH_S, max(_FLUSH_S, _FLUSH_BACKOFF * (time.perf_counter() - started)))
                 failures = 0
             except LeaseLost as exc:  # the cell is another attempt's now: stop here
                 self._error = exc
