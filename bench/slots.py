@@ -15,7 +15,9 @@ same sweep again with another checkout's code, e.g. the main branch, on a fresh 
 - peak RSS of a trial's worker, of a raylet and of the driver (``VmHWM``), the PSS of a worker
   (its share of what the workers share), and the machine's memory in use at its peak;
 - the first cell of each worker: seconds from the worker process's start to its first run in
-  MLflow (the tag ``hpsweep.worker_pid``; the code under test only);
+  MLflow (the tag ``hpsweep.worker_pid``; the code under test only). Ray starts workers ahead
+  (when the driver connects), so this includes the driver's own start-up; what a worker imports
+  between being up and its first cell is ``bench/worker_imports.py``'s;
 - failures, and from MLflow: one FINISHED run per cell with every step once, in order.
 
 Then the live table's cost at 64 running rows: CPU seconds a second of ``LiveTable`` fed 64
@@ -399,7 +401,7 @@ def main() -> None:
         ("peak RSS of a raylet, MB", lambda r: _mb(r.raylet_rss)),
         ("peak RSS of the driver, MB", lambda r: _mb(r.driver_rss)),
         ("machine memory in use at the peak, MB", lambda r: _mb(r.machine)),
-        ("first cell after the worker's start, s (median / max)",
+        ("first cell after its worker process started, s (median / max)",
          lambda r: f"{statistics.median(r.first_cell):.1f} / {max(r.first_cell):.1f}" if r.first_cell else "-"),
         ("failures", lambda r: f"{r.failed}"),
     ]
