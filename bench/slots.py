@@ -32,11 +32,13 @@ Needs about 25 GB of memory at 64 slots with the code before issue 24 (8 GB afte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
 import secrets
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -77,12 +79,22 @@ def _pss(pid: str) -> int:
     return 0
 
 
-def _used_memory() -> int:
+def _meminfo() -> dict[str, int]:
     info = {}
     for line in Path("/proc/meminfo").read_text().splitlines():
         key, _, value = line.partition(":")
         info[key] = int(value.split()[0]) * 1024
+    return info
+
+
+def _used_memory() -> int:
+    info = _meminfo()
     return info["MemTotal"] - info["MemAvailable"]
+
+
+#: the machine is shared: below this much available memory the run is stopped (its driver
+#: SIGTERMed), not left to the kernel's OOM killer, which may pick someone else's process
+_MIN_AVAILABLE = 1 << 30
 
 
 class Sampler:
@@ -96,6 +108,7 @@ class Sampler:
         self.pss: list[int] = []
         self.started: dict[int, float] = {}   # worker pid -> its start (epoch seconds)
         self.peak_used = 0
+        self.aborted = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -103,7 +116,13 @@ class Sampler:
     def _loop(self) -> None:
         n = 0
         while not self._stop.is_set():
-            self.peak_used = max(self.peak_used, _used_memory())
+            info = _meminfo()
+            self.peak_used = max(self.peak_used, info["MemTotal"] - info["MemAvailable"])
+            if info["MemAvailable"] < _MIN_AVAILABLE and not self.aborted:
+                self.aborted = True
+                print(f"bench: {info['MemAvailable'] >> 20} MB available: stopping the run", flush=True)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(self.driver), signal.SIGTERM)
             for d in Path("/proc").iterdir():
                 if not d.name.isdigit():
                     continue
