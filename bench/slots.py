@@ -210,6 +210,8 @@ def check_runs(uri: str, name: str, cells: int, reports: int) -> tuple[str, list
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return f"no experiment {name!r}: nothing ran", []
     runs, token = [], None
     while True:
         page = client.search_runs([exp.experiment_id], "tags.`hpsweep.role` = 'cell'", max_results=5000,
@@ -253,12 +255,12 @@ def one_run(label: str, code: Path, args, moto, mlflow_server, work: Path, nodes
     t0 = time.perf_counter()
     nodes = start_ray_nodes(base, nodes_n, args.cpus, node_env={**creds, **pythonpath})
     print(f"[{label}] {nodes_n} nodes x {args.cpus} CPUs up in {time.perf_counter() - t0:.0f}s", flush=True)
-    name = f"slots-{label}-{secrets.token_hex(3)}"
+    name = f"slots-{re.sub(r'[^A-Za-z0-9]+', '-', label)}-{secrets.token_hex(3)}"
     sweep = work / f"{name}.yaml"
     sweep.write_text(sweep_yaml(name, cells, args.reports, args.sleep, args.every))
     bucket = moto.create_bucket()
     env = {**os.environ, **nodes.env, **moto.env, **pythonpath}   # the token in HOME/.ray
-    log = work / f"{label}.log"
+    log = work / f"{name}.log"
     log_before = mlflow_server.process.log_path.read_text(errors="replace").count("HTTP/1.1")
     cpu_before = group_cpu_seconds(mlflow_server.process.proc.pid)
     hpsweep = str(Path(sys.executable).with_name("hpsweep"))
