@@ -264,6 +264,24 @@ class RestClient:
                 "tags": [{"key": t.key, "value": str(t.value)} for t in tags]}
         self._call("POST", "runs/log-batch", body)
 
+    def delete_run(self, run_id: str) -> None:
+        self._call("POST", "runs/delete", {"run_id": run_id})
+
+    def get_metric_history(self, run_id: str, key: str) -> list[Metric]:
+        """Every point of metric ``key`` of run ``run_id`` (all pages)."""
+        points: list[Metric] = []
+        token = None
+        while True:
+            query = {"run_id": run_id, "run_uuid": run_id, "metric_key": key, "max_results": 25000}
+            if token:
+                query["page_token"] = token
+            got = self._call("GET", "metrics/get-history", query=query)
+            points += [Metric(m["key"], _value(m.get("value", 0)), int(m.get("timestamp", 0)), int(m.get("step", 0)))
+                       for m in got.get("metrics", [])]
+            token = got.get("next_page_token")
+            if not token:
+                return points
+
     def set_tag(self, run_id: str, key: str, value: Any, synchronous=None) -> None:
         self._call("POST", "runs/set-tag", {"run_id": run_id, "run_uuid": run_id, "key": key,
                                             "value": str(value)})

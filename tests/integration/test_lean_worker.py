@@ -157,6 +157,7 @@ def test_the_rest_client_writes_and_reads_as_mlflows_client(mlflow_server):
     rest = lean.search_runs([exp], "", order_by=["attributes.start_time DESC"], max_results=1,
                             page_token=newest.token)
     assert [r.info.run_id for r in rest] == [rid]
+    assert lean.get_metric_history(rid, "loss") == [Metric("loss", 0.5, 1000, 1), Metric("loss", 0.25, 2000, 2)]
     lean.set_terminated(rid, status="KILLED")
     lean.set_terminated(second)
     assert mlflow.get_run(rid).info.status == "KILLED" and mlflow.get_run(rid).info.end_time
@@ -164,6 +165,10 @@ def test_the_rest_client_writes_and_reads_as_mlflows_client(mlflow_server):
     # an artifact goes through MLflow's client, to the experiment's artifact store
     lean.log_text(rid, "trace", "error.txt")
     assert [f.path for f in mlflow.list_artifacts(rid)] == ["error.txt"]
+    gone = lean.create_run(exp).info.run_id
+    lean.delete_run(gone)
+    assert mlflow.get_run(gone).info.lifecycle_stage == "deleted"
+    assert gone not in {r.info.run_id for r in lean.search_runs([exp], "")}
     # a refused request says what the server said
     with pytest.raises(Exception, match="HTTP 404|RESOURCE_DOES_NOT_EXIST"):
         lean.get_run("0" * 32)
