@@ -139,6 +139,11 @@ class MlflowRestError(RuntimeError):
 
 
 _RETRY_CODES = (429, 500, 502, 503, 504)   # MLflow's client retries these
+#: an overloaded SQL-backed server answers 400 for what is transient: its connection pool ran
+#: dry (SQLAlchemy's "QueuePool limit ... connection timed out") or SQLite stayed locked; the
+#: request did nothing, and is retried as a 503 would be (bench/slots.py at 64 trials: 63 of
+#: the first 107 cells failed on these against a SQLite server with one worker)
+_TRANSIENT_400 = ("QueuePool limit", "database is locked")
 
 
 def _env_number(name: str, default: float) -> float:
@@ -207,7 +212,9 @@ class RestClient:
             else:
                 if status < 300:
                     return json.loads(payload or b"{}")
-                if status not in _RETRY_CODES or last:
+                transient = status in _RETRY_CODES or (
+                    status == 400 and any(t.encode() in payload for t in _TRANSIENT_400))
+                if not transient or last:
                     raise MlflowRestError(f"MLflow at {self.tracking_uri}: {path}: HTTP {status}: "
                                           f"{payload[:500].decode(errors='replace')}", status)
             if attempt:  # as urllib3's Retry: the first retry at once, then exponential backoff

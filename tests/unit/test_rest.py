@@ -81,3 +81,44 @@ def test_a_ca_bundle_is_used_not_refused(clean_env, monkeypatch, tmp_path):
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "missing.pem"))
     with pytest.raises(OSError):
         rest._tls_context()
+
+
+def test_an_overloaded_servers_400_is_retried_a_bad_request_is_not(monkeypatch):
+    """A SQL-backed server whose connection pool ran dry answers 400 for a request that did
+    nothing: retried, as a 503; any other 400 is the caller's mistake and raised at once. The
+    server here is the standard library's, answering as an overloaded MLflow does."""
+    import http.server
+    import json
+    import threading
+
+    answers = [(400, {"error_code": "BAD_REQUEST", "message": "(sqlalchemy.exc.TimeoutError) QueuePool "
+                      "limit of size 5 overflow 10 reached, connection timed out, timeout 30.00"}),
+               (200, {"run": {"info": {"run_id": "r1", "status": "RUNNING"}, "data": {}}}),
+               (400, {"error_code": "INVALID_PARAMETER_VALUE", "message": "bad run id"})]
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)
+            status, body = answers.pop(0)
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")
+        client = rest.RestClient(f"http://127.0.0.1:{server.server_address[1]}")
+        assert client.get_run("r1").info.run_id == "r1"          # the pool's 400, then the answer
+        assert len(seen) == 2
+        with pytest.raises(rest.MlflowRestError, match="HTTP 400.*bad run id"):
+            client.get_run("nope")
+        assert len(seen) == 3                                     # not retried
+    finally:
+        server.shutdown()
