@@ -88,6 +88,8 @@ def _trial(tmp_path: Path, mlflow_server, fallback: bool) -> tuple[dict, Path]:
 
 
 def _check_stored(mlflow_server, got: dict, storage: Path) -> None:
+    from hpsweep.store.checkpoints import stored_checkpoint
+    from hpsweep.store.storage import open_storage
     from hpsweep.trainer.checkpoint import load_state
 
     client = MlflowClient(mlflow_server.url)
@@ -100,8 +102,8 @@ def _check_stored(mlflow_server, got: dict, storage: Path) -> None:
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]          # every step once, in order
     assert [m.value for m in history] == pytest.approx([0.25 + 1 / (s + 1) for s in range(6)])
-    state = load_state((storage / got["name"] / "cells" / got["cell"] / "checkpoint.pt").read_bytes())
-    assert state == {"step": 6}
+    stored = stored_checkpoint(open_storage(str(storage)), got["name"], got["cell"])
+    assert stored is not None and load_state(stored[0]) == {"step": 6}
 
 
 def test_a_sleep_trial_imports_neither_torch_nor_mlflow(tmp_path, mlflow_server):

@@ -43,7 +43,9 @@ def ray_nodes(moto_server):
     shutil.rmtree(base, ignore_errors=True)
 
 
-def test_thirty_two_slots_on_four_nodes_each_cell_once(tmp_path, ray_nodes, mlflow_server, moto_server):
+def test_thirty_two_slots_on_four_nodes_each_cell_once(tmp_path, ray_nodes, mlflow_server, moto_server, aws_env):
+    from hpsweep.store.checkpoints import stored_checkpoint
+    from hpsweep.store.storage import open_storage
     from hpsweep.trainer.checkpoint import load_state
 
     path, name = sweep_file(tmp_path, f"""
@@ -64,6 +66,7 @@ def test_thirty_two_slots_on_four_nodes_each_cell_once(tmp_path, ray_nodes, mlfl
     assert f"{CELLS} cells finished, 0 failed" in out.stdout, out.stdout[-2000:]
 
     client = MlflowClient(mlflow_server.url)
+    storage = open_storage(f"s3://{bucket}/s", moto_server.url)
     exp = client.get_experiment_by_name(name)
     runs = client.search_runs([exp.experiment_id], "tags.`hpsweep.role` = 'cell'", max_results=1000)
     by_cell: dict[str, list] = {}
@@ -75,9 +78,8 @@ def test_thirty_two_slots_on_four_nodes_each_cell_once(tmp_path, ray_nodes, mlfl
     for cell, (run,) in by_cell.items():
         history = client.get_metric_history(run.info.run_id, "loss")
         assert [m.step for m in history] == list(range(1, REPORTS + 1)), cell   # each step once, in order
-        key = f"s/{name}/cells/{cell}/checkpoint.pt"
-        body = moto_server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
-        assert load_state(body) == {"step": REPORTS}
+        stored = stored_checkpoint(storage, name, cell)   # the checkpoint its lease published
+        assert stored is not None and load_state(stored[0]) == {"step": REPORTS}
     # the trials ran on every node
     assert len({r.data.tags["hpsweep.node_id"] for r in runs}) == NODES
 
