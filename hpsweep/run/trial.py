@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import ray
 
+from hpsweep.run.cellrun import CELL, TrialRun
 from hpsweep.spec.plan import Cell, cell_id, resolve_config
 from hpsweep.store.checkpoints import CellCheckpoint
 from hpsweep.store.leases import DONE, FAILED, RELEASED, STOPPED, HeldLease, LeaseLost
@@ -24,6 +26,7 @@ from hpsweep.store.mlflow import TAG
 from hpsweep.store.storage import Storage, open_storage
 from hpsweep.store.tracker import AlreadyFinished, CellTracker
 from hpsweep.trainer.registry import base_here, source_of
+from hpsweep.trainer.run import torch_threads
 
 __all__ = ["Host", "TrialRun", "CellFailed", "run_trial", "CELL", "ENDED", "CELL_S", "ENDED_BATCH",
            "FAILURE", "PERMANENT_KEY", "RUN_ID", "HELD_BY", "NO_RETRY", "LOST", "WARNING"]
@@ -37,87 +40,6 @@ class Host:
     report: Callable[[dict[str, Any]], None]
     trial_id: str
 
-
-
-class TrialRun:
-    """The trainer's ``run`` inside a trial: MLflow through the cell's tracker, checkpoints in
-    the sweep's storage under the cell id, outputs in the storage's ``outputs/`` (logged as
-    artifacts too), progress to Tune."""
-
-    def __init__(self, cell: Cell, storage: Storage, sweep: str, tracker: CellTracker,
-                 every: int, device, metric: str, bases: list[str] | None = None, tell=None) -> None:
-        self.cell, self.storage, self.sweep, self.tracker = cell, storage, sweep, tracker
-        self.tell = tell or (lambda result: None)  # a bundle's _Teller, or Tune's report
-        self.bases = bases or []   # where relative data paths resolve: the sweep's dir, the data root
-        self.every = every
-        self.device = device
-        self.metric = metric
-        self._latest: dict[str, float] = {}
-        self._saves = 0
-        self._held: bytes | None = None
-        self.lease: HeldLease | None = None   # the cell's lease (see _hold_cell)
-        self.resume: tuple[bytes, dict] | None = None   # the checkpoint to resume from, read
-
-    def report(self, step: int, **metrics: float) -> None:
-        values = {k: float(v) for k, v in metrics.items()}
-        if self.lease is not None:
-            self.lease.check()  # taken over by another driver: write nothing more
-        self.tracker.check()
-        # The checkpoint saved before this report goes out with it (see CellTracker).
-        self.tracker.log(step, values, checkpoint=self._held)
-        self._held = None
-        if self.metric in values:
-            self._latest[self.metric] = values[self.metric]
-        # Tune (schedulers, searchers, the live table) sees the sweep metric in every result
-        # once it is known; MLflow gets only what the trainer reported.
-        self.tell({**self._latest, **values, "step": int(step), CELL: self.cell.id})
-
-    def save_checkpoint(self, state: dict) -> None:
-        from hpsweep.trainer.checkpoint import dump_state
-
-        self._saves += 1
-        if self._saves % self.every == 0:
-            self._held = dump_state(state)  # serialised now: the trainer goes on mutating state
-
-    def load_checkpoint(self) -> dict | None:
-        """The state to resume from (as the cell's lease pointed when this attempt took it);
-        the run then continues the history of the attempt that saved it, up to its step."""
-        from hpsweep.trainer.checkpoint import load_state
-
-        if self.resume is None:
-            return None
-        data, pointer = self.resume
-        self.tracker.continue_from(pointer["run_id"], pointer["step"])
-        return load_state(data, self.device)
-
-    def log_artifact(self, path: str) -> None:
-        self.tracker.log_artifact(path)
-
-    def data_path(self, uri: str):
-        from pathlib import Path
-
-        from hpsweep.trainer.data import default_cache_dir, fetch, locate, output_name
-
-        name = output_name(uri)
-        if name is None:
-            return fetch(locate(uri, [Path(b) for b in self.bases]))
-        path = self.storage.get_path(default_cache_dir() / "outputs", "outputs", *name.split("/"))
-        if path is None:
-            raise FileNotFoundError(f"{uri!r}: no output {name!r} in {self.storage.uri}/outputs "
-                                    "(run the sweep that writes it first, on the same --storage)")
-        return path
-
-    def output(self, name: str):
-        from hpsweep.trainer.run import staged_output
-
-        def store(path) -> None:
-            self.storage.put_path(path, "outputs", *name.strip("/").split("/"))
-            if path.is_dir():
-                self.tracker.client.log_artifacts(self.tracker.run_id, str(path), artifact_path=path.name)
-            else:
-                self.tracker.log_artifact(str(path))
-
-        return staged_output(name, store)
 
 
 #: errors a retry cannot fix (a missing file, a bad value, a bug): the trial fails at once
@@ -196,7 +118,7 @@ def _fail(exc: Exception, cell: Cell, tracker: CellTracker | None, run: TrialRun
 
 #: result keys: which cell a result is of; that a bundle's cell ended (done or failed), how
 #: long it took, and for a failure what the driver shows and whether a retry can help
-CELL, ENDED, CELL_S = "hpsweep/cell", "hpsweep/ended", "hpsweep/cell_s"
+ENDED, CELL_S = "hpsweep/ended", "hpsweep/cell_s"
 ENDED_BATCH = "hpsweep/ended_batch"   # a bundle's ended cells since its last result (JSON)
 _TELL_S = 1.0
 FAILURE, PERMANENT_KEY, RUN_ID = "hpsweep/failure", "hpsweep/permanent", "hpsweep/run_id"
@@ -348,14 +270,9 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
     """One cell: take its lease, open (or reuse) its MLflow run, run the trainer, close the
     run (in a bundle, ``closer`` closes it and tells ``teller``, while the next cell runs).
     False if another runner holds the cell (reported to the driver; nothing run)."""
-    import torch
-
     from hpsweep.trainer.config import trusted
     from hpsweep.trainer.registry import load_trainer
 
-    gpus = ray.get_gpu_ids()
-    device = torch.device("cuda") if gpus and torch.cuda.is_available() else torch.device("cpu")
-    torch.set_num_threads(max(1, int(context["cpus"])))
     runtime = ray.get_runtime_context()
     storage = open_storage(**context["storage"])
     lease = _hold_cell(storage, cell, context, host, force=force)
@@ -363,10 +280,10 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
         return False
     checkpoint = CellCheckpoint(storage, context["sweep"], context["experiment_id"], cell.id, lease)
     extra_tags = {TAG["node_ip"]: ray.util.get_node_ip_address(), TAG["node_id"]: runtime.get_node_id(),
-                  TAG["trial"]: host.trial_id}
+                  TAG["trial"]: host.trial_id, TAG["pid"]: str(os.getpid())}
     extra_tags.update({TAG["code"]: context["code_version"]} if context.get("code_version") else {})
     try:  # an unreadable checkpoint is set aside (the cell starts again); an unsafe one fails it
-        resume, warning = checkpoint.checked(device, cell.label())
+        resume, warning = checkpoint.checked(None, cell.label())   # checked on the CPU: no device yet
     except BaseException:
         with contextlib.suppress(Exception):
             lease.end(FAILED)
@@ -378,8 +295,8 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
                           context["sweep"], cell, extra_tags=extra_tags,
                           write_checkpoint=checkpoint.publish, guard=lease.check, fence=lease.confirm,
                           fresh=lease.lease.first and cell.id not in context["ran"])
-    run = TrialRun(cell, storage, context["sweep"], tracker, context["every"], device, context["metric"],
-                   context.get("bases"), tell=teller or host.report)
+    run = TrialRun(cell, storage, context["sweep"], tracker, context["every"], bool(ray.get_gpu_ids()),
+                   context["metric"], context.get("bases"), tell=teller or host.report, cpus=context["cpus"])
     run.lease, run.resume = lease, resume
     ended: str | None = FAILED
     try:
@@ -388,6 +305,7 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
         info = load_trainer(context["trainer"], cell.config, base_dir=base_here(context.get("trainer_base")))
         # The planner validated this config (hpsweep.spec.points); the trial trusts it.
         trainer_config = trusted(info.Config, cell.config)
+        torch_threads(context["cpus"])   # a trainer that imported torch: its threads are the trial's CPUs
         info.train(trainer_config, run)
         close = _closing(cell, context, host, storage, lease, tracker, run, teller, closer)
         ended = None  # from here ``close`` ends the lease

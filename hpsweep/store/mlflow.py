@@ -8,7 +8,8 @@ Layout (every tag name is declared once, in :data:`TAG`):
 - one child run per cell, tagged ``hpsweep.role=cell``, ``hpsweep.sweep``, ``hpsweep.cell_id``,
   ``hpsweep.seed``, ``hpsweep.params`` (JSON of the swept values), ``hpsweep.code_version``
   (git sha when available), ``hpsweep.version``, and where it ran (``hpsweep.node_ip``,
-  ``hpsweep.node_id``); params = the full resolved trainer config; metrics at the trainer's
+  ``hpsweep.node_id``, and ``hpsweep.worker_pid``, which names the Ray worker's log files);
+  params = the full resolved trainer config; metrics at the trainer's
   steps.
 
 The MLflow client is built in one place (:func:`mlflow_client`).
@@ -47,7 +48,7 @@ TAG = {
     "seed": "hpsweep.seed", "params": "hpsweep.params", "code": "hpsweep.code_version",
     "version": "hpsweep.version", "spec_hash": "hpsweep.spec_hash", "node_ip": "hpsweep.node_ip",
     "node_id": "hpsweep.node_id", "attempts": "hpsweep.attempts", "early": "hpsweep.early_stopped",
-    "trial": "hpsweep.trial_id", "storage": "hpsweep.storage",
+    "trial": "hpsweep.trial_id", "storage": "hpsweep.storage", "pid": "hpsweep.worker_pid",
     "error": "hpsweep.error",    # a failed cell's reason: its trainer's exception, first line
     # on the sweep's run: the --set overrides of its last driver (JSON list of FIELD=VALUE), and
     # what that driver waits for ("<since epoch s> <message>") while no node can hold a trial

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from hpsweep.store.leases import LeaseLost
-from hpsweep.store.mlflow import BATCH, PARENT, TAG, mlflow_client, param_text
+from hpsweep.store.mlflow import BATCH, PARENT, TAG, param_text
+from hpsweep.store.rest import Metric, Param, RunTag, worker_client
 
 __all__ = ["CellTracker", "AlreadyFinished"]
 
@@ -37,6 +38,12 @@ def _superseded(exc: BaseException) -> bool:
     return "must be in the 'active' state" in str(exc)
 
 _FLUSH_S = 1.0
+#: a flush waits at least this many times its last round trip, up to _MAX_FLUSH_S: when the
+#: tracking server (or the storage) is saturated, every worker's round trips grow and each sends
+#: fewer, larger batches, so that the load settles below saturation (64 workers at 17 ms a
+#: request on the server would need 1.1 s of its CPU a second at one batch a second each)
+_FLUSH_BACKOFF = 4.0
+_MAX_FLUSH_S = 30.0
 _MAX_FAILURES = 10     # consecutive failed flushes (about 10 s) before a trial gives up
 
 
@@ -56,7 +63,7 @@ class CellTracker:
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_name: str,
                  cell: Any, extra_tags: dict[str, str] | None = None, write_checkpoint=None,
                  fresh: bool = False, guard=None, fence=None) -> None:
-        self.client = mlflow_client(tracking_uri)
+        self.client = worker_client(tracking_uri)   # MLflow's REST API without MLflow, where it can
         # fresh: the caller knows the cell has no run in this sweep (none when its driver read
         # MLflow, and its lease never held before): no search for one to reuse
         self._fresh = fresh
@@ -81,6 +88,7 @@ class CellTracker:
         self._abandoned = False
         self._opened = threading.Event()
         self._finishing = False
+        self.interval = _FLUSH_S   # seconds between flushes: longer while round trips are slow
         # Opening the run (a search, a create, the params: three round trips) happens on the
         # background thread too: the trainer starts at once; reports wait in the buffer.
         self._thread = threading.Thread(target=self._loop, name="hpsweep-tracking", daemon=True,
@@ -111,8 +119,6 @@ class CellTracker:
 
     def _open_run(self, experiment_id: str, parent_run_id: str, sweep_name: str,
                   extra_tags: dict[str, str]) -> str:
-        from mlflow.entities import Param
-
         import hpsweep
 
         cell = self.cell
@@ -143,8 +149,6 @@ class CellTracker:
     def _copy_history(self, run_id: str, source: str, step: int) -> None:
         """Copy the points of run ``source`` at steps up to ``step`` into ``run_id`` (each step
         once: a request that was retried may have landed twice)."""
-        from mlflow.entities import RunTag
-
         keys = list(self.client.get_run(source).data.metrics)
         rows, seen = [], set()
         for key in keys:
@@ -158,8 +162,6 @@ class CellTracker:
 
     def log(self, step: int, metrics: dict[str, float], checkpoint: bytes | None = None) -> None:
         """Buffer one report (and the checkpoint saved just before it). Costs microseconds."""
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         rows = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
         with self._lock:
@@ -224,10 +226,12 @@ class CellTracker:
             self._opened.set()
         failures = 0
         while not self._stop:
-            self._wake.wait(_FLUSH_S)
+            self._wake.wait(self.interval)
             self._wake.clear()
             try:
+                started = time.perf_counter()
                 self.flush()
+                self.interval = min(_MAX_FLUSH_S, max(_FLUSH_S, _FLUSH_BACKOFF * (time.perf_counter() - started)))
                 failures = 0
             except LeaseLost as exc:  # the cell is another attempt's now: stop here
                 self._error = exc
@@ -269,8 +273,6 @@ class CellTracker:
 
     def finish(self, status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
         """Send what is buffered, then set the run's final status (synchronously)."""
-        from mlflow.entities import RunTag
-
         self._finishing = True
         # The last checkpoint is written even for a FINISHED cell: until set_terminated below
         # the cell may still be resumed (an interruption here), and storage holds every

@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -74,11 +75,21 @@ def staged_output(name: str, store) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def default_device() -> torch.device:
-    """CUDA when there is a GPU, else the CPU (imports torch: call it only when a device is used)."""
+def default_device(gpu: bool = True, cpus: float | None = None) -> torch.device:
+    """CUDA when there is a GPU (and ``gpu``), else the CPU; with ``cpus``, torch's threads set to
+    them (torch's default is every core). Imports torch: call it only when a device is used."""
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cpus is not None:
+        torch.set_num_threads(max(1, int(cpus)))
+    return torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
+
+
+def torch_threads(cpus: float) -> None:
+    """torch's threads set to ``cpus`` when torch is loaded (a trainer that uses it imported it)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(max(1, int(cpus)))
 
 
 class LocalRun:

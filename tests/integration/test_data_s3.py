@@ -44,7 +44,7 @@ def test_outputs_go_to_s3_storage_and_back_through_the_engines_run(moto_server, 
     a rewrite of the output (a rerun of stage 1) is fetched again, not served from the cache."""
     from mlflow import MlflowClient
 
-    from hpsweep.run.trial import TrialRun
+    from hpsweep.run.cellrun import TrialRun
     from hpsweep.spec.plan import Cell
     from hpsweep.store.mlflow import SweepTracker
     from hpsweep.store.storage import open_storage
@@ -59,7 +59,7 @@ def test_outputs_go_to_s3_storage_and_back_through_the_engines_run(moto_server, 
         parent = tracker.start("h", "name: x")
         cell = Cell("c" + sweep[-1], 0, 0, {}, {"seed": 0})
         cell_tracker = CellTracker(mlflow_server.url, tracker.experiment_id, parent, sweep, cell)
-        return TrialRun(cell, storage, sweep, cell_tracker, 1, torch.device("cpu"), "m",
+        return TrialRun(cell, storage, sweep, cell_tracker, 1, False, "m",
                         [str(tmp_path), str(tmp_path / "root")])
 
     stage1 = engine_run("stage-1")

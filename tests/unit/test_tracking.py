@@ -1,4 +1,4 @@
-"""CellTracker's ordering and failure handling, against a recording stand-in for MlflowClient
+"""CellTracker's ordering and failure handling, against a recording stand-in for its client
 (the real client against a real server is exercised by tests/integration/test_engine.py)."""
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ CELL = Cell("abc123", 0, 1, {"x": 0.5}, {"x": 0.5, "seed": 1, "reports": 3})
 
 
 def make(monkeypatch, client: FakeClient, writes: list, flush_s: float = 0.01):
-    monkeypatch.setattr(tracking, "mlflow_client", lambda uri: client)
+    monkeypatch.setattr(tracking, "worker_client", lambda uri: client)
     monkeypatch.setattr(tracking, "_FLUSH_S", flush_s)
     return tracking.CellTracker("http://unused", "1", "parent", "sweep", CELL,
                                 write_checkpoint=lambda data, step, run_id: writes.append(("checkpoint", data))
