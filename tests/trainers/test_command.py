@@ -238,12 +238,12 @@ def test_json_lines_and_a_checkpoint_directory_resume_where_they_were(src: Path,
         with open(os.environ["HPSWEEP_STARTS"], "a") as f:
             f.write(f"{start}\\n")
         for step in range(start + 1, 6):
+            tmp = ckpt + ".tmp"   # the step's checkpoint first, then its metrics
+            json.dump({"step": step}, open(tmp, "w"))
+            os.replace(tmp, ckpt)
             with open(os.environ["HPSWEEP_METRICS_FILE"], "a") as f:
                 f.write(json.dumps({"step": step, "loss": 1 / step}) + "\\n")
             print(f"step={step} acc={step / 10}", flush=True)
-            tmp = ckpt + ".tmp"
-            json.dump({"step": step}, open(tmp, "w"))
-            os.replace(tmp, ckpt)
             import time; time.sleep(0.3)
     """)
     starts = tmp_path / "starts.txt"
@@ -324,7 +324,7 @@ def test_no_process_outlives_a_worker_killed_with_sigkill(src: Path, tmp_path: P
             time.sleep(0.05)
         assert not alive(int(shell)) and not alive(int(sleeper)), "the program outlived its worker"
         deadline = time.monotonic() + 10
-        while Path(cell_dir).exists() and time.monotonic() < deadline:
+        while Path(cell_dir).parent.exists() and time.monotonic() < deadline:   # rmtree goes bottom-up
             time.sleep(0.05)
         assert not Path(cell_dir).parent.exists(), "the cell's directory was left behind"
     finally:

@@ -96,18 +96,29 @@ class Watcher:
             pass
 
 
+#: the program is started behind a gate: a shell that waits for one line on its stdin before it
+#: becomes the program (exec, stdin then /dev/null). The line is written once the watcher knows the
+#: group; a worker killed before that closes the pipe and the gate exits without running anything.
+_GATE = 'read _ || exit 111; exec "$@" </dev/null'
+
+
 def start(argv: list[str], cwd: str, env: dict[str, str], grace: float, cell_root: str) -> subprocess.Popen:
     """The program, its output (stdout and stderr together) on a pipe, in a group of its own
     that the watcher knows before the program runs a single instruction of its own."""
     Watcher._pipe()   # started before the program, so that it never inherits the program
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, bufsize=0)
+    proc = subprocess.Popen(["/bin/sh", "-c", _GATE, "hpsweep-cell", *argv], cwd=cwd, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, close_fds=True, bufsize=0)
     try:
         Watcher.watch(proc.pid, grace, cell_root)
     except BaseException:   # unwatched, it could outlive its worker: it does not run at all
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
+    try:
+        proc.stdin.write(b"go\n")   # the gate opens: the program runs
+    finally:
+        proc.stdin.close()
     return proc
 
 
@@ -139,4 +150,28 @@ def stop_group(proc: subprocess.Popen, grace: float) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+    # SIGKILL is delivered, not yet acted on: wait (briefly) until no member of the group runs,
+    # so that a caller never sees the cell's processes still there once it has ended
+    end = time.monotonic() + 5.0
+    while _running_members(pgid) and time.monotonic() < end:
+        time.sleep(0.01)
     Watcher.forget(pgid)
+
+
+def _running_members(pgid: int) -> bool:
+    """Whether any process of group ``pgid`` is still alive (zombies, which only wait for their
+    parent to reap them, do not count). Linux's /proc; elsewhere, the group's existence."""
+    proc = "/proc"
+    if not os.path.isdir(proc):
+        return _group_alive(pgid)
+    for name in os.listdir(proc):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"{proc}/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
