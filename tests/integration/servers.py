@@ -387,6 +387,9 @@ def ray_env(home: Path, temp_dir: Path) -> dict[str, str]:
         # the job driver and the trials find `hpsweep` and the project's python first
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONUNBUFFERED": "1",
+        # a node of a multi-node cluster: hpsweep's in-process Ray sets this to 0 in the test
+        # process's environment once imported (hpsweep.run.localray), which `ray start` refuses
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
     }
 
 
