@@ -103,7 +103,12 @@ def local_offer() -> dict[str, float]:
     """What in-process Ray will have on this machine: Ray's own resolution of a head node's
     resources (CPUs within cgroup limits, detected GPUs, memory left after the object store;
     ``RAY_OVERRIDE_RESOURCES`` included), without starting Ray."""
+    # isort: off
+    # localray first: it sets the variables Ray reads once, when it is imported (in-process Ray
+    # on loopback only among them); importing Ray here before it would fix them to Ray's defaults
+    from hpsweep.run import localray  # noqa: F401
     from ray._private.resource_and_label_spec import ResourceAndLabelSpec
+    # isort: on
 
     spec = ResourceAndLabelSpec().resolve(is_head=True, node_ip_address="127.0.0.1")
     return {k: float(v) for k, v in spec.to_resource_dict().items()}

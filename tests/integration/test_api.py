@@ -125,7 +125,7 @@ def test_the_api_and_the_cli_give_the_same_rows_and_numbers(swept):
     rows = {r["cell_id"]: r for r in sweep.status_rows()}
     assert rows[ids["stopped"]]["state"] == "stopped" and rows[ids["pending"]]["state"] == "pending"
     status = _cli(work, "status", "sweep.yaml").stdout
-    assert "done 9  stopped 1  running 0  failed 1  pending 1" in status
+    assert "done 9  stopped 1  running 0  failed 1  interrupted 0  pending 1" in status
     assert "stopped at step 2 of 8" in status
 
     # histories: every step once, in order, as logged
