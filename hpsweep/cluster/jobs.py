@@ -6,8 +6,8 @@ over the cluster's workers by their resources. The sweep file travels in the job
 environment (the working directory), or, where the cluster runs containers (``--image``), in
 an environment variable written to a file by the entrypoint. The working directory shipped is
 an allow-list (``stage_working_dir``): the ``hpsweep`` and ``trainers`` packages, the sweep
-file and the files it names inside the project; credential files (``.env``, ``.netrc``,
-``id_rsa``, ``.aws/``...) are never shipped.
+file and the files it names inside the project, its trainer, a command trainer's directory;
+credential files (``.env``, ``.netrc``, ``id_rsa``, ``.aws/``...) are never shipped.
 
 Tracking URI, storage and S3 endpoint are what the cluster's nodes see: given as flags, they
 reach the job as flags and environment variables; left out, the nodes' own environment decides
@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hpsweep.cluster.shipping import WORKING_DIR_EXCLUDES, no_credentials, shipped_with, stage_working_dir
+from hpsweep.cluster.shipping import WORKING_DIR_EXCLUDES, command_dirs, no_credentials, shipped_with, stage_working_dir
 from hpsweep.errors import ClusterError, SweepFileMissing, UnknownJob, UsageError
 from hpsweep.store.mlflow import TAG  # a job is labelled with its sweep as its runs are
 
@@ -176,6 +176,7 @@ def build_submission(
     """
     from hpsweep.spec.model import load_spec  # lazily: ``hpsweep logs`` needs no spec machinery
     from hpsweep.spec.requirements import runtime_env as requirements_env
+    from hpsweep.trainer.data import SHIPPED_FROM
 
     sweep = Path(sweep)
     if not sweep.is_file():
@@ -222,11 +223,13 @@ def build_submission(
         # entrypoint writes it to a file inside the container before running it
         if pip or working_dir:
             raise UsageError("--image runs the code inside the image: drop --pip and --working-dir")
-        ref = spec.trainer_info().ref
-        if spec.requirements or (ref is not None and ref.source is not None):
+        info = spec.trainer_info()
+        if spec.requirements or (info.ref is not None and info.ref.source is not None) \
+                or info.module == "hpsweep.trainer.command":
             raise UsageError(f"{sweep}: --image runs the code inside the image, and this sweep's trainer "
-                             "(a file or directory) or its requirements would not travel with it: build "
-                             "them into the image and name the trainer as a module, or drop --image")
+                             "(a file or directory, a command's directory) or its requirements would not "
+                             "travel with it: build them into the image and name the trainer as a module, "
+                             "or drop --image")
         runtime_env["image_uri"] = image
         env_vars["HPSWEEP_SWEEP_YAML"] = sweep.read_text()
         target = f"/tmp/hpsweep-{sweep.name}"
@@ -244,10 +247,16 @@ def build_submission(
                 f"{sweep}: the sweep file must be inside the working directory {root} "
                 "that is shipped to the cluster (pass --working-dir)"
             ) from None
-        staged, stripped = stage_working_dir(root, sweep, spec, shipped_with(spec, root))
+        staged, stripped, links = stage_working_dir(root, sweep, spec, shipped_with(spec, root),
+                                                    command_dirs(spec, root))
         if stripped:
             print(f"hpsweep: left out of the job (credentials never travel with it): "
                   f"{', '.join(sorted(stripped))}", file=sys.stderr)
+        if links:
+            print(f"hpsweep: left out of the job (symbolic links are not shipped): {', '.join(links)}",
+                  file=sys.stderr)
+        # on the nodes, an absolute path under root means the node's copy (hpsweep.trainer.data.relocate)
+        env_vars[SHIPPED_FROM] = str(root)
         runtime_env.update(working_dir=str(staged), excludes=list(WORKING_DIR_EXCLUDES))
         # Ray's runtime environment installs them on every node the job uses
         runtime_env.update(requirements_env(list(spec._requirements), root, staged))

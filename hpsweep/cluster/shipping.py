@@ -1,8 +1,11 @@
 """What a submitted job carries to a cluster: an allow-list, never the directory. The packages, the
-sweep file, the files it names inside the project, its trainer (a file or a package directory)
-and its local requirements (wheels, archives) go; credential files never do
-(left out of the packages with a message, refused when the sweep names one), and neither does a
-URL that carries a password or a token."""
+sweep file, the files it names inside the project, its trainer (a file or a package directory),
+a command trainer's directory (``config.workdir``, by default the sweep file's: whole, less
+environments, caches and results) and its local requirements (wheels, archives) go; credential
+files never do (left out of the packages with a message, refused when the sweep names one or
+when one is in a command trainer's directory), and neither does a URL that carries a password or
+a token. Every path keeps its place relative to the shipped root; on the nodes an absolute path
+under the root means the node's copy (:func:`hpsweep.trainer.data.relocate`)."""
 
 from __future__ import annotations
 
@@ -12,8 +15,8 @@ from urllib.parse import urlsplit
 
 from hpsweep.errors import CredentialRefused, UsageError
 
-__all__ = ["stage_working_dir", "shipped_with", "no_credentials", "SHIPPED_PACKAGES", "CREDENTIAL_NAMES",
-           "WORKING_DIR_EXCLUDES"]
+__all__ = ["stage_working_dir", "shipped_with", "command_dirs", "no_credentials", "SHIPPED_PACKAGES",
+           "CREDENTIAL_NAMES", "WORKING_DIR_EXCLUDES"]
 
 #: never shipped in a working directory: environments, caches, local results
 WORKING_DIR_EXCLUDES = [
@@ -90,6 +93,97 @@ def _named_files(spec: Any, root: Path, sweep_dir: Path) -> list[Path]:
     return found
 
 
+def _excluded(name: str) -> bool:
+    """Whether Ray leaves ``name`` out of the uploaded working directory (``WORKING_DIR_EXCLUDES``,
+    which match a name at any depth)."""
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(name, pattern.removeprefix("**/")) for pattern in WORKING_DIR_EXCLUDES)
+
+
+def _workdirs(spec: Any) -> list[tuple[str, str]]:
+    """``(where, value)`` of each ``workdir`` a command sweep gives its cells: the fixed config's
+    (by default ``.``, the sweep file's directory), a swept one's values, the variants'."""
+    def where(*path) -> str:
+        field = ".".join(map(str, path))
+        return f"{spec._sources.where(*path)}: {field}" if spec._sources is not None else field
+
+    given = [(where("parameters", "workdir"), spec.parameters.get("workdir"))]
+    given += [(where("variants", i, "workdir"), v.get("workdir")) for i, v in enumerate(spec.variants)]
+    values = {str(value): (at, str(value)) for at, domain in given if domain is not None
+              for value in domain.extremes()}
+    every_cell = "workdir" in spec.parameters or (spec.variants and all("workdir" in v for v in spec.variants))
+    if not every_cell:   # some cells take the fixed config's, or the default: the sweep file's directory
+        at = where("config", "workdir") if "workdir" in spec.config else where("trainer")
+        value = str(spec.config.get("workdir") or ".")
+        values.setdefault(value, (at, value))
+    return list(values.values())
+
+
+def command_dirs(spec: Any, root: Path) -> list[tuple[str, Path]]:
+    """A command trainer's directories (``config.workdir``, by default the sweep file's), each
+    as ``(what, path)`` and resolved as a trial resolves it; each must be inside ``root``. Empty
+    for any other trainer."""
+    from hpsweep.trainer.data import expand_vars, locate
+
+    if spec.trainer_info().module != "hpsweep.trainer.command":
+        return []
+    bases = [Path(b) for b in spec.data_bases()]
+    out = []
+    for where, value in _workdirs(spec):
+        what = f"{where} {value!r}" + (" (the sweep file's directory)" if value == "." else "")
+        try:
+            path = Path(locate(expand_vars(value), bases)).resolve()
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{what}: {exc}") from None
+        if not path.is_dir():
+            raise UsageError(f"{what}: {path} is not a directory; give the directory the program runs from")
+        if not path.is_relative_to(root.resolve()):
+            raise UsageError(f"{what}: {path} is outside the working directory {root} that is shipped to the "
+                             "cluster; move it inside, or pass --working-dir a directory that holds both it "
+                             "and the sweep file")
+        out.append((what, path))
+    return out
+
+
+def _command_dir_contents(what: str, path: Path, root: Path) -> list[str]:
+    """Check a command trainer's directory before it is shipped whole: a credential file (or
+    directory) in it refuses the job, naming each; returns the symbolic links, which are left out."""
+    import os
+
+    found, links = [], []
+    for directory, dirs, files in os.walk(path):
+        here = Path(directory)
+        keep = []
+        for name in sorted(dirs):
+            full = here / name
+            if _excluded(name) or (here == root and name in SHIPPED_PACKAGES):
+                continue
+            if _is_credential(name):
+                found.append(full)
+            elif full.is_symlink():
+                links.append(str(full.relative_to(root)))
+            else:
+                keep.append(name)
+        dirs[:] = keep
+        for name in sorted(files):
+            full = here / name
+            if _excluded(name):
+                continue
+            if _is_credential(name):
+                found.append(full)
+            elif full.is_symlink():
+                links.append(str(full.relative_to(root)))
+    if found:
+        shown = ", ".join(str(f.relative_to(root)) for f in found[:10]) + (" ..." if len(found) > 10 else "")
+        raise CredentialRefused(
+            f"{what}: {shown}: looks like a credentials file, and submit ships the command's directory "
+            f"{path} whole: credentials never travel with a job. Move it out of that directory (or point "
+            "config.workdir at a directory that holds only the program and its files), and give the "
+            "nodes their credentials through their environment")
+    return links
+
+
 def shipped_with(spec: Any, root: Path) -> list[Path]:
     """What the sweep's own code needs shipped: its trainer's file or package directory and its
     local requirements (wheels, source archives); each must be inside ``root``."""
@@ -110,18 +204,23 @@ def shipped_with(spec: Any, root: Path) -> list[Path]:
     return out
 
 
-def stage_working_dir(root: Path, sweep: Path, spec: Any, extra: list[Path] = ()) -> tuple[Path, list[str]]:
+def stage_working_dir(root: Path, sweep: Path, spec: Any, extra: list[Path] = (),
+                      commands: list[tuple[str, Path]] = ()) -> tuple[Path, list[str], list[str]]:
     """Copy what the job needs into a fresh directory: the packages (``SHIPPED_PACKAGES`` found
-    in ``root``), the sweep file and what it names inside ``root``, and ``extra`` (the trainer
-    and local requirements, :func:`shipped_with`), at the same relative paths.
+    in ``root``), the sweep file and what it names inside ``root``, ``extra`` (the trainer
+    and local requirements, :func:`shipped_with`) and ``commands`` (a command trainer's
+    directories, :func:`command_dirs`: whole, less what Ray leaves out of a working directory
+    and the packages), at the same relative paths.
 
-    Credential files are left out of the packages (returned, for a message); a sweep file, or a
-    file it names, that looks like one is refused.
+    Credential files are left out of the packages (returned, for a message, with the symbolic
+    links left out of the command directories); a sweep file, or a file it names, that looks
+    like one is refused, and so is a command directory that holds one.
     """
     import shutil
     import tempfile
 
     stripped: list[str] = []
+    links = [link for what, path in commands for link in _command_dir_contents(what, path, root)]
 
     def ignore(directory: str, names: list[str]) -> list[str]:
         skip = []
@@ -141,13 +240,23 @@ def stage_working_dir(root: Path, sweep: Path, spec: Any, extra: list[Path] = ()
             raise CredentialRefused(f"{relative}: looks like a credentials file; it is never shipped to a "
                             "cluster (give the nodes their credentials through their environment)")
     stage = Path(tempfile.mkdtemp(prefix="hpsweep-job-"))
+
+    def whole(directory: str, names: list[str]) -> list[str]:
+        """A command directory: all but what Ray excludes, the packages, links (and the stage)."""
+        here = Path(directory)
+        return [name for name in names
+                if _excluded(name) or (here == root and name in SHIPPED_PACKAGES)
+                or (here / name).is_symlink() or here / name == stage]
+
     try:
         for package in SHIPPED_PACKAGES:
             if (root / package).is_dir():
                 shutil.copytree(root / package, stage / package, ignore=ignore)
+        for _, path in commands:
+            shutil.copytree(path, stage / path.relative_to(root), ignore=whole, dirs_exist_ok=True)
         for path in wanted:
             target = stage / path.relative_to(root)
-            if target.exists():
+            if target.exists():   # in a command directory (copied whole) or the packages
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             if path.is_dir():
@@ -157,4 +266,4 @@ def stage_working_dir(root: Path, sweep: Path, spec: Any, extra: list[Path] = ()
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    return stage, stripped
+    return stage, stripped, links

@@ -239,7 +239,7 @@ def _run_sweep(spec: SweepSpec, spec_text: str, tracker: SweepTracker, *, tracki
         "sweep": spec.name, "tracking_uri": tracking_uri,
         "experiment_id": tracker.experiment_id, "parent_run_id": parent,
         "storage": storage.spec(), "every": spec.checkpoint.every, "cpus": spec.resources.cpus,
-        "metric": spec.metric.name, "optuna": optuna, "bases": spec.data_bases(),
+        "metric": spec.metric.name, "optuna": optuna, "bases": _bases(spec.data_bases()),
         "driver": driver_id(), "lease_ttl": lease_ttl(), "index": tracker.index,
         "cells": {c.id: c for c in pending},
         "ran": frozenset(existing),   # cells with a run in MLflow (none finished) at the start
@@ -326,6 +326,18 @@ def _where(directory: str) -> tuple[str, str | None]:
         return str(path), path.relative_to(Path.cwd().absolute()).as_posix()
     except ValueError:
         return str(path), None
+
+
+def _bases(bases: list[str]) -> list[str]:
+    """Where a trial resolves relative data locations. In a submitted job each node has a copy
+    of the job's working directory of its own, its trials' working directory: a base inside it
+    is given relative to it, so that a trial reads its own node's copy."""
+    from hpsweep.trainer.data import SHIPPED_FROM
+
+    if not os.environ.get(SHIPPED_FROM):
+        return bases
+    return [relative if relative is not None else absolute
+            for absolute, relative in map(_where, bases)]
 
 
 def _tuner(spec: SweepSpec, context: dict, param_space: dict, search_alg, outcomes: Outcomes,

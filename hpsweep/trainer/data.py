@@ -11,6 +11,11 @@ file's directory (standalone: the current directory) alone.
 :func:`check_location` and :func:`check_output_name` say what is wrong with a value before
 anything runs (``hpsweep validate``); :func:`locate` resolves one (``run.data_path``).
 
+In a job that ``hpsweep submit`` sent to a cluster, ``HPSWEEP_SHIPPED_FROM`` names the directory
+on the submitting machine whose allowed files are the job's working directory: an absolute path
+under it (a command trainer's ``workdir``, a data file the sweep names) means the same path in
+the node's own copy of that directory, this process's working directory (:func:`relocate`).
+
 S3 settings come from the standard AWS environment (``AWS_ENDPOINT_URL`` for S3-compatible
 stores such as MinIO, credentials from the environment or ``~/.aws``); nothing is hard-coded.
 """
@@ -25,10 +30,13 @@ from pathlib import Path, PurePosixPath
 
 __all__ = ["fetch", "default_cache_dir", "split_s3", "data_root", "standalone_bases", "locate",
            "check_location", "check_output_name", "output_name", "expand_vars", "OUTPUT_SCHEME",
-           "PathEscape"]
+           "PathEscape", "relocate", "SHIPPED_FROM"]
 
 #: the prefix of a location that names a stored output (``output:models/lstm.pt``)
 OUTPUT_SCHEME = "output:"
+
+#: set on a submitted job's nodes: the directory its working directory was shipped from
+SHIPPED_FROM = "HPSWEEP_SHIPPED_FROM"
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -47,6 +55,20 @@ def standalone_bases() -> list[Path]:
     """Where a relative location resolves for a trainer run on its own: here, then the data root."""
     root = data_root()
     return [Path.cwd()] + ([root] if root is not None else [])
+
+
+def relocate(path: str) -> str:
+    """``path`` as this node has it: in a submitted job (``HPSWEEP_SHIPPED_FROM`` set), an
+    absolute path under the directory the job was shipped from becomes the same path under the
+    job's working directory here (the current one); any other path is returned as it is."""
+    origin = os.environ.get(SHIPPED_FROM)
+    if not origin or not os.path.isabs(path):
+        return path
+    norm = os.path.normpath(path)
+    for base in {os.path.normpath(origin), os.path.realpath(origin)}:
+        if norm == base or norm.startswith(base.rstrip(os.sep) + os.sep):
+            return os.path.normpath(os.path.join(os.getcwd(), os.path.relpath(norm, base)))
+    return path
 
 
 def expand_vars(uri: str) -> str:
@@ -109,6 +131,7 @@ def check_location(uri: str, bases: Sequence[Path], must_exist: bool = True) -> 
         return check_output_name(uri[len(OUTPUT_SCHEME):])
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
+    uri = relocate(uri)
     if _is_explicit(uri):
         if must_exist and "://" not in uri and not Path(uri).expanduser().exists():
             return f"{uri!r} does not exist; give an existing path or an s3:// URI"
@@ -130,6 +153,7 @@ def locate(uri: str, bases: Sequence[Path]) -> str:
         return uri
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
+    uri = relocate(uri)
     if _is_explicit(uri):
         return uri
     problem = check_location(uri, bases, must_exist=False)
@@ -138,7 +162,7 @@ def locate(uri: str, bases: Sequence[Path]) -> str:
     for base in bases:
         candidate = Path(base) / os.path.normpath(uri)
         if candidate.exists():
-            return str(candidate)
+            return str(candidate.absolute())   # a base relative to the working directory: a job's
     problem = check_location(uri, bases)
     raise FileNotFoundError(problem)
 

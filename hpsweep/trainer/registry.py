@@ -391,12 +391,17 @@ def load_trainer(text: str, config: Mapping[str, Any] | None = None,
 
 def base_here(where: tuple[str, str | None] | None) -> str | None:
     """The sweep file's directory on this node, from ``where`` (the driver's absolute path, and
-    the same relative to its working directory when inside it): the absolute path where it
-    exists here, else relative to this process's working directory (a job's copy elsewhere)."""
+    the same relative to its working directory when inside it): in a submitted job, the node's
+    own copy of the job's working directory (this process's working directory); elsewhere the
+    absolute path where it exists here, else the same relative to this process's working directory."""
+    from hpsweep.trainer.data import SHIPPED_FROM
+
     if not where:
         return None
     absolute, relative = where
-    return absolute if os.path.isdir(absolute) or relative is None else os.path.join(os.getcwd(), relative)
+    if relative is not None and (os.environ.get(SHIPPED_FROM) or not os.path.isdir(absolute)):
+        return os.path.join(os.getcwd(), relative)
+    return absolute
 
 
 def source_of(text: str, base_dir: str | None) -> str | None:

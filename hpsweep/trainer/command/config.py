@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from hpsweep.trainer.config import DataPath
+from hpsweep.trainer.data import relocate
 
 __all__ = ["Config", "METRICS", "DEFAULT_ARGS", "PYTHON", "config_class", "metrics_of", "problems",
            "declared", "program_values", "argv", "resolve_program", "value_text"]
@@ -185,7 +186,7 @@ def resolve_program(first: str, source: Path) -> str | None:
     if first == PYTHON:
         return sys.executable
     if "/" in first:
-        path = Path(first).expanduser()
+        path = Path(relocate(os.path.expanduser(first)))
         path = path if path.is_absolute() else source / path
         return str(path) if path.is_file() and os.access(path, os.X_OK) else None
     return shutil.which(first)
@@ -212,13 +213,13 @@ def _program_problems(config: Mapping[str, Any], bases: list[Path]) -> list[tupl
     if not head:
         return []
     workdir = str(config.get("workdir") or ".")
-    source = Path(workdir).expanduser()
+    source = Path(relocate(os.path.expanduser(workdir)))
     if not source.is_absolute():
         source = next((Path(b) / workdir for b in bases if (Path(b) / workdir).is_dir()), Path(bases[0]) / workdir)
     if resolve_program(head[0], source) is not None:
         return []
     if "/" in head[0]:
-        path = Path(head[0]).expanduser()
+        path = Path(relocate(os.path.expanduser(head[0])))
         path = path if path.is_absolute() else source / path
         why = "is not executable (chmod +x it, or run it through its interpreter)" if path.is_file() else \
             f"does not exist (looked in {source})"
