@@ -1,6 +1,7 @@
 """A user's own trainer, as a user has it: in a directory outside the checkout (not importable
 from it), swept by file path and by module path, interrupted with Ctrl-C and run again; an
-installed plugin found through its entry point; the scaffold's output run as generated.
+installed plugin found through its entry point; the scaffold's output (a Python trainer, and a
+script swept as ``trainer: command``) run as generated.
 
 Real parts: `hpsweep run` processes (in-process Ray), a real `mlflow server`; the data
 asserted is MLflow's (run statuses, metric histories, tags), never log lines.
@@ -249,3 +250,26 @@ def test_the_scaffold_runs_as_generated(tmp_path, mlflow_server):
     for r in runs:
         losses = [m.value for m in sorted(client.get_metric_history(r.info.run_id, "loss"), key=lambda m: m.step)]
         assert len(losses) == 50 and losses[-1] < losses[0]
+
+
+def test_the_command_scaffold_runs_as_generated(tmp_path, mlflow_server):
+    """``hpsweep new trainer NAME --command``: an ordinary script and its ``trainer: command``
+    sweep, run as written in a directory outside the checkout."""
+    assert not tmp_path.resolve().is_relative_to(REPO)
+    env = _env(tmp_path)
+    new = subprocess.run([HPSWEEP, "new", "trainer", "fitscript", "--command"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert new.returncode == 0, new.stderr
+    ran = subprocess.run([HPSWEEP, "run", "fitscript.yaml", "--tracking-uri", mlflow_server.url, "--no-live"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    runs = _runs(mlflow_server.url, "fitscript")
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    assert len({r.data.tags["hpsweep.cell_id"] for r in runs}) == 4        # one run per cell
+    assert {(r.data.params["lr"], r.data.params["seed"]) for r in runs} == {
+        (lr, seed) for lr in ("0.01", "0.1") for seed in ("0", "1")}
+    client = MlflowClient(mlflow_server.url)
+    for r in runs:
+        history = sorted(client.get_metric_history(r.info.run_id, "loss"), key=lambda m: m.step)
+        assert [m.step for m in history] == list(range(1, 51))            # every step once
+        assert history[-1].value < history[0].value
