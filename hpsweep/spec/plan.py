@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 from typing import TYPE_CHECKING
 
-from hpsweep.fmt import fmt_value
+from hpsweep.fmt import fmt_params
 from hpsweep.spec.points import Resolved, id_text, resolve
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ class Cell:
     config: dict            # the full resolved trainer config, seed included
 
     def label(self) -> str:
-        shown = " ".join(f"{k}={fmt_value(v)}" for k, v in self.params.items())
+        shown = fmt_params(self.params)
         return f"{shown} seed={self.seed}".strip()
 
 

@@ -21,12 +21,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from hpsweep.fmt import fmt_value
+from hpsweep.fmt import fmt_param, fmt_params
 from hpsweep.store.mlflow import log_report, resolve_tracking_uri, run_url
 from hpsweep.store.runs import ENDED, SweepRuns, fetch_histories, load_sweep
 from hpsweep.views import figures as figs
 from hpsweep.views.document import (
-    PARAM_DIGITS,
     Links,
     Section,
     Table,
@@ -126,7 +125,7 @@ class _Ctx:
                           and len({str(c.params.get(k)) for c in cells}) > 1})
 
         def label(o: Obs) -> str:
-            extra = "".join(f"{k}={fmt_value(o.params.get(k), PARAM_DIGITS)} " for k in varying)
+            extra = "".join(f"{k}={fmt_param(o.params.get(k))} " for k in varying)
             state = "" if o.state == "done" else f" ({o.state})"
             return f"{extra}s{o.params.get('seed')}{state}"
 
@@ -358,7 +357,7 @@ def _series(cells: Sequence[Obs], runs: SweepRuns, metric: str) -> list:
 
 
 def _label(d: dict) -> str:
-    return ", ".join(f"{k}={fmt_value(v, PARAM_DIGITS)}" for k, v in d.items()) or "all"
+    return fmt_params(d, ", ") or "all"
 
 
 CurveSpec = tuple[str, str, list[tuple[str, list[Obs]]]]   # title, metric, [(label, cells)]

@@ -266,6 +266,19 @@ def test_figures_say_which_cells_they_show_and_keep_lines_and_axes_honest(tmp_pa
     from hpsweep.views.report import _label
 
     assert _label({"lr": lr}) == "lr=0.00316228"
+    # ... and in the live lines and failure lines, which label a cell as the plan does
+    from hpsweep.spec.plan import Cell
+    from hpsweep.views.live import LiveTable
+
+    cell = Cell("c0", 0, 0, {"lr": lr}, {"lr": lr, "seed": 0})
+    assert cell.label() == "lr=0.00316228 seed=0"
+    spec = SimpleNamespace(name="t", metric=SimpleNamespace(name="loss", mode="min"), scheduler=None)
+    live_out = Console(width=200, record=True, force_terminal=False)
+    live = LiveTable(spec, [cell], console=live_out, enabled=False, total=1, skipped=0)
+    live.started("t1", {"cell": "c0"})
+    live.result("t1", {"step": 1, "loss": 0.5})
+    live.done("t1", "done")
+    assert "lr=0.00316228 seed=0" in live_out.export_text(), live_out.export_text()
 
 
 def test_live_lines_say_a_cell_was_stopped_early_and_at_which_step():
