@@ -205,20 +205,44 @@ class Sweep:
 
     # -- running ------------------------------------------------------------------------------
 
-    def run(self, *, address: str | None = None, live: bool | None = False, console=None):
-        """Run the sweep's unfinished cells, as ``hpsweep run`` does (in-process Ray unless
-        ``address``); returns :class:`hpsweep.run.engine.SweepOutcome`. The caller's event
-        loop (a notebook's) is left alone: this blocks until the sweep ends."""
-        from hpsweep.run import preflight
-        from hpsweep.run.engine import run_sweep
+    def run(self, *, address: str | None = None, live: bool | None = False, console=None,
+            node_wait: float | None = None, allow_local_store: bool = False):
+        """Run the sweep's unfinished cells: what ``hpsweep run`` does, which calls this (in-process
+        Ray unless ``address``, else ``$HPSWEEP_RAY_ADDRESS``); returns
+        :class:`hpsweep.run.engine.SweepOutcome`. Every check comes first (requirements, the
+        machine's resources or the cluster's, the tracking store, the storage, the data); a
+        problem raises :class:`hpsweep.errors.UserError` with nothing started. ``node_wait``:
+        seconds a cluster sweep waits for a node that can hold a trial. The caller's event loop
+        (a notebook's) is left alone: this blocks until the sweep ends."""
+        from hpsweep.run import localray, preflight, resources
 
+        spec, sweep_file = self.spec, str(self.path)
+        preflight.check_requirements(spec, sweep_file)
+        address = address or os.environ.get("HPSWEEP_RAY_ADDRESS")
+        if not address:  # in-process Ray: a trial this machine cannot hold fails before anything
+            resources.check_local(spec)
         check_tracking(self.tracking_uri)
         storage = self.storage or os.environ.get("HPSWEEP_STORAGE")
         check_storage(storage, self.s3_endpoint)
-        preflight.check_data(self.spec, str(self.path))
-        return run_sweep(self.spec, self.path.read_text(encoding="utf-8"), tracking_uri=self.tracking_uri,
-                         storage_uri=storage, address=address or os.environ.get("HPSWEEP_RAY_ADDRESS"),
-                         s3_endpoint=self.s3_endpoint, live=live, console=console)
+        preflight.check_data(spec, sweep_file)
+        wait_s = resources.node_wait(node_wait)
+        ray_start = None
+        if address:
+            if not allow_local_store:
+                preflight.check_cluster_store(address, self.tracking_uri, storage)
+            localray.init(address, localray.ray_env())   # join: a trial no node can hold fails here
+            localray.own_signals()
+            resources.check_cluster(spec, address)
+        else:  # Ray starts while the engine is imported and reads the sweep's state
+            from hpsweep.spec.plan import plan
+            from hpsweep.store.storage import open_storage
+
+            ray_start = localray.begin([c.id for c in plan(spec)], open_storage(storage, self.s3_endpoint))
+        from hpsweep.run.engine import run_sweep
+
+        return run_sweep(spec, self.path.read_text(encoding="utf-8"), tracking_uri=self.tracking_uri,
+                         storage_uri=storage, address=address, s3_endpoint=self.s3_endpoint, live=live,
+                         console=console, ray_start=ray_start, node_wait=wait_s)
 
     def url(self, ui: str | None = None, experiment_id: str | None = None) -> str:
         """The MLflow UI page of the sweep's cells (``ui``: the UI's address; default the

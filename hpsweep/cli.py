@@ -73,44 +73,17 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from hpsweep.run import preflight, resources
+    from hpsweep.api import Sweep
+    from hpsweep.run.resources import node_wait
     from hpsweep.store.mlflow import resolve_tracking_uri
 
     spec = _load(args.sweep, args)  # every problem reported before Ray starts
-    preflight.check_requirements(spec, args.sweep)
-    address = args.address or os.environ.get("HPSWEEP_RAY_ADDRESS")
-    if not address:  # in-process Ray: a trial this machine cannot hold fails before anything
-        resources.check_local(spec)
-    spec_text = Path(args.sweep).read_text(encoding="utf-8")
-    tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    _check_tracking(tracking_uri)
-    storage = args.storage or os.environ.get("HPSWEEP_STORAGE")
-    _check_storage(storage, args.s3_endpoint)
-    preflight.check_data(spec, args.sweep)
-    node_wait = resources.node_wait(args.node_wait)
-    if address and not args.allow_local_store:
-        _check_cluster_store(address, tracking_uri, storage)
-    if address:  # join the cluster: a trial no node (type) can ever hold fails here, exit 2
-        from hpsweep.run import localray
-
-        localray.init(address, localray.ray_env())
-        localray.own_signals()
-        resources.check_cluster(spec, address)
-    ray_start = None
-    if not address:  # Ray starts while the engine is imported and reads the sweep's state
-        from hpsweep.run import localray
-        from hpsweep.spec.plan import plan
-        from hpsweep.store.storage import open_storage
-
-        ray_start = localray.begin([c.id for c in plan(spec)], open_storage(storage, args.s3_endpoint))
-    from hpsweep.run.engine import run_sweep
-
-    outcome = run_sweep(spec, spec_text, tracking_uri=tracking_uri, storage_uri=storage,
-                        address=address, s3_endpoint=args.s3_endpoint,
-                        live=False if args.no_live else None, console=console, ray_start=ray_start,
-                        node_wait=node_wait)
+    tracking_uri, storage = resolve_tracking_uri(args.tracking_uri), args.storage or os.environ.get("HPSWEEP_STORAGE")
+    sweep, wait_s = Sweep(Path(args.sweep), spec, tracking_uri, storage, args.s3_endpoint), node_wait(args.node_wait)
+    outcome = sweep.run(address=args.address, live=False if args.no_live else None, console=console,
+                        node_wait=wait_s, allow_local_store=args.allow_local_store)
     if outcome.waited:
-        err_console.print(f"stopped: {outcome.waited} for {node_wait:.0f}s with no trial started; "
+        err_console.print(f"stopped: {outcome.waited} for {wait_s:.0f}s with no trial started; "
                           f"the {outcome.total - outcome.skipped} unfinished cells are left pending. Run "
                           "the same command again once the cluster has such a node (--node-wait "
                           "SECONDS to wait longer), or lower resources with --set", markup=False)
@@ -119,38 +92,13 @@ def cmd_run(args) -> int:
     if outcome.interrupted:
         console.print(f"interrupted: run the same command again to resume the "
                       f"{outcome.interrupted} unfinished cells (finished ones are not re-run)")
-    from hpsweep.api import Sweep
-
-    _print_results(Sweep(Path(args.sweep), spec, tracking_uri, storage, args.s3_endpoint), None, limit=15)
+    _print_results(sweep, None, limit=15)
     _print_ui_hint(tracking_uri, outcome.experiment_id, spec)
     from hpsweep.store.storage import open_storage
 
     console.print(f"runs: {tracking_uri} (experiment {spec.name!r}); checkpoints: "
                   f"{open_storage(storage, args.s3_endpoint).uri}", markup=False)
     return outcome.exit_code
-
-
-def _check_cluster_store(address: str, tracking_uri: str, storage: str | None) -> None:
-    """``run --address``: refuse runs or checkpoints on a disk that the cluster's other nodes,
-    or the user after the job, cannot reach: the job's working directory (which Ray deletes)
-    or one node's disk of a multi-node cluster."""
-    from hpsweep.run import preflight
-
-    if preflight.local_tracking_path(tracking_uri) is None and preflight.local_storage_path(storage) is None:
-        return
-    cwd = Path.cwd().resolve()
-    if "runtime_resources" in cwd.parts or any(p.startswith("_ray_pkg_") for p in cwd.parts):
-        where = f"this job runs in Ray's temporary copy of the working directory ({cwd}), deleted with it"
-    elif address.startswith("ray://"):
-        where = "a Ray Client address runs the driver on the cluster, not on this machine"
-    else:
-        from hpsweep.run.localray import cluster_nodes
-
-        nodes = cluster_nodes(address)
-        if len(nodes) <= 1:
-            return  # one machine: its disk is every node's disk
-        where = f"the cluster at {address} has {len(nodes)} nodes ({', '.join(sorted(nodes))}), each with its own disk"
-    preflight.check_cluster_locations(tracking_uri, storage, where=where)
 
 
 def cmd_status(args) -> int:
@@ -197,14 +145,14 @@ def _print_failures(matrix, runs) -> None:
     """Why the failed cells failed: each distinct reason once, with a cell it hit and how many."""
     from rich.markup import escape
 
-    from hpsweep.fmt import fmt_value
+    from hpsweep.fmt import fmt_params
 
     reasons: dict[str, list] = {}
     for c in matrix.cells:
         if c.state == "failed" and c.cell_id in runs.cells:
             reasons.setdefault(runs.cells[c.cell_id].error or "(no reason recorded)", []).append(c)
     for reason, cells in reasons.items():
-        shown = " ".join(f"{k}={fmt_value(v)}" for k, v in cells[0].params.items())
+        shown = fmt_params(cells[0].params)
         more = f" and {len(cells) - 1} more" if len(cells) > 1 else ""
         console.print(f"[red]failed[/]: cell {cells[0].cell_id} ({shown} seed={cells[0].seed}){more}: {escape(reason)}",
                       highlight=False)
@@ -352,12 +300,6 @@ def _check_tracking(uri: str) -> None:
     from hpsweep.api import check_tracking
 
     check_tracking(uri)
-
-
-def _check_storage(uri: str | None, endpoint: str | None) -> None:
-    from hpsweep.api import check_storage
-
-    check_storage(uri, endpoint)
 
 
 # --- the parser -----------------------------------------------------------------------------

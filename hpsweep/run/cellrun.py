@@ -4,16 +4,22 @@ reports to Tune."""
 
 from __future__ import annotations
 
+import time
+
 from hpsweep.spec.plan import Cell
 from hpsweep.store.leases import HeldLease
 from hpsweep.store.storage import Storage
 from hpsweep.store.tracker import CellTracker
 from hpsweep.trainer.run import default_device
 
-__all__ = ["TrialRun", "CELL"]
+__all__ = ["TrialRun", "CELL", "RUN_AGE"]
 
 #: the result key naming the cell a result is about
 CELL = "hpsweep/cell"
+#: seconds since the start of the cell's MLflow run, when the result was made: the live lines
+#: time a cell from its run's start (not the trial's, nor the driver's first sight of it), with
+#: no clock shared between worker and driver needed
+RUN_AGE = "hpsweep/run_age_s"
 
 
 class TrialRun:
@@ -53,7 +59,8 @@ class TrialRun:
             self._latest[self.metric] = values[self.metric]
         # Tune (schedulers, searchers, the live table) sees the sweep metric in every result
         # once it is known; MLflow gets only what the trainer reported.
-        self.tell({**self._latest, **values, "step": int(step), CELL: self.cell.id})
+        self.tell({**self._latest, **values, "step": int(step), CELL: self.cell.id,
+                   RUN_AGE: round(time.time() - self.tracker.start_ms / 1000, 3)})
 
     def save_checkpoint(self, state: dict) -> None:
         from hpsweep.trainer.checkpoint import dump_state

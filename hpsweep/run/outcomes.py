@@ -22,6 +22,7 @@ from hpsweep.run.trial import (
     LOST,
     NO_RETRY,
     PERMANENT_KEY,
+    RUN_AGE,
     RUN_ID,
     WARNING,
     CellFailed,
@@ -60,6 +61,11 @@ def _ray_log_dir() -> str:
     with contextlib.suppress(Exception):
         return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
     return "the session's logs directory under Ray's temp dir"
+
+
+def _age(result: dict) -> float | None:
+    """Seconds since the result's cell run started, when the trial said."""
+    return float(result[RUN_AGE]) if RUN_AGE in result else None
 
 
 class Outcomes:
@@ -109,7 +115,7 @@ class Outcomes:
             if CELL in result:
                 self._cell_result(trial.trial_id, result)
             return
-        self.live.result(trial.trial_id, result)
+        self.live.result(trial.trial_id, result, _age(result))
 
     # -- bundles: a row, a state and the retries per cell
     def _cell_result(self, trial_id: str, result: dict) -> None:
@@ -129,20 +135,20 @@ class Outcomes:
             self.current[trial_id] = cell
             self.live.started(key, {"cell": cell})
         ended = result.get(ENDED)
-        self.live.result(key, result)
+        self.live.result(key, result, _age(result))
         if ended is None:
             return
         self.current.pop(trial_id, None)
         self.ended.setdefault(trial_id, set()).add(cell)
-        if CELL_S in result and key in self.live.rows:  # the cell's own time, not the table's
-            self.live.rows[key]["start"] = time.time() - float(result[CELL_S])
+        took = float(result[CELL_S]) if CELL_S in result else None   # the run's, as MLflow has it
         if ended == "done":
             self.cell_state[cell] = "done"
             self.cell_failure.pop(cell, None)
-            self.live.done(key, "done")
+            self.live.done(key, "done", took=took)
             return
         failure = CellFailed(cell, result.get(FAILURE, ""), bool(result.get(PERMANENT_KEY)),
                              result.get(RUN_ID) or None)
+        failure.duration_s = took
         self._cell_failed(cell, failure, key)
 
     def _lost(self, cell: str, owner: str, key: str) -> None:
@@ -171,9 +177,9 @@ class Outcomes:
         self.attempts[cell] = self.attempts.get(cell, 0) + 1
         if not failure.permanent and self.attempts[cell] <= self.retries:
             self.queue.requeue([cell])  # from its last checkpoint, in a later bundle
-            self.live.done(key, "retry", error=failure.headline)
+            self.live.done(key, "retry", error=failure.headline, took=failure.duration_s)
         else:
-            self.live.done(key, "failed", error=failure.headline)
+            self.live.done(key, "failed", error=failure.headline, took=failure.duration_s)
 
     def _bundle_error(self, trial) -> None:
         """A bundle's worker died (or its lease was lost): the cell it ran failed this attempt;
@@ -262,7 +268,9 @@ class Outcomes:
                     if trial in self.stopped and run.info.status in ("RUNNING", "KILLED"):
                         self.tracker.client.set_tag(run.info.run_id, TAG["early"],
                                                     "true" if self.stopped[trial] else "false")
-                        self.tracker.client.set_terminated(run.info.run_id, status="FINISHED")
+                        # the run's own end (when its trainer stopped), not the sweep's
+                        self.tracker.client.set_terminated(run.info.run_id, status="FINISHED",
+                                                           end_time=run.info.end_time or None)
                         closed.add(cell)
             if i < rounds - 1:
                 time.sleep(1.0)

@@ -89,7 +89,11 @@ def check_tracking_uri(uri: str, flag: str = "--tracking-uri") -> None:
             raise Unusable(f"{flag} {uri}: {path} is a directory; name the database file in it, "
                             f"e.g. sqlite:///{path / 'mlflow.db'}")
         parent = path.absolute().parent
-        if not parent.is_dir():
+        from hpsweep.store.mlflow import DEFAULT_DIR
+
+        if parent == Path(DEFAULT_DIR).resolve():   # the default store: made by its first client
+            parent = _first_existing(parent)
+        elif not parent.is_dir():
             raise Unusable(f"{flag} {uri}: directory {parent} does not exist; create it first, "
                             f"or {_HINT}")
         if not os.access(parent, os.W_OK):
@@ -254,3 +258,24 @@ def check_cluster_locations(tracking_uri: str | None, storage: str | None, *, wh
         raise Unusable(f"a sweep on a cluster must keep its runs and checkpoints where every node "
                         f"and you can reach them, but {where}: " + "; ".join(problems)
                         + f" (or {override} if that disk really is shared and kept)")
+
+
+def check_cluster_store(address: str, tracking_uri: str, storage: str | None) -> None:
+    """``run --address``: refuse runs or checkpoints on a disk that the cluster's other nodes,
+    or the user after the job, cannot reach: the job's working directory (which Ray deletes)
+    or one node's disk of a multi-node cluster."""
+    if local_tracking_path(tracking_uri) is None and local_storage_path(storage) is None:
+        return
+    cwd = Path.cwd().resolve()
+    if "runtime_resources" in cwd.parts or any(p.startswith("_ray_pkg_") for p in cwd.parts):
+        where = f"this job runs in Ray's temporary copy of the working directory ({cwd}), deleted with it"
+    elif address.startswith("ray://"):
+        where = "a Ray Client address runs the driver on the cluster, not on this machine"
+    else:
+        from hpsweep.run.localray import cluster_nodes
+
+        nodes = cluster_nodes(address)
+        if len(nodes) <= 1:
+            return  # one machine: its disk is every node's disk
+        where = f"the cluster at {address} has {len(nodes)} nodes ({', '.join(sorted(nodes))}), each with its own disk"
+    check_cluster_locations(tracking_uri, storage, where=where)

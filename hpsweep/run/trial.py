@@ -18,7 +18,7 @@ from typing import Any
 
 import ray
 
-from hpsweep.run.cellrun import CELL, TrialRun
+from hpsweep.run.cellrun import CELL, RUN_AGE, TrialRun
 from hpsweep.spec.plan import Cell, cell_id, resolve_config
 from hpsweep.store.checkpoints import CellCheckpoint
 from hpsweep.store.leases import DONE, FAILED, RELEASED, STOPPED, HeldLease, LeaseLost
@@ -28,8 +28,8 @@ from hpsweep.store.tracker import AlreadyFinished, CellTracker
 from hpsweep.trainer.registry import base_here, source_of
 from hpsweep.trainer.run import torch_threads
 
-__all__ = ["Host", "TrialRun", "CellFailed", "run_trial", "CELL", "ENDED", "CELL_S", "ENDED_BATCH",
-           "FAILURE", "PERMANENT_KEY", "RUN_ID", "HELD_BY", "NO_RETRY", "LOST", "WARNING"]
+__all__ = ["Host", "TrialRun", "CellFailed", "run_trial", "CELL", "ENDED", "CELL_S", "RUN_AGE",
+           "ENDED_BATCH", "FAILURE", "PERMANENT_KEY", "RUN_ID", "HELD_BY", "NO_RETRY", "LOST", "WARNING"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +60,7 @@ class CellFailed(Exception):
                  run_id: str | None = None) -> None:
         super().__init__(cell, summary, permanent, run_id)
         self.cell, self.summary, self.permanent, self.run_id = cell, summary, permanent, run_id
+        self.duration_s: float | None = None   # the failed run's, as MLflow has it
 
     def __str__(self) -> str:
         return f"cell {self.cell}: {self.summary}"
@@ -113,7 +114,9 @@ def _fail(exc: Exception, cell: Cell, tracker: CellTracker | None, run: TrialRun
     if permanent and not bundled and (context["metric"] in latest or not context.get("optuna")):
         with contextlib.suppress(BaseException):  # a scheduler's stop (SystemExit) included
             host.report({**latest, "step": -1, NO_RETRY: 1})
-    return CellFailed(cell.id, summary, permanent, run_id)
+    failed = CellFailed(cell.id, summary, permanent, run_id)
+    failed.duration_s = tracker.duration_s if tracker is not None else None
+    return failed
 
 
 #: result keys: which cell a result is of; that a bundle's cell ended (done or failed), how
@@ -164,7 +167,8 @@ def _bundle_trial(tune_config: dict, context: dict, host: Host) -> None:
 
 
 def _failed(cid: str, failure: CellFailed, started: float) -> dict:
-    return {CELL: cid, ENDED: "failed", CELL_S: time.perf_counter() - started,
+    took = failure.duration_s if failure.duration_s is not None else time.perf_counter() - started
+    return {CELL: cid, ENDED: "failed", CELL_S: took,
             FAILURE: failure.summary, PERMANENT_KEY: int(failure.permanent), RUN_ID: failure.run_id or ""}
 
 
@@ -307,6 +311,7 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
         trainer_config = trusted(info.Config, cell.config)
         torch_threads(context["cpus"])   # a trainer that imported torch: its threads are the trial's CPUs
         info.train(trainer_config, run)
+        tracker.trained()   # the run's end: closing (the last flush) is not the cell's time
         close = _closing(cell, context, host, storage, lease, tracker, run, teller, closer)
         ended = None  # from here ``close`` ends the lease
         if closer is None:
@@ -327,11 +332,11 @@ def _run_cell(cell: Cell, context: dict, host: Host, force: bool = False,
         # Stopped by the scheduler or by an interruption: send what is buffered and mark the
         # run KILLED (resumable); the driver, which knows which of the two it was, turns the
         # scheduler's stops into FINISHED once the trials are done.
-        ended = STOPPED
+        ended, stopped_ms = STOPPED, tracker.trained()
         with contextlib.suppress(Exception):
             tracker.close()
             if tracker.client.get_run(tracker.run_id).info.status == "RUNNING":
-                tracker.client.set_terminated(tracker.run_id, status="KILLED")
+                tracker.client.set_terminated(tracker.run_id, status="KILLED", end_time=stopped_ms)
         raise
     except Exception as exc:
         # Tune gets the short form; the full traceback is kept in the run and in Ray's log
@@ -391,7 +396,9 @@ def _closing(cell: Cell, context: dict, host: Host, storage: Storage, lease: Hel
             with contextlib.suppress(Exception):  # the renewals stop whatever happened
                 lease.end(ended, info)
         if ended == DONE and teller is not None:
-            teller.ended({CELL: cell.id, ENDED: "done", CELL_S: time.perf_counter() - started, **last},
+            took = tracker.duration_s   # the run's own duration, as MLflow shows it
+            teller.ended({CELL: cell.id, ENDED: "done",
+                          CELL_S: took if took is not None else time.perf_counter() - started, **last},
                          report=closer is None)
 
     return close

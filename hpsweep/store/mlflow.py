@@ -68,9 +68,8 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def default_tracking_uri() -> str:
-    path = Path(DEFAULT_DIR).resolve() / "mlflow.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+    # made by the first client (_prepare_sqlite), not here: a refused run or a read creates nothing
+    return f"sqlite:///{Path(DEFAULT_DIR).resolve() / 'mlflow.db'}"
 
 
 def resolve_tracking_uri(flag: str | None) -> str:
@@ -95,6 +94,8 @@ def _prepare_sqlite(uri: str) -> None:
     if uri in _PREPARED:
         return
     path = Path(uri[len("sqlite:///"):])
+    if path.parent == Path(DEFAULT_DIR).resolve():
+        path.parent.mkdir(exist_ok=True)   # the default store's directory is ours to make
     if not path.parent.is_dir():
         return  # not ours to create; MLflow says what is wrong
     with open(f"{path}.lock", "a") as lock:

@@ -89,11 +89,28 @@ class CellTracker:
         self._opened = threading.Event()
         self._finishing = False
         self.interval = _FLUSH_S   # seconds between flushes: longer while round trips are slow
+        # The run's own times, as written to MLflow: every duration hpsweep shows (the live
+        # lines, status, the API) is end_ms - start_ms of the cell's run, nothing else.
+        # The end is when the trainer returned (or was stopped), not when the last flush landed.
+        self.start_ms: int = int(time.time() * 1000)
+        self.trained_ms: int | None = None
+        self.end_ms: int | None = None
         # Opening the run (a search, a create, the params: three round trips) happens on the
         # background thread too: the trainer starts at once; reports wait in the buffer.
         self._thread = threading.Thread(target=self._loop, name="hpsweep-tracking", daemon=True,
                                         args=(experiment_id, parent_run_id, sweep_name, extra_tags or {}))
         self._thread.start()
+
+    def trained(self) -> int:
+        """The trainer returned or was stopped: the run's end time (ms), kept from the first call."""
+        if self.trained_ms is None:
+            self.trained_ms = max(int(time.time() * 1000), self.start_ms)
+        return self.trained_ms
+
+    @property
+    def duration_s(self) -> float | None:
+        """The run's duration as MLflow has it (None until :meth:`finish` set its end)."""
+        return None if self.end_ms is None else (self.end_ms - self.start_ms) / 1000.0
 
     @property
     def run_id(self) -> str:
@@ -136,7 +153,8 @@ class CellTracker:
             TAG["version"]: hpsweep.__version__, TAG["attempts"]: str(attempts), **extra_tags,
         }
         self._guard()
-        run = self.client.create_run(experiment_id, run_name=f"{cell.label()}"[:250], tags=tags)
+        run = self.client.create_run(experiment_id, start_time=self.start_ms,
+                                     run_name=f"{cell.label()}"[:250], tags=tags)
         # The earlier attempts' runs go: the server refuses their writers from now on.
         for old in existing:
             with contextlib.suppress(Exception):
@@ -285,8 +303,10 @@ class CellTracker:
         self._test_pause("before_terminated")
         if status == "FINISHED":
             self._fence()   # the lease confirmed by the store: this attempt's run is the cell's
+        end_ms = self.trained()
         try:
-            self.client.set_terminated(self.run_id, status=status)
+            self.client.set_terminated(self.run_id, status=status, end_time=end_ms)
+            self.end_ms = end_ms
         except Exception as exc:
             if _superseded(exc):
                 raise LeaseLost(f"cell {self.cell.id}: its run was superseded by another attempt") from None

@@ -20,7 +20,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from hpsweep.fmt import fmt_value
+from hpsweep.fmt import fmt_params, fmt_value
 
 __all__ = ["LiveTable"]
 
@@ -68,26 +68,33 @@ class LiveTable:
     # -- events
     def started(self, trial_id: str, config: dict) -> None:
         cell = config.get("cell")
-        label = self.labels.get(cell) or " ".join(f"{k}={fmt_value(v)}" for k, v in config.items())
+        label = self.labels.get(cell) or fmt_params(config)
         row = {"label": label, "status": "running", "step": None, "metric": None,
                "start": time.time(), "end": None}
         with self._lock:
             self.rows[trial_id] = self._running[trial_id] = row
 
-    def result(self, trial_id: str, result: dict) -> None:
+    def result(self, trial_id: str, result: dict, run_age: float | None = None) -> None:
+        """A trainer's report; ``run_age``: seconds since its cell's run started (the row is
+        timed from the run's start, as MLflow times it)."""
         row = self.rows.get(trial_id)
         if row is None:
             return
         row["step"] = result.get("step")
+        if run_age is not None:
+            row["start"] = time.time() - run_age
         value = result.get(self.spec.metric.name)
         if value is not None:
             row["metric"] = value
 
-    def done(self, trial_id: str, status: str, error: str = "") -> None:
+    def done(self, trial_id: str, status: str, error: str = "", took: float | None = None) -> None:
+        """The row's cell ended; ``took``: its run's duration as MLflow has it, when known."""
         with self._lock:
             row = self.rows.setdefault(trial_id, {"label": trial_id, "step": None, "metric": None,
                                                   "start": time.time()})
             row["status"], row["end"] = status, time.time()
+            if took is not None:
+                row["end"] = row["start"] + took
             self.counts[status] = self.counts.get(status, 0) + 1
             self._running.pop(trial_id, None)
             self._recent.append(row)

@@ -255,3 +255,49 @@ def test_run_from_python_inside_a_running_event_loop(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "RESULT 2 ['done', 'done'] [3, 3]" in out.stdout, out.stdout[-3000:]
+
+
+TIMED = """name: {name}
+trainer: sleep
+config: {{sleep: 0.3, reports: 4}}
+parameters:
+  x: {{grid: [0.0, 1.0, 2.0]}}
+metric: {{name: loss, mode: min}}
+resources: {{cpus: 1}}
+{extra}"""
+
+
+@pytest.mark.parametrize("extra", ["", "scheduler: {type: asha, max_t: 4, grace_period: 4}\n"],
+                         ids=["bundled", "a-trial-a-cell"])
+def test_a_cells_duration_is_the_same_in_the_live_lines_and_in_mlflow(tmp_path, extra):
+    """The live line's time of a cell is its run's duration as MLflow has it (the run's end
+    minus its start), not the trial's (which includes the worker's start and the trainer's
+    import): exactly for bundled cells, within the driver's hearing of the end for the rest."""
+    import re
+
+    from hpsweep.spec.plan import plan
+
+    name = "timed-bundled" if not extra else "timed-trials"
+    (tmp_path / "timed.yaml").write_text(TIMED.format(name=name, extra=extra))
+    ray_tmp = Path("/tmp") / f"hpd{os.getpid()}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(ray_tmp), "HOME": str(tmp_path)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out = subprocess.run([sys.executable, "-m", "hpsweep.cli", "run", "timed.yaml", "--no-live"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    shown = {m.group(1): float(m.group(2)) for m in
+             re.finditer(r"^\[\d+/3\] done\s+(.+?seed=\d+)\s.*?\s([0-9.]+)s$", out.stdout, re.M)}
+    sweep = hpsweep_load(tmp_path / "timed.yaml")
+    labels = {c.id: c.label() for c in plan(sweep.spec)}
+    mlflow = {labels[r["cell_id"]]: r["duration_s"] for r in sweep.status_rows()}
+    assert set(shown) == set(mlflow) and len(shown) == 3, (out.stdout, mlflow)
+    tolerance = 0.051 if not extra else 1.0   # printed to 0.1 s; the rest: Tune's word of the end
+    for label, seconds in shown.items():
+        assert mlflow[label] is not None and abs(seconds - mlflow[label]) <= tolerance, (label, seconds, mlflow)
+
+
+def hpsweep_load(path: Path):
+    import hpsweep
+
+    return hpsweep.load(path, tracking_uri=f"sqlite:///{path.parent / '.hpsweep' / 'mlflow.db'}")

@@ -35,6 +35,15 @@ class _Tracker:
         self.cell, self.write_checkpoint = cell, write_checkpoint
         self.run_id = f"run-{cell.id}"
         self.client = SimpleNamespace(log_text=lambda *a, **k: None)
+        self.start_ms, self.trained_ms, self.end_ms = int(time.time() * 1000), None, None   # the run's
+
+    def trained(self):
+        self.trained_ms = self.trained_ms or int(time.time() * 1000)
+        return self.trained_ms
+
+    @property
+    def duration_s(self):
+        return None if self.end_ms is None else (self.end_ms - self.start_ms) / 1000.0
 
     def check(self) -> None:
         pass
@@ -51,6 +60,8 @@ class _Tracker:
             if self.cell.id in self.fail_for:
                 raise ConnectionError("tracking server unreachable")
         _Tracker.open_now -= 1
+        self.end_ms = self.trained()
+        _Tracker.durations[self.cell.id] = self.duration_s
         self.events.append((self.cell.id, status, time.perf_counter()))
 
     def abandon(self) -> None:
@@ -64,6 +75,7 @@ def bundle(tmp_path, monkeypatch):
         get_gpu_ids=lambda: [], get_runtime_context=lambda: SimpleNamespace(get_node_id=lambda: "n"),
         util=SimpleNamespace(get_node_ip_address=lambda: "127.0.0.1")))
     _Tracker.events, _Tracker.fail_for, _Tracker.open_now, _Tracker.most_open = [], set(), 0, 0
+    _Tracker.durations = {}
     storage = open_storage(str(tmp_path / "store"))
     cells = [Cell(f"c{i}", i, 0, {"x": float(i)}, {"x": float(i), "reports": 2, "sleep": SLEEP_S / 2,
                                                    "seed": 0}) for i in range(N)]
@@ -103,6 +115,9 @@ def test_cells_close_in_the_background_in_order_and_the_trial_waits_for_the_last
     ended = _ended(results)
     assert sorted(m[trial.CELL] for m in ended) == [c.id for c in cells]
     assert all(m[trial.ENDED] == "done" for m in ended), ended
+    # each cell's time, as the live lines show it, is its run's duration as MLflow has it
+    assert {m[trial.CELL]: m[trial.CELL_S] for m in ended} == _Tracker.durations, ended
+    assert all(m[trial.RUN_AGE] >= 0 for m in ended), ended
     assert {thread for _, thread in results} == {threading.current_thread().name}  # only the trial reports
 
 

@@ -30,7 +30,7 @@ class FakeClient:
         time.sleep(self.search_s)
         return self.existing
 
-    def create_run(self, experiment_id, run_name, tags):
+    def create_run(self, experiment_id, run_name, tags, start_time=None):
         self.events.append(("create", tags["hpsweep.cell_id"]))
         return SimpleNamespace(info=SimpleNamespace(run_id="new-run"))
 
@@ -51,7 +51,7 @@ class FakeClient:
             if tags:
                 self.events.append(("tags", run_id, {t.key: t.value for t in tags}))
 
-    def set_terminated(self, run_id, status):
+    def set_terminated(self, run_id, status, end_time=None):
         if run_id in self.deleted:
             raise RuntimeError(f"The run {run_id} must be in the 'active' state. Current state is deleted.")
         self.events.append(("terminated", run_id, status))
