@@ -183,6 +183,73 @@ def test_quickstart_submitted_from_the_host_runs_to_the_end(stack, tmp_path):
     assert QUICKSTART["name"] in text and METRIC in text
 
 
+#: the requirement of the user's trainer below: a distribution built here (no index), one constant
+REQ_MAGIC = 17.25
+
+#: a user's own trainer: no import from hpsweep; its requirement imported where it trains (the
+#: host validates the sweep without it)
+OWN_TRAINER = """\
+import dataclasses
+
+METRICS = ("loss", "magic")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    x: float = 0.0
+
+
+def train(config, run):
+    import hps_stack_req
+
+    run.report(1, loss=config.x ** 2, magic=hps_stack_req.MAGIC)
+"""
+
+
+def requirement_wheel(tmp_path: Path, into: Path) -> Path:
+    """``hps-stack-req`` 0.3: one module with ``MAGIC``, built into a wheel by the host's pip."""
+    src = tmp_path / "req-src"
+    (src / "hps_stack_req").mkdir(parents=True)
+    (src / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n\n'
+        '[project]\nname = "hps-stack-req"\nversion = "0.3"\n\n[tool.setuptools]\npackages = ["hps_stack_req"]\n')
+    (src / "hps_stack_req" / "__init__.py").write_text(f"MAGIC = {REQ_MAGIC}\n")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-w", str(into), str(src)], check=True, capture_output=True, timeout=300)
+    (wheel,) = into.glob("hps_stack_req-0.3-*.whl")
+    return wheel
+
+
+def test_an_external_trainer_with_a_requirement_runs_on_the_workers(stack, tmp_path):
+    """A user's trainer file and its requirement (a wheel built here) in a project outside the
+    checkout, submitted from there: both travel with the job, Ray installs the wheel on the
+    worker containers, and each cell reports what only the installed requirement holds."""
+    assert subprocess.run([sys.executable, "-c", "import hps_stack_req"], capture_output=True).returncode != 0
+    lab = tmp_path / "lab"                 # the user's project: no hpsweep in it
+    (lab / "wheels").mkdir(parents=True)
+    assert not lab.resolve().is_relative_to(REPO)
+    wheel = requirement_wheel(tmp_path, lab / "wheels")
+    (lab / "fit.py").write_text(OWN_TRAINER)
+    name = "stack-own-trainer"
+    (lab / f"{name}.yaml").write_text(yaml.safe_dump({
+        "name": name, "trainer": "./fit.py", "requirements": [f"./wheels/{wheel.name}"],
+        "parameters": {"x": {"grid": [0.5, 1.5]}}, "metric": {"name": "loss", "mode": "min"},
+    }, sort_keys=False))
+    job, wall = submit_and_wait(stack, f"{name}.yaml", cwd=lab)
+    TIMINGS["own_trainer_through_stack_s"] = round(wall, 1)
+
+    runs = cell_runs(stack, name)
+    assert len(runs) == 2 and {r["info"]["status"] for r in runs} == {"FINISHED"}
+    assert len({tags(r)["hpsweep.cell_id"] for r in runs}) == 2
+    assert {tags(r)["hpsweep.node_id"] for r in runs} <= set(worker_nodes(stack))
+    for r in runs:
+        metrics = {m["key"]: m["value"] for m in r["data"].get("metrics", [])}
+        assert metrics["magic"] == REQ_MAGIC                     # imported from the installed wheel
+        assert metrics["loss"] == float(params(r)["x"]) ** 2
+        assert [m["step"] for m in history(stack, r["info"]["run_id"], "loss")] == [1]
+
+
 def test_no_secret_in_images_or_runs_and_ports_on_loopback(stack):
     values = [v for k, v in stack.secrets.items() if k in ("POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY",
                                                             "RAY_AUTH_TOKEN")]
