@@ -340,6 +340,8 @@ def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, ready
     cmd = [mlflow, "server", "--backend-store-uri", tracking_uri, "--host", host, "--port", str(port),
            "--workers", "1"]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    if tracking_uri.startswith("sqlite:"):   # no pool: a running sweep writes the same file
+        env.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
     server = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def stop(*_):
