@@ -125,8 +125,10 @@ def rayjob_manifests(
     spec = load_spec(sweep)
     ref = spec.trainer_info().ref
     local = [r.text for r in spec._requirements if r.path is not None]
-    if (ref is not None and ref.source is not None) or local:
-        what = f"trainer {ref.text}" if ref is not None and ref.source is not None else ", ".join(local)
+    command = spec.trainer_info().module == "hpsweep.trainer.command"
+    if (ref is not None and ref.source is not None) or local or command:
+        what = ("a command trainer's directory" if command
+                else f"trainer {ref.text}" if ref is not None and ref.source is not None else ", ".join(local))
         raise UsageError(f"{sweep}: {what}: a RayJob runs the code of its image and carries only the sweep "
                          "file; install the trainer (and local wheels) in the image and name it as a module, "
                          "or use `hpsweep submit`, which ships them")

@@ -306,3 +306,9 @@ def test_render_rayjob_installs_named_requirements_and_refuses_code_it_cannot_ca
     import yaml
 
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"]) == {"pip": ["scikit-learn>=1.4"]}
+    # a command trainer's directory is not in the image either
+    (tmp_path / "cmd.yaml").write_text("name: cmd\ntrainer: command\nconfig: {command: [sh, train.sh]}\n"
+                                       "parameters:\n  lr: {grid: [0.1, 0.2]}\nmetric: {name: loss, mode: min}\n")
+    (tmp_path / "train.sh").write_text("echo loss=1\n")
+    with pytest.raises(UsageError, match=r"a command trainer's directory: a RayJob runs the code of its image"):
+        rayjob_manifests(tmp_path / "cmd.yaml")
