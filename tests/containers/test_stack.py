@@ -19,6 +19,9 @@ from pathlib import Path
 import yaml
 from dockerenv import IMAGE, MLFLOW_IMAGE, REPO, TIMINGS
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from user_code import requirement_wheel, trainer_with_requirement  # noqa: E402
+
 HPSWEEP = str(Path(sys.executable).with_name("hpsweep"))
 QUICKSTART = yaml.safe_load((REPO / "sweeps" / "quickstart.yaml").read_text())
 METRIC = QUICKSTART["metric"]["name"]
@@ -195,42 +198,8 @@ def test_quickstart_submitted_from_the_host_runs_to_the_end(stack, tmp_path):
     assert QUICKSTART["name"] in text and METRIC in text
 
 
-#: the requirement of the user's trainer below: a distribution built here (no index), one constant
+#: the requirement of the user's trainer: a distribution built in the test (no index), one constant
 REQ_MAGIC = 17.25
-
-#: a user's own trainer: no import from hpsweep; its requirement imported where it trains (the
-#: host validates the sweep without it)
-OWN_TRAINER = """\
-import dataclasses
-
-METRICS = ("loss", "magic")
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    seed: int = 0
-    x: float = 0.0
-
-
-def train(config, run):
-    import hps_stack_req
-
-    run.report(1, loss=config.x ** 2, magic=hps_stack_req.MAGIC)
-"""
-
-
-def requirement_wheel(tmp_path: Path, into: Path) -> Path:
-    """``hps-stack-req`` 0.3: one module with ``MAGIC``, built into a wheel by the host's pip."""
-    src = tmp_path / "req-src"
-    (src / "hps_stack_req").mkdir(parents=True)
-    (src / "pyproject.toml").write_text(
-        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n\n'
-        '[project]\nname = "hps-stack-req"\nversion = "0.3"\n\n[tool.setuptools]\npackages = ["hps_stack_req"]\n')
-    (src / "hps_stack_req" / "__init__.py").write_text(f"MAGIC = {REQ_MAGIC}\n")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                    "-w", str(into), str(src)], check=True, capture_output=True, timeout=300)
-    (wheel,) = into.glob("hps_stack_req-0.3-*.whl")
-    return wheel
 
 
 def test_an_external_trainer_with_a_requirement_runs_on_the_workers(stack, tmp_path):
@@ -241,8 +210,8 @@ def test_an_external_trainer_with_a_requirement_runs_on_the_workers(stack, tmp_p
     lab = tmp_path / "lab"                 # the user's project: no hpsweep in it
     (lab / "wheels").mkdir(parents=True)
     assert not lab.resolve().is_relative_to(REPO)
-    wheel = requirement_wheel(tmp_path, lab / "wheels")
-    (lab / "fit.py").write_text(OWN_TRAINER)
+    wheel = requirement_wheel(tmp_path, lab / "wheels", "hps-stack-req", "0.3", REQ_MAGIC)
+    (lab / "fit.py").write_text(trainer_with_requirement("hps_stack_req"))
     name = "stack-own-trainer"
     (lab / f"{name}.yaml").write_text(yaml.safe_dump({
         "name": name, "trainer": "./fit.py", "requirements": [f"./wheels/{wheel.name}"],

@@ -13,60 +13,20 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from user_code import requirement_wheel, trainer_with_requirement  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 HPSWEEP = str(Path(sys.executable).with_name("hpsweep"))
 
-#: the requirement: a distribution with one module and a constant the trainer reports
+#: the requirement: a distribution built in the test, with one constant the trainer reports
 MAGIC = 42.5
-
-#: the user's trainer: it imports its requirement where it trains (the submitting machine,
-#: which validates the sweep, does not have it)
-TRAINER = '''\
-import dataclasses
-
-METRICS = ("loss", "magic")
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    seed: int = 0
-    x: float = 0.0
-
-
-def train(config, run):
-    import hps_req_demo
-
-    run.report(1, loss=config.x ** 2, magic=hps_req_demo.MAGIC)
-'''
-
-
-def _wheel(tmp_path: Path, into: Path) -> Path:
-    src = tmp_path / "req-src"
-    (src / "hps_req_demo").mkdir(parents=True)
-    (src / "pyproject.toml").write_text(textwrap.dedent("""\
-        [build-system]
-        requires = ["setuptools"]
-        build-backend = "setuptools.build_meta"
-
-        [project]
-        name = "hps-req-demo"
-        version = "1.2.0"
-
-        [tool.setuptools]
-        packages = ["hps_req_demo"]
-        """))
-    (src / "hps_req_demo" / "__init__.py").write_text(f"MAGIC = {MAGIC}\n")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "--no-index", "-w", str(into), str(src)], check=True, capture_output=True, timeout=300)
-    (wheel,) = into.glob("hps_req_demo-1.2.0-*.whl")
-    return wheel
 
 
 def _hpsweep(cluster, *args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -82,8 +42,8 @@ def test_submitted_own_trainer_runs_on_the_worker_with_its_requirement(ray_clust
     assert subprocess.run([sys.executable, "-c", "import hps_req_demo"], capture_output=True).returncode != 0
     project = tmp_path / "project"          # the user's project: no hpsweep in it
     (project / "wheels").mkdir(parents=True)
-    wheel = _wheel(tmp_path, project / "wheels")
-    (project / "fit.py").write_text(TRAINER)
+    wheel = requirement_wheel(tmp_path, project / "wheels", "hps-req-demo", "1.2.0", MAGIC)
+    (project / "fit.py").write_text(trainer_with_requirement("hps_req_demo"))
     name = "cluster-own-trainer"
     (project / f"{name}.yaml").write_text(yaml.safe_dump({
         "name": name, "trainer": "./fit.py",
