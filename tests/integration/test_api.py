@@ -74,10 +74,10 @@ def _cli(work: Path, *args: str) -> subprocess.CompletedProcess:
     return out
 
 
-def _load(work: Path):
+def _load(work: Path, name: str = "sweep.yaml"):
     import hpsweep
 
-    return hpsweep.load(work / "sweep.yaml", tracking_uri=f"sqlite:///{work / '.hpsweep' / 'mlflow.db'}")
+    return hpsweep.load(work / name, tracking_uri=f"sqlite:///{work / '.hpsweep' / 'mlflow.db'}")
 
 
 def test_the_api_and_the_cli_give_the_same_rows_and_numbers(swept):
@@ -288,16 +288,10 @@ def test_a_cells_duration_is_the_same_in_the_live_lines_and_in_mlflow(tmp_path, 
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     shown = {m.group(1): float(m.group(2)) for m in
              re.finditer(r"^\[\d+/3\] done\s+(.+?seed=\d+)\s.*?\s([0-9.]+)s$", out.stdout, re.M)}
-    sweep = hpsweep_load(tmp_path / "timed.yaml")
+    sweep = _load(tmp_path, "timed.yaml")
     labels = {c.id: c.label() for c in plan(sweep.spec)}
     mlflow = {labels[r["cell_id"]]: r["duration_s"] for r in sweep.status_rows()}
     assert set(shown) == set(mlflow) and len(shown) == 3, (out.stdout, mlflow)
     tolerance = 0.051 if not extra else 1.0   # printed to 0.1 s; the rest: Tune's word of the end
     for label, seconds in shown.items():
         assert mlflow[label] is not None and abs(seconds - mlflow[label]) <= tolerance, (label, seconds, mlflow)
-
-
-def hpsweep_load(path: Path):
-    import hpsweep
-
-    return hpsweep.load(path, tracking_uri=f"sqlite:///{path.parent / '.hpsweep' / 'mlflow.db'}")
